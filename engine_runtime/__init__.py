@@ -1,0 +1,54 @@
+"""Ebb's engine layer: engines whose execution-context memory lives only while a call runs.
+
+Knows nothing of Ray: engines, memory modes, allocators, admission and pressure
+probes work in any Python process.
+"""
+
+from engine_runtime.accounting import EngineStats, StatsSnapshot
+from engine_runtime.admission import Admission, UnboundedAdmission
+from engine_runtime.engine import BaseEngine, Engine
+from engine_runtime.errors import (
+    BatchTooLargeError,
+    ContextMemoryUnavailable,
+    EbbError,
+    EbbInternalError,
+    EngineClosedError,
+    EngineLoadError,
+    InputDtypeError,
+    InputShapeError,
+    InputValueError,
+    InvalidInputError,
+    MissingInputError,
+    PlanIncompatibleError,
+    UnknownInputError,
+)
+from engine_runtime.memory import ContextBlock, ContextMechanism, MemoryMode
+from engine_runtime.spec import EngineDescription, ShapeProfile, TensorSpec
+
+__all__ = [
+    "Admission",
+    "BaseEngine",
+    "BatchTooLargeError",
+    "ContextBlock",
+    "ContextMechanism",
+    "ContextMemoryUnavailable",
+    "EbbError",
+    "EbbInternalError",
+    "Engine",
+    "EngineClosedError",
+    "EngineDescription",
+    "EngineLoadError",
+    "EngineStats",
+    "InputDtypeError",
+    "InputShapeError",
+    "InputValueError",
+    "InvalidInputError",
+    "MemoryMode",
+    "MissingInputError",
+    "PlanIncompatibleError",
+    "ShapeProfile",
+    "StatsSnapshot",
+    "TensorSpec",
+    "UnboundedAdmission",
+    "UnknownInputError",
+]

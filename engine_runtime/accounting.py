@@ -1,0 +1,119 @@
+"""Per-engine accounting: bytes held, acquisitions and their cost, calls by outcome.
+
+Read by the coordinator (which replica frees most for least latency), by metrics and
+by the status view; written on every acquisition and call, so updates are O(1).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+from engine_runtime.memory import MemoryMode
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class StatsSnapshot:
+    """A copy of an engine's figures at one moment; plain data, safe to send anywhere."""
+
+    weights_bytes: int
+    context_bytes_held: int
+    peak_context_bytes: int
+    last_context_bytes: int
+    acquisitions: int
+    acquisition_p50_s: float
+    acquisition_p99_s: float
+    acquisition_total_s: float
+    calls_ok: int
+    calls_invalid: int
+    calls_unavailable: int
+    calls_failed: int
+    calls_in_flight: int
+    latency_p50_s: dict[str, float] = field(default_factory=dict)
+    latency_p99_s: dict[str, float] = field(default_factory=dict)
+    request_rate_per_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class EngineStats:
+    """Thread-safe counters; ``snapshot()`` copies them out."""
+
+    #: Latency samples kept per mode for percentiles; small so snapshots stay cheap.
+    WINDOW = 256
+    #: Seconds over which the request rate is computed.
+    RATE_WINDOW_S = 10.0
+
+    def __init__(self, weights_bytes: int = 0) -> None:
+        self._lock = threading.Lock()
+        self.weights_bytes = weights_bytes
+        self.context_bytes_held = 0
+        self.peak_context_bytes = 0
+        self.last_context_bytes = 0
+        self.acquisitions = 0
+        self._acq = deque(maxlen=self.WINDOW)
+        self._acq_total = 0.0
+        self.calls = {"ok": 0, "invalid": 0, "unavailable": 0, "failed": 0}
+        self.in_flight = 0
+        self._lat: dict[MemoryMode, deque] = {m: deque(maxlen=self.WINDOW) for m in MemoryMode}
+        self._arrivals: deque[float] = deque(maxlen=4096)
+
+    def acquired(self, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self.context_bytes_held += nbytes
+            self.last_context_bytes = nbytes
+            self.peak_context_bytes = max(self.peak_context_bytes, self.context_bytes_held)
+            self.acquisitions += 1
+            self._acq.append(seconds)
+            self._acq_total += seconds
+
+    def released(self, nbytes: int) -> None:
+        with self._lock:
+            self.context_bytes_held -= nbytes
+
+    def call_started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self._arrivals.append(time.monotonic())
+
+    def call_finished(self, outcome: str, mode: MemoryMode | None, seconds: float) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self.calls[outcome] += 1
+            if outcome == "ok" and mode is not None:
+                self._lat[mode].append(seconds)
+
+    def snapshot(self) -> StatsSnapshot:
+        with self._lock:
+            now = time.monotonic()
+            recent = sum(1 for t in self._arrivals if now - t <= self.RATE_WINDOW_S)
+            acq = list(self._acq)
+            lat = {m.value: list(v) for m, v in self._lat.items()}
+            return StatsSnapshot(
+                weights_bytes=self.weights_bytes,
+                context_bytes_held=self.context_bytes_held,
+                peak_context_bytes=self.peak_context_bytes,
+                last_context_bytes=self.last_context_bytes,
+                acquisitions=self.acquisitions,
+                acquisition_p50_s=_percentile(acq, 0.5),
+                acquisition_p99_s=_percentile(acq, 0.99),
+                acquisition_total_s=self._acq_total,
+                calls_ok=self.calls["ok"],
+                calls_invalid=self.calls["invalid"],
+                calls_unavailable=self.calls["unavailable"],
+                calls_failed=self.calls["failed"],
+                calls_in_flight=self.in_flight,
+                latency_p50_s={m: _percentile(v, 0.5) for m, v in lat.items() if v},
+                latency_p99_s={m: _percentile(v, 0.99) for m, v in lat.items() if v},
+                request_rate_per_s=recent / self.RATE_WINDOW_S,
+            )

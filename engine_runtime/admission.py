@@ -1,0 +1,27 @@
+"""Admission control: a byte budget a dynamic call takes from before acquiring memory.
+
+The engine layer depends only on the ``Admission`` protocol. ``UnboundedAdmission``
+admits everything (a single process alone on its device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Admission(Protocol):
+    def reserve(self, nbytes: int, deadline_s: float) -> contextlib.AbstractContextManager[None]:
+        """Hold ``nbytes`` of the budget for the ``with`` block; raise
+        ``ContextMemoryUnavailable`` if they cannot be had within ``deadline_s``."""
+        ...
+
+
+class UnboundedAdmission:
+    """Admits every request at once; for engines with no shared budget."""
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int, deadline_s: float) -> Iterator[None]:
+        yield

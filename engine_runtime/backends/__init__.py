@@ -1,0 +1,1 @@
+"""Engine backends: PyTorch (any host) and TensorRT / TensorRT-RTX."""

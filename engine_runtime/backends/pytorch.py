@@ -1,0 +1,356 @@
+"""The PyTorch backend: same interface and modes as TensorRT, for hosts without it.
+
+On a GPU with CUDA VMM and a C compiler, each batch-size bucket is captured once as
+a CUDA graph whose private memory pool lives in a stable-address arena
+(``engine_runtime.arena``). STATIC keeps the arena's physical memory mapped; DYNAMIC
+maps it for a call and unmaps it (back to the driver, or to the GPU's pool) after.
+Without the arena it runs eagerly and DYNAMIC empties PyTorch's cache after each
+call. On a CPU it runs eagerly for real; "context memory" there is an accounted
+estimate (see ``_activation_bytes_per_sample``), since PyTorch's CPU allocator owns
+the host memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine_runtime import _graph_arena
+from engine_runtime.admission import Admission
+from engine_runtime.arena import PhysicalSource, VmmArena
+from engine_runtime.engine import BaseEngine
+from engine_runtime.errors import EngineLoadError
+from engine_runtime.memory import ContextBlock, ContextMechanism, HostAccountingAllocator, MemoryMode, MiB
+from engine_runtime.models import build
+from engine_runtime.spec import EngineDescription, ShapeProfile, TensorSpec, batch_of
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8,
+                 "bool": torch.bool}
+
+
+@dataclass
+class _Bucket:
+    batch: int
+    graph: Any
+    static_input: torch.Tensor
+    static_output: torch.Tensor
+    pool: Any
+    context_bytes: int
+
+
+def batch_buckets(min_batch: int, max_batch: int) -> list[int]:
+    """Powers of two from ``min_batch`` up, plus ``max_batch``: one graph per bucket."""
+    sizes = {max_batch}
+    b = 1
+    while b < max_batch:
+        if b >= min_batch:
+            sizes.add(b)
+        b *= 2
+    return sorted(sizes)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+class PyTorchEngine(BaseEngine):
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module | Callable[[], nn.Module],
+        *,
+        input_name: str,
+        input_dtype: str,
+        profile: ShapeProfile,
+        output_name: str = "output",
+        output_dtype: str = "float32",
+        output_shape: tuple[int, ...] = (-1,),
+        device: str = "auto",
+        mode: MemoryMode | str = MemoryMode.DYNAMIC,
+        admission: Admission | None = None,
+        admission_deadline_s: float = 5.0,
+        use_cuda_graphs: bool = True,
+        physical_source: PhysicalSource | None = None,
+        reject_non_finite: bool = True,
+    ) -> None:
+        super().__init__(name, mode=mode, admission=admission, admission_deadline_s=admission_deadline_s,
+                         reject_non_finite=reject_non_finite)
+        self._module_or_factory = module
+        self._module: nn.Module | None = None
+        self._profile = profile
+        self._device_spec = device
+        self._device: torch.device | None = None
+        self._use_cuda_graphs = use_cuda_graphs
+        self._physical_source = physical_source
+        self._buckets: dict[int, _Bucket] = {}
+        self._arena: VmmArena | None = None
+        self._eager_bytes: dict[int, int] = {}
+        self._per_sample_bytes = 0
+        self._mech: ContextMechanism | None = None
+        self._stream: torch.cuda.Stream | None = None
+        self._input = TensorSpec(input_name, input_dtype, (-1,) + tuple(profile.max[1:]))
+        self._output = TensorSpec(output_name, output_dtype, (-1,) + tuple(output_shape))
+        self._weights_bytes = 0
+
+    @classmethod
+    def from_architecture(cls, name: str, arch: str, *, max_batch: int, opt_batch: int | None = None,
+                          min_batch: int = 1, seed: int = 0, image_size: int = 224, seq_len: int = 128,
+                          **kwargs: Any) -> PyTorchEngine:
+        """A built-in (or torchvision) architecture with fixed random weights."""
+        model = build(arch, seed=seed, image_size=image_size, seq_len=seq_len)
+        opt = opt_batch or max_batch
+        profile = ShapeProfile((min_batch, *model.sample_shape), (opt, *model.sample_shape),
+                               (max_batch, *model.sample_shape))
+        return cls(name, model.module, input_name=model.input_name, input_dtype=model.input_dtype,
+                   profile=profile, output_name=model.output_name, output_shape=model.output_shape, **kwargs)
+
+    # -- description --------------------------------------------------------------
+
+    def _module_cpu(self) -> nn.Module:
+        if self._module is None:
+            m = self._module_or_factory
+            self._module = (m() if not isinstance(m, nn.Module) else m).eval()
+            self._weights_bytes = sum(t.numel() * t.element_size()
+                                      for t in list(self._module.parameters()) + list(self._module.buffers()))
+        return self._module
+
+    def _describe_impl(self) -> EngineDescription:
+        self._module_cpu()
+        return EngineDescription(
+            name=self.name, inputs=(self._input,), outputs=(self._output,),
+            profiles={self._input.name: self._profile}, weights_bytes=self._weights_bytes,
+            backend="pytorch", platform=str(self._device or self._device_spec),
+            extra={"mechanism": self._mechanism_impl().value},
+        )
+
+    def _mechanism_impl(self) -> ContextMechanism:
+        if self._mech is not None:
+            return self._mech
+        device = resolve_device(self._device_spec)
+        return ContextMechanism.HOST_ACCOUNTING if device.type == "cpu" else ContextMechanism.VMM_ARENA
+
+    def _context_bytes_impl(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        batch = batch_of(shapes)
+        if self._buckets:
+            return self._bucket_for(batch).context_bytes
+        if self._eager_bytes:
+            return self._eager_bytes[self._eager_bucket(batch)]
+        if not self._per_sample_bytes:
+            self._per_sample_bytes = _activation_bytes_per_sample(self._module_cpu(), self._input, self._profile)
+        return self._per_sample_bytes * batch
+
+    # -- loading ----------------------------------------------------------------
+
+    def _load_impl(self) -> None:
+        module = self._module_cpu()
+        self._device = resolve_device(self._device_spec)
+        if self._device.type == "cpu":
+            self._mech = ContextMechanism.HOST_ACCOUNTING
+            self._per_sample_bytes = _activation_bytes_per_sample(module, self._input, self._profile)
+            return
+        try:
+            self._load_cuda(module)
+        except BaseException:
+            self._unload_cuda()
+            raise
+
+    def _load_cuda(self, module: nn.Module) -> None:
+        from engine_runtime import _cuda
+
+        index = self._device.index or 0
+        torch.cuda.set_device(index)
+        self._stream = torch.cuda.Stream(self._device)
+        self._module = module.to(self._device)
+        lib = _graph_arena.load() if self._use_cuda_graphs else None
+        if lib is None or not _cuda.vmm_supported(index):
+            self._mech = ContextMechanism.TORCH_EMPTY_CACHE
+            self._measure_eager()
+            return
+        self._capture_graphs(lib, index)
+
+    def _sample(self, batch: int) -> torch.Tensor:
+        shape = (batch, *self._profile.opt[1:])
+        dtype = _TORCH_DTYPES[self._input.dtype]
+        if dtype.is_floating_point:
+            return torch.zeros(shape, dtype=dtype, device=self._device)
+        return torch.zeros(shape, dtype=dtype, device=self._device)
+
+    def _measure_eager(self) -> None:
+        base = torch.cuda.memory_allocated(self._device)
+        for b in batch_buckets(self._profile.min[0], self._profile.max[0]):
+            torch.cuda.reset_peak_memory_stats(self._device)
+            with torch.inference_mode(), torch.cuda.stream(self._stream):
+                self._module(self._sample(b))
+            self._stream.synchronize()
+            self._eager_bytes[b] = torch.cuda.max_memory_allocated(self._device) - base
+        torch.cuda.empty_cache()
+
+    def _capture_graphs(self, lib: _graph_arena.ArenaAllocatorLib, index: int) -> None:
+        sizes = batch_buckets(self._profile.min[0], self._profile.max[0])
+        # Warm up eagerly (cuDNN picks algorithms, lazy modules load) and size the arena
+        # from the eager peak; the graph needs less, never more in practice, and the
+        # allocator refuses (raises) rather than overflow.
+        base_alloc = torch.cuda.memory_allocated(self._device)
+        torch.cuda.reset_peak_memory_stats(self._device)
+        with torch.inference_mode(), torch.cuda.stream(self._stream):
+            for b in sizes:
+                self._module(self._sample(b))
+        self._stream.synchronize()
+        peak = torch.cuda.max_memory_allocated(self._device) - base_alloc
+        reserve = 2 * peak + 256 * MiB
+        self._arena = VmmArena(index, reserve, self._physical_source, deadline_s=self.admission_deadline_s)
+        with _graph_arena.capture_lock:
+            # Physical memory behind the whole range while capturing; released right after.
+            block = self._arena.allocate(self._arena.reserved_bytes)
+            try:
+                for b in sizes:
+                    lib.set_range(self._arena.base, self._arena.reserved_bytes)
+                    pool = torch.cuda.MemPool(lib.allocator.allocator())
+                    with torch.cuda.use_mem_pool(pool, self._device):
+                        static_input = self._sample(b)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.inference_mode(), torch.cuda.stream(self._stream):
+                        with torch.cuda.graph(graph, pool=pool.id, stream=self._stream):
+                            static_output = self._module(static_input)
+                    used = _cuda.round_up(lib.high_water(), self._arena.granularity)
+                    self._buckets[b] = _Bucket(b, graph, static_input, static_output, pool, used)
+                self._stream.synchronize()
+            finally:
+                lib.set_range(0, 0)  # any stray allocation from the hook now fails loudly
+                block.release()
+        self._mech = self._arena.mechanism
+        # Warm-up blocks and cuBLAS workspaces live in the caching allocator: give them back
+        # so an idle replica holds its weights and CUDA context only.
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+            torch._C._cuda_clearCublasWorkspaces()
+        torch.cuda.empty_cache()
+        logger.info("engine %s: captured %d graphs in a %.0f MiB arena; context %s MiB by batch",
+                    self.name, len(self._buckets), self._arena.reserved_bytes / MiB,
+                    {b: round(k.context_bytes / MiB) for b, k in self._buckets.items()})
+
+    # -- running ----------------------------------------------------------------
+
+    def _bucket_for(self, batch: int) -> _Bucket:
+        for b in sorted(self._buckets):
+            if b >= batch:
+                return self._buckets[b]
+        raise AssertionError("validated batch above every bucket")  # unreachable after validate_inputs
+
+    def _eager_bucket(self, batch: int) -> int:
+        return min(b for b in self._eager_bytes if b >= batch)
+
+    def _to_torch(self, value: Any) -> torch.Tensor:
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(value))
+        return value
+
+    def _execute_impl(self, inputs: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                      mode: MemoryMode) -> dict[str, Any]:
+        x = self._to_torch(inputs[self._input.name])
+        batch = x.shape[0]
+        if self._mech is ContextMechanism.HOST_ACCOUNTING:
+            nbytes = self._per_sample_bytes * batch
+            if mode is MemoryMode.DYNAMIC:
+                with self.dynamic_context(nbytes, HostAccountingAllocator().allocate):
+                    return {self._output.name: self._eager(x)}
+            return {self._output.name: self._eager(x)}
+        if self._buckets:
+            bucket = self._bucket_for(batch)
+            if mode is MemoryMode.DYNAMIC:
+                with self.dynamic_context(bucket.context_bytes, self._arena.allocate):
+                    return {self._output.name: self._replay(bucket, x)}
+            return {self._output.name: self._replay(bucket, x)}
+        # Eager on the GPU without the arena.
+        if mode is MemoryMode.DYNAMIC:
+            nbytes = self._eager_bytes[self._eager_bucket(batch)]
+            with self.dynamic_context(nbytes, self._empty_cache_block):
+                return {self._output.name: self._eager(x)}
+        return {self._output.name: self._eager(x)}
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            if self._device.type == "cpu":
+                return self._module(x)
+            with torch.cuda.stream(self._stream):
+                out = self._module(x.to(self._device, non_blocking=True)).to("cpu")
+            return out
+
+    def _replay(self, bucket: _Bucket, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        with torch.cuda.stream(self._stream):
+            bucket.static_input[:batch].copy_(x, non_blocking=False)
+            bucket.graph.replay()
+            # Copied to the host (a synchronising copy) before the arena is unmapped.
+            out = bucket.static_output[:batch].to("cpu")
+        self._stream.synchronize()
+        return out
+
+    def _empty_cache_block(self, nbytes: int) -> ContextBlock:
+        def release(_block: ContextBlock) -> None:
+            self._stream.synchronize()
+            torch.cuda.empty_cache()
+
+        return ContextBlock(0, nbytes, release)
+
+    def _acquire_static_impl(self) -> ContextBlock | None:
+        if self._buckets:
+            return self._arena.allocate(max(b.context_bytes for b in self._buckets.values()))
+        if self._eager_bytes:
+            return ContextBlock(0, max(self._eager_bytes.values()), lambda b: None)
+        if self._mech is ContextMechanism.HOST_ACCOUNTING:
+            return ContextBlock(0, self._per_sample_bytes * self._profile.max[0], lambda b: None)
+        return None
+
+    def _close_impl(self) -> None:
+        if self._device is not None and self._device.type == "cuda":
+            self._unload_cuda()
+
+    def _unload_cuda(self) -> None:
+        self._buckets.clear()
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+        if self._module is not None:
+            self._module = self._module.to("cpu")
+        torch.cuda.synchronize(self._device)
+        torch.cuda.empty_cache()
+
+
+def _activation_bytes_per_sample(module: nn.Module, spec: TensorSpec, profile: ShapeProfile) -> int:
+    """Sum of every leaf module's output for one sample: an upper bound on activations.
+
+    Used on CPUs, where PyTorch's allocator holds host memory and no exact figure is
+    available; measured once with forward hooks on a batch of one.
+    """
+    total = 0
+
+    def hook(_m, _i, out):
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel() * out.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    try:
+        sample = torch.zeros((1, *profile.opt[1:]), dtype=_TORCH_DTYPES[spec.dtype])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            module(sample)
+        logger.debug("measured activations in %.0f ms", (time.perf_counter() - t0) * 1e3)
+    except Exception as err:
+        raise EngineLoadError(f"running the model on a sample of shape {list(sample.shape)} failed: {err}") from err
+    finally:
+        for h in handles:
+            h.remove()
+    return total

@@ -1,0 +1,315 @@
+"""The engine interface every backend implements, and the lifecycle they share.
+
+``Engine`` is the ``Protocol`` callers program against. ``BaseEngine`` is the
+template (after Polygraphy's ``activate()``/``activate_impl()``): it owns lazy
+initialisation, input checks, the call lock that makes mode switches wait for the
+call in flight, the dynamic-mode acquisition sequence (admission, then memory, then
+release in ``finally``) and the accounting. Backends fill in the ``_*_impl`` hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from engine_runtime.accounting import EngineStats, StatsSnapshot
+from engine_runtime.admission import Admission, UnboundedAdmission
+from engine_runtime.errors import (
+    ContextMemoryUnavailable,
+    EbbInternalError,
+    EngineClosedError,
+    InvalidInputError,
+)
+from engine_runtime.memory import ContextBlock, ContextMechanism, MemoryMode, MiB
+from engine_runtime.spec import EngineDescription, validate_inputs
+
+logger = logging.getLogger(__name__)
+
+Tensors = Mapping[str, Any]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every backend offers. Nothing touches the GPU before ``warm()`` or the first call."""
+
+    name: str
+
+    def describe(self) -> EngineDescription: ...
+
+    def context_bytes(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        """Bytes of context memory a call with these input shapes needs."""
+        ...
+
+    def infer(self, inputs: Tensors) -> dict[str, Any]:
+        """Named tensors in (numpy or torch), named tensors out (numpy for numpy input)."""
+        ...
+
+    @property
+    def mode(self) -> MemoryMode: ...
+
+    def set_mode(self, mode: MemoryMode | str) -> MemoryMode:
+        """Switch after the call in flight finishes; return the previous mode."""
+        ...
+
+    def using_mode(self, mode: MemoryMode | str) -> contextlib.AbstractContextManager[MemoryMode]:
+        """Switch for a ``with`` block and restore the previous mode on exit."""
+        ...
+
+    @property
+    def mechanism(self) -> ContextMechanism: ...
+
+    @property
+    def loaded(self) -> bool: ...
+
+    def stats(self) -> StatsSnapshot: ...
+
+    def warm(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class BaseEngine(ABC):
+    """Shared lifecycle. Subclasses implement the ``_*_impl`` hooks only."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        mode: MemoryMode | str = MemoryMode.DYNAMIC,
+        admission: Admission | None = None,
+        admission_deadline_s: float = 5.0,
+        reject_non_finite: bool = True,
+    ) -> None:
+        self.name = name
+        self._mode = MemoryMode.parse(mode)
+        self.admission: Admission = admission or UnboundedAdmission()
+        self.admission_deadline_s = admission_deadline_s
+        self.reject_non_finite = reject_non_finite
+        self._init_lock = threading.Lock()
+        # One call at a time per engine: an execution context (TensorRT) or a captured
+        # graph (PyTorch) is not re-entrant, and a mode switch must wait for the call
+        # in flight so its memory is never pulled out from under it.
+        self._call_lock = threading.RLock()
+        self._loaded = False
+        self._closed = False
+        self._static_block: ContextBlock | None = None
+        self._static_held = False
+        self._stats = EngineStats()
+
+    # -- public surface ---------------------------------------------------------
+
+    @property
+    def mode(self) -> MemoryMode:
+        return self._mode
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def mechanism(self) -> ContextMechanism:
+        return self._mechanism_impl()
+
+    def describe(self) -> EngineDescription:
+        return self._describe_impl()
+
+    def context_bytes(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        return int(self._context_bytes_impl({k: tuple(v) for k, v in shapes.items()}))
+
+    def stats(self) -> StatsSnapshot:
+        return self._stats.snapshot()
+
+    def warm(self) -> None:
+        self._ensure_loaded()
+
+    def set_mode(self, mode: MemoryMode | str) -> MemoryMode:
+        new = MemoryMode.parse(mode)
+        with self._call_lock:
+            self._check_open()
+            old = self._mode
+            if new is old:
+                return old
+            if self._loaded:
+                if new is MemoryMode.STATIC:
+                    self._enter_static()
+                else:
+                    self._leave_static()
+            self._mode = new
+            logger.info("engine %s: mode %s -> %s", self.name, old.value, new.value)
+            return old
+
+    @contextlib.contextmanager
+    def using_mode(self, mode: MemoryMode | str) -> Iterator[MemoryMode]:
+        previous = self.set_mode(mode)
+        try:
+            yield self._mode
+        finally:
+            # Restore what was there before, even when the block raised
+            # (Torch-TensorRT's ResourceAllocationStrategy does not: pytorch/TensorRT#4356).
+            if not self._closed:
+                self.set_mode(previous)
+
+    def infer(self, inputs: Tensors) -> dict[str, Any]:
+        self._check_open()
+        self._stats.call_started()
+        started = time.perf_counter()
+        mode: MemoryMode | None = None
+        outcome = "failed"
+        try:
+            desc = self.describe()
+            shapes = validate_inputs(desc, inputs, reject_non_finite=self.reject_non_finite)
+            self._ensure_loaded()
+            want_numpy = any(isinstance(v, np.ndarray) for v in inputs.values())
+            with self._call_lock:
+                self._check_open()
+                mode = self._mode
+                if mode is MemoryMode.STATIC:
+                    self._enter_static()
+                outputs = self._execute_impl(dict(inputs), shapes, mode)
+            result = {k: _to_numpy(v) if want_numpy else v for k, v in outputs.items()}
+            outcome = "ok"
+            return result
+        except InvalidInputError:
+            outcome = "invalid"
+            raise
+        except ContextMemoryUnavailable:
+            outcome = "unavailable"
+            raise
+        finally:
+            self._stats.call_finished(outcome, mode, time.perf_counter() - started)
+
+    def close(self) -> None:
+        with self._call_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._loaded:
+                try:
+                    self._leave_static()
+                finally:
+                    self._close_impl()
+            self._loaded = False
+            logger.info("engine %s closed", self.name)
+
+    def __del__(self) -> None:
+        # Only warn: freeing GPU memory from a finaliser is unsafe at interpreter exit.
+        if getattr(self, "_loaded", False) and not getattr(self, "_closed", True):
+            logger.warning("engine %s was not closed; call close() to release its GPU memory", self.name)
+
+    # -- helpers for backends ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def dynamic_context(self, nbytes: int, allocate) -> Iterator[ContextBlock]:
+        """Admission, then memory, for one call; both released in ``finally``.
+
+        ``allocate(nbytes) -> ContextBlock`` is the backend's allocator. The caller must
+        have finished (synchronised) its GPU work before the ``with`` block ends.
+        """
+        with self.admission.reserve(nbytes, self.admission_deadline_s):
+            t0 = time.perf_counter()
+            block = allocate(nbytes)
+            self._stats.acquired(block.nbytes, time.perf_counter() - t0)
+            try:
+                yield block
+            finally:
+                block.release()
+                self._stats.released(block.nbytes)
+
+    def _enter_static(self) -> None:
+        """Hold static context memory (idempotent; cheap when already held)."""
+        if self._static_held:
+            return
+        t0 = time.perf_counter()
+        block = self._acquire_static_impl()
+        self._static_block = block
+        self._static_held = True
+        if block is not None:
+            self._stats.acquired(block.nbytes, time.perf_counter() - t0)
+            logger.info("engine %s: holding %.1f MiB of static context memory", self.name, block.nbytes / MiB)
+
+    def _leave_static(self) -> None:
+        if not self._static_held:
+            return
+        block, self._static_block = self._static_block, None
+        self._static_held = False
+        self._release_static_impl(block)
+        if block is not None and not block.released:
+            block.release()
+            self._stats.released(block.nbytes)
+            logger.info("engine %s: released %.1f MiB of static context memory", self.name, block.nbytes / MiB)
+
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        with self._init_lock:
+            if self._loaded:
+                return
+            self._check_open()
+            self._load_impl()
+            self._stats.weights_bytes = self.describe().weights_bytes
+            self._loaded = True
+            if self._mode is MemoryMode.STATIC:
+                with self._call_lock:
+                    self._enter_static()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError(self.name)
+
+    # -- hooks ------------------------------------------------------------------
+
+    @abstractmethod
+    def _describe_impl(self) -> EngineDescription: ...
+
+    @abstractmethod
+    def _mechanism_impl(self) -> ContextMechanism: ...
+
+    @abstractmethod
+    def _context_bytes_impl(self, shapes: dict[str, tuple[int, ...]]) -> int: ...
+
+    @abstractmethod
+    def _load_impl(self) -> None:
+        """Touch the device: load weights, build contexts. Must leave nothing behind on failure."""
+
+    @abstractmethod
+    def _execute_impl(self, inputs: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                      mode: MemoryMode) -> dict[str, Any]:
+        """Run one call. In DYNAMIC mode use ``self.dynamic_context``; in STATIC mode
+        ``self._static_block`` (if the backend uses one) is held."""
+
+    def _acquire_static_impl(self) -> ContextBlock | None:
+        """Allocate static context memory; None if the backend manages it otherwise."""
+        return None
+
+    def _release_static_impl(self, block: ContextBlock | None) -> None:
+        """Give up static memory the backend manages itself; ``block`` (if any) is
+        released by the caller right after."""
+
+    @abstractmethod
+    def _close_impl(self) -> None: ...
+
+
+def _to_numpy(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        raise EbbInternalError("torch is required to convert outputs") from None
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if value.dtype == torch.bfloat16:
+            value = value.float()
+        return value.cpu().numpy()
+    return np.asarray(value)

@@ -1,0 +1,97 @@
+"""Every exception Ebb raises, under one root.
+
+User errors (bad input, bad plan files, no memory in time) carry the numbers that
+explain them; :class:`EbbInternalError` is reserved for bugs, so that callers (the
+HTTP layer) can map the first kind to 4xx/503 and the second to 500.
+"""
+
+from __future__ import annotations
+
+
+class EbbError(Exception):
+    """Root of every exception raised by Ebb."""
+
+
+class EbbInternalError(EbbError):
+    """A bug in Ebb, not a mistake of the caller."""
+
+
+class InvalidInputError(EbbError, ValueError):
+    """A request's tensors do not match what the engine accepts."""
+
+
+class UnknownInputError(InvalidInputError):
+    def __init__(self, got: str, expected: list[str]):
+        self.got = got
+        self.expected = list(expected)
+        super().__init__(f"unknown input {got!r}; this engine's inputs are {self.expected}")
+
+
+class MissingInputError(InvalidInputError):
+    def __init__(self, missing: list[str]):
+        self.missing = list(missing)
+        super().__init__(f"missing input(s) {self.missing}")
+
+
+class InputDtypeError(InvalidInputError):
+    def __init__(self, name: str, expected: str, got: str):
+        self.name, self.expected, self.got = name, expected, got
+        super().__init__(f"input {name!r}: expected dtype {expected}, got {got}")
+
+
+class InputShapeError(InvalidInputError):
+    def __init__(self, name: str, expected: str, got: tuple[int, ...], why: str = ""):
+        self.name, self.expected, self.got = name, expected, tuple(got)
+        extra = f" ({why})" if why else ""
+        super().__init__(f"input {name!r}: expected shape {expected}, got {list(got)}{extra}")
+
+
+class BatchTooLargeError(InputShapeError):
+    def __init__(self, name: str, max_batch: int, got: tuple[int, ...]):
+        self.max_batch = max_batch
+        super().__init__(
+            name,
+            f"batch <= {max_batch}",
+            got,
+            f"batch {got[0] if got else '?'} is over the profile's maximum {max_batch}",
+        )
+
+
+class InputValueError(InvalidInputError):
+    """Values the engine refuses (NaN or infinities when the model forbids them)."""
+
+    def __init__(self, name: str, why: str):
+        self.name = name
+        super().__init__(f"input {name!r}: {why}")
+
+
+class EngineLoadError(EbbError):
+    """An engine could not be loaded; nothing it allocated is left behind."""
+
+
+class PlanIncompatibleError(EngineLoadError):
+    """A TensorRT plan is corrupt or built for another GPU or TensorRT version."""
+
+
+class EngineClosedError(EbbError):
+    def __init__(self, name: str):
+        super().__init__(f"engine {name!r} is closed")
+
+
+class ContextMemoryUnavailable(EbbError):
+    """Context memory for a call could not be had before the deadline.
+
+    Distinct from a CUDA out-of-memory error on purpose: it is raised *instead* of
+    one, before anything is allocated, and maps to HTTP 503 with ``Retry-After``.
+    """
+
+    def __init__(self, requested_bytes: int, free_bytes: int, waited_s: float = 0.0, where: str = ""):
+        self.requested_bytes = int(requested_bytes)
+        self.free_bytes = int(free_bytes)
+        self.waited_s = float(waited_s)
+        self.where = where
+        loc = f" on {where}" if where else ""
+        super().__init__(
+            f"context memory unavailable{loc}: requested {self.requested_bytes / 2**20:.1f} MiB, "
+            f"free {self.free_bytes / 2**20:.1f} MiB after waiting {self.waited_s * 1e3:.0f} ms"
+        )
