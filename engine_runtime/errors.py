@@ -73,6 +73,10 @@ class PlanIncompatibleError(EngineLoadError):
     """A TensorRT plan is corrupt or built for another GPU or TensorRT version."""
 
 
+class EngineBuildError(EbbError):
+    """An engine could not be built: the model, a profile, the precision or the target is refused."""
+
+
 class EngineClosedError(EbbError):
     def __init__(self, name: str):
         super().__init__(f"engine {name!r} is closed")
