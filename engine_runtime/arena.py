@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -106,41 +107,63 @@ class VmmArena:
         block = self._mapped
         return 0 if block is None or block.released else block.nbytes
 
-    def allocate(self, nbytes: int) -> ContextBlock:
-        """Map ``nbytes`` (rounded up to the granularity) at ``self.base``."""
+    def allocate(self, nbytes: int, offsets: Sequence[int] = (0,)) -> ContextBlock:
+        """Map ``nbytes`` (rounded up to the granularity) of one physical allocation at
+        ``base + offset`` for every offset.
+
+        Several offsets map the *same* physical memory at several addresses: PyTorch's
+        caching allocator keys blocks by address, so graphs captured for different
+        batch sizes need disjoint address windows, yet only one runs at a time and they
+        can share one physical backing.
+        """
         n = _cuda.round_up(max(int(nbytes), 1), self.granularity)
-        if n > self.reserved_bytes:
-            raise EbbInternalError(
-                f"arena asked for {n / MiB:.0f} MiB but reserved only {self.reserved_bytes / MiB:.0f} MiB")
+        for off in offsets:
+            if off % self.granularity or off < 0 or off + n > self.reserved_bytes:
+                raise EbbInternalError(
+                    f"arena window at +{off / MiB:.0f} MiB of {n / MiB:.0f} MiB does not fit the "
+                    f"{self.reserved_bytes / MiB:.0f} MiB reserved (granularity {self.granularity})")
         with self._lock:
             if self._mapped is not None and not self._mapped.released:
                 raise EbbInternalError("arena is already mapped; a second mapping would alias the first")
             lease = self.source.acquire(n, self.deadline_s)
+            done: list[int] = []
             try:
                 with _cuda.device(self.device):
-                    offset = 0
-                    mapped = 0
-                    try:
-                        for handle, size in lease.pieces:
-                            _cuda.mem_map(self.base + offset, size, handle)
-                            offset += size
-                            mapped = offset
-                        # One access call over the whole range: cheaper than one per piece.
-                        _cuda.set_access(self.device, self.base, n)
-                    except BaseException:
-                        if mapped:
-                            _cuda.mem_unmap(self.base, mapped)
-                        raise
+                    for off in offsets:
+                        self._map_window(off, n, lease)
+                        done.append(off)
             except BaseException:
+                with _cuda.device(self.device):
+                    for off in done:
+                        _cuda.mem_unmap(self.base + off, n)
                 lease.release()
                 raise
-            block = ContextBlock(self.base, n, lambda b, lease=lease: self._unmap(b, lease))
+            block = ContextBlock(self.base + offsets[0], n,
+                                 lambda b, lease=lease, offs=tuple(offsets): self._unmap(b, lease, offs))
             self._mapped = block
             return block
 
-    def _unmap(self, block: ContextBlock, lease: PhysicalLease) -> None:
+    def _map_window(self, offset: int, n: int, lease: PhysicalLease) -> None:
+        addr = self.base + offset
+        mapped = 0
+        try:
+            for handle, size in lease.pieces:
+                if mapped >= n:
+                    break
+                take = min(size, n - mapped)
+                _cuda.mem_map(addr + mapped, take, handle)
+                mapped += take
+            # One access call over the whole window: cheaper than one per piece.
+            _cuda.set_access(self.device, addr, n)
+        except BaseException:
+            if mapped:
+                _cuda.mem_unmap(addr, mapped)
+            raise
+
+    def _unmap(self, block: ContextBlock, lease: PhysicalLease, offsets: tuple[int, ...]) -> None:
         with _cuda.device(self.device):
-            _cuda.mem_unmap(self.base, block.nbytes)
+            for off in offsets:
+                _cuda.mem_unmap(self.base + off, block.nbytes)
         lease.release()
         with self._lock:
             if self._mapped is block:

@@ -12,6 +12,7 @@ the host memory.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine_runtime import _graph_arena
+from engine_runtime import _cuda, _graph_arena
 from engine_runtime.admission import Admission
 from engine_runtime.arena import PhysicalSource, VmmArena
 from engine_runtime.engine import BaseEngine
@@ -46,6 +47,8 @@ class _Bucket:
     static_output: torch.Tensor
     pool: Any
     context_bytes: int
+    #: Start of this bucket's address window in the arena (windows never overlap).
+    offset: int
 
 
 def batch_buckets(min_batch: int, max_batch: int) -> list[int]:
@@ -167,8 +170,6 @@ class PyTorchEngine(BaseEngine):
             raise
 
     def _load_cuda(self, module: nn.Module) -> None:
-        from engine_runtime import _cuda
-
         index = self._device.index or 0
         torch.cuda.set_device(index)
         self._stream = torch.cuda.Stream(self._device)
@@ -209,14 +210,17 @@ class PyTorchEngine(BaseEngine):
                 self._module(self._sample(b))
         self._stream.synchronize()
         peak = torch.cuda.max_memory_allocated(self._device) - base_alloc
-        reserve = 2 * peak + 256 * MiB
-        self._arena = VmmArena(index, reserve, self._physical_source, deadline_s=self.admission_deadline_s)
+        gran = _cuda.granularity(index)
+        window = _cuda.round_up(2 * peak + 256 * MiB, gran)
+        offsets = [i * window for i in range(len(sizes))]
+        self._arena = VmmArena(index, window * len(sizes), self._physical_source,
+                               deadline_s=self.admission_deadline_s)
         with _graph_arena.capture_lock:
-            # Physical memory behind the whole range while capturing; released right after.
-            block = self._arena.allocate(self._arena.reserved_bytes)
+            # One physical backing behind every window while capturing; released right after.
+            block = self._arena.allocate(window, offsets)
             try:
-                for b in sizes:
-                    lib.set_range(self._arena.base, self._arena.reserved_bytes)
+                for b, offset in zip(sizes, offsets):
+                    lib.set_range(self._arena.base + offset, window)
                     pool = torch.cuda.MemPool(lib.allocator.allocator())
                     with torch.cuda.use_mem_pool(pool, self._device):
                         static_input = self._sample(b)
@@ -224,8 +228,8 @@ class PyTorchEngine(BaseEngine):
                     with torch.inference_mode(), torch.cuda.stream(self._stream):
                         with torch.cuda.graph(graph, pool=pool.id, stream=self._stream):
                             static_output = self._module(static_input)
-                    used = _cuda.round_up(lib.high_water(), self._arena.granularity)
-                    self._buckets[b] = _Bucket(b, graph, static_input, static_output, pool, used)
+                    used = _cuda.round_up(lib.high_water(), gran)
+                    self._buckets[b] = _Bucket(b, graph, static_input, static_output, pool, used, offset)
                 self._stream.synchronize()
             finally:
                 lib.set_range(0, 0)  # any stray allocation from the hook now fails loudly
@@ -269,7 +273,8 @@ class PyTorchEngine(BaseEngine):
         if self._buckets:
             bucket = self._bucket_for(batch)
             if mode is MemoryMode.DYNAMIC:
-                with self.dynamic_context(bucket.context_bytes, self._arena.allocate):
+                allocate = functools.partial(self._arena.allocate, offsets=(bucket.offset,))
+                with self.dynamic_context(bucket.context_bytes, allocate):
                     return {self._output.name: self._replay(bucket, x)}
             return {self._output.name: self._replay(bucket, x)}
         # Eager on the GPU without the arena.
@@ -306,7 +311,9 @@ class PyTorchEngine(BaseEngine):
 
     def _acquire_static_impl(self) -> ContextBlock | None:
         if self._buckets:
-            return self._arena.allocate(max(b.context_bytes for b in self._buckets.values()))
+            # One physical backing, sized for the largest bucket, mapped into every window.
+            return self._arena.allocate(max(b.context_bytes for b in self._buckets.values()),
+                                        [b.offset for b in self._buckets.values()])
         if self._eager_bytes:
             return ContextBlock(0, max(self._eager_bytes.values()), lambda b: None)
         if self._mech is ContextMechanism.HOST_ACCOUNTING:
@@ -318,6 +325,17 @@ class PyTorchEngine(BaseEngine):
             self._unload_cuda()
 
     def _unload_cuda(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+        # Order matters: graphs first, then the tensors living in each private pool, then
+        # the pools; a tensor freed after its pool is gone makes PyTorch abort
+        # ("invalid device pointer").
+        for bucket in self._buckets.values():
+            bucket.graph.reset()
+        for bucket in self._buckets.values():
+            bucket.static_input = bucket.static_output = None
+        for bucket in self._buckets.values():
+            bucket.pool = None
         self._buckets.clear()
         if self._arena is not None:
             self._arena.close()
