@@ -9,7 +9,24 @@ from __future__ import annotations
 
 
 class EbbError(Exception):
-    """Root of every exception raised by Ebb."""
+    """Root of every exception raised by Ebb.
+
+    Subclasses take structured arguments; ``__reduce__`` re-creates them from those,
+    so they survive pickling across Ray processes with their numbers intact.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls, *args)
+        self._init_args = args
+        self._init_kwargs = kwargs
+        return self
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self._init_args, self._init_kwargs))
+
+
+def _rebuild(cls, args, kwargs):
+    return cls(*args, **kwargs)
 
 
 class EbbInternalError(EbbError):
