@@ -1,0 +1,1 @@
+"""Ebb's Ray floor: Serve deployments, the coordinator, the config and the HTTP protocol."""
