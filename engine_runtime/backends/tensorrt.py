@@ -1,0 +1,418 @@
+"""The TensorRT backend: serialized plans run with context memory held always or per call.
+
+STATIC runs on an execution context created with TensorRT's default allocation
+strategy: TensorRT allocates the context memory for the profile's maximum shapes
+and keeps it until the context is destroyed (on a switch to DYNAMIC or on close).
+
+DYNAMIC runs on a ``USER_MANAGED`` context that owns no activation memory. Each call:
+set the input shapes, ask ``update_device_memory_size_for_shapes()`` for the exact
+bytes these shapes need (not the profile maximum), acquire that much through
+``BaseEngine.dynamic_context`` (a stable-address VMM arena where the GPU supports it,
+``cudaMalloc`` otherwise), ``set_device_memory``, bind I/O, ``execute_async_v3`` on
+this engine's own (non-default) stream, synchronise that stream, then release. Nothing
+is held between calls.
+
+Works with ``tensorrt`` and ``tensorrt_rtx`` alike (see ``engine_runtime._trt``).
+Everything touching CUDA goes through a :class:`CudaDevice`, which tests replace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine_runtime import _trt
+from engine_runtime.admission import Admission
+from engine_runtime.engine import BaseEngine
+from engine_runtime.errors import (
+    ContextMemoryUnavailable,
+    EbbInternalError,
+    EngineLoadError,
+    InputShapeError,
+    PlanIncompatibleError,
+)
+from engine_runtime.memory import (
+    ContextAllocator,
+    ContextBlock,
+    ContextMechanism,
+    CudaMallocAllocator,
+    MemoryMode,
+    MiB,
+)
+from engine_runtime.spec import EngineDescription, ShapeProfile, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+
+class CudaDevice:
+    """Streams, I/O buffers and context-memory allocators on one CUDA device.
+
+    The seam between the backend and CUDA: the backend decides *what* happens and in
+    which order, this class does it (through torch and ``engine_runtime._cuda``).
+    I/O buffers are torch CUDA tensors; they are not context memory and live in
+    PyTorch's caching allocator like any request tensor.
+    """
+
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
+
+    def available(self) -> bool:
+        from engine_runtime import _cuda
+
+        return _cuda.available()
+
+    def scope(self):
+        """Make this device current (TensorRT deserialises onto the current device)."""
+        from engine_runtime import _cuda
+
+        return _cuda.device(self.index)
+
+    def new_stream(self) -> Any:
+        import torch
+
+        # A stream of our own: execute_async_v3 on the legacy default stream would
+        # serialise with every other kernel in the process and costs TensorRT an
+        # extra synchronisation.
+        return torch.cuda.Stream(device=self.index)
+
+    def stream_handle(self, stream: Any) -> int:
+        return int(stream.cuda_stream)
+
+    def synchronize(self, stream: Any) -> None:
+        stream.synchronize()
+
+    def to_device(self, value: Any, stream: Any) -> Any:
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+        with torch.cuda.stream(stream):
+            return tensor.to(f"cuda:{self.index}", non_blocking=True).contiguous()
+
+    def empty(self, shape: tuple[int, ...], dtype: str, stream: Any) -> Any:
+        import torch
+
+        with torch.cuda.stream(stream):
+            return torch.empty(shape, dtype=getattr(torch, dtype), device=f"cuda:{self.index}")
+
+    def to_host(self, tensor: Any, stream: Any) -> Any:
+        import torch
+
+        with torch.cuda.stream(stream):
+            return tensor.to("cpu", non_blocking=False)
+
+    def is_device_tensor(self, value: Any) -> bool:
+        return bool(getattr(value, "is_cuda", False))
+
+    def data_ptr(self, tensor: Any) -> int:
+        return int(tensor.data_ptr())
+
+    def allocator(self, max_bytes: int, deadline_s: float) -> ContextAllocator:
+        """A stable-address arena sized for the largest shapes where VMM exists, else cudaMalloc."""
+        from engine_runtime import _cuda
+
+        if _cuda.vmm_supported(self.index):
+            from engine_runtime.arena import VmmArena
+
+            return VmmArena(self.index, max_bytes, deadline_s=deadline_s)
+        return CudaMallocAllocator(self.index)
+
+    def free_bytes(self) -> int:
+        from engine_runtime import _cuda
+
+        return _cuda.mem_get_info(self.index)[0]
+
+
+class TensorRTEngine(BaseEngine):
+    """A TensorRT plan behind Ebb's engine interface.
+
+    Lazy: the constructor only reads (or keeps) the plan bytes. ``describe()`` needs
+    the plan's tensor names, dtypes and profiles, which only the deserialised engine
+    knows, so the first ``describe()`` deserialises the plan (weights go to the GPU
+    then); pass ``description=`` (e.g. from the build cache's metadata) to avoid that.
+    Execution contexts, the stream and the context-memory allocator are created by
+    ``warm()`` or the first call.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        plan: str | os.PathLike[str] | bytes,
+        *,
+        mode: MemoryMode | str = MemoryMode.DYNAMIC,
+        device: CudaDevice | int = 0,
+        admission: Admission | None = None,
+        admission_deadline_s: float = 5.0,
+        reject_non_finite: bool = True,
+        description: EngineDescription | None = None,
+    ) -> None:
+        super().__init__(name, mode=mode, admission=admission, admission_deadline_s=admission_deadline_s,
+                         reject_non_finite=reject_non_finite)
+        if isinstance(plan, (bytes, bytearray, memoryview)):
+            self._plan: bytes | None = bytes(plan)
+            self._plan_path: Path | None = None
+        else:
+            self._plan = None
+            self._plan_path = Path(plan)
+        self._device = device if isinstance(device, CudaDevice) else CudaDevice(device)
+        self._description = description
+        self._plan_lock = threading.Lock()
+        self._trt: _trt.TensorRT | None = None
+        self._logger: Any = None
+        self._runtime: Any = None
+        self._engine: Any = None
+        self._plan_nbytes = 0
+        self._static_ctx: Any = None
+        self._dynamic_ctx: Any = None
+        self._stream: Any = None
+        self._allocator: ContextAllocator | None = None
+
+    # -- plan and engine ----------------------------------------------------------
+
+    def _source(self) -> str:
+        return str(self._plan_path) if self._plan_path is not None else f"<{len(self._plan or b'')} bytes>"
+
+    def _read_plan(self) -> bytes:
+        if self._plan is not None:
+            return self._plan
+        try:
+            return self._plan_path.read_bytes()
+        except OSError as err:
+            raise EngineLoadError(f"engine {self.name!r}: cannot read plan {self._plan_path}: {err}") from err
+
+    def _deserialized(self) -> Any:
+        """The ``ICudaEngine``, deserialised once; ``PlanIncompatibleError`` leaves nothing behind."""
+        if self._engine is not None:
+            return self._engine
+        # Not BaseEngine's _init_lock: _ensure_loaded holds that while calling _load_impl.
+        with self._plan_lock:
+            if self._engine is not None:
+                return self._engine
+            self._check_open()
+            trt = _trt.load()
+            plan = self._read_plan()
+            if not self._device.available():
+                raise EngineLoadError(
+                    f"engine {self.name!r}: cannot deserialise TensorRT plan {self._source()} "
+                    f"({len(plan)} bytes): no CUDA device is visible in this process; TensorRT "
+                    f"engines run only on a GPU (build them anywhere with `python -m engine_runtime.build`)"
+                )
+            log = _trt.make_logger(trt)
+            runtime = engine = None
+            try:
+                with self._device.scope():
+                    runtime = trt.module.Runtime(log)
+                    if runtime is None:
+                        raise EngineLoadError(f"engine {self.name!r}: TensorRT could not create a runtime: "
+                                              + _join(log.take_errors()))
+                    self._check_validity(trt, runtime, plan, log)
+                    engine = runtime.deserialize_cuda_engine(plan)
+                if engine is None:
+                    raise PlanIncompatibleError(
+                        f"engine {self.name!r}: {trt.flavour} {trt.version} refused plan {self._source()} "
+                        f"({len(plan)} bytes; corrupt, or built for another GPU or TensorRT version): "
+                        + _join(log.take_errors())
+                    )
+            except BaseException:
+                # Drop references in reverse order of creation so TensorRT frees
+                # whatever the failed attempt allocated before we return.
+                del engine, runtime
+                raise
+            self._trt, self._logger, self._runtime, self._engine = trt, log, runtime, engine
+            self._plan_nbytes = len(plan)
+            logger.info("engine %s: deserialised %s (%.1f MiB) with %s", self.name, self._source(),
+                        len(plan) / MiB, trt.tag)
+            return engine
+
+    def _check_validity(self, trt: _trt.TensorRT, runtime: Any, plan: bytes, log: Any) -> None:
+        """Ask TensorRT whether the plan fits this GPU before deserialising, where it can say."""
+        check = getattr(runtime, "get_engine_validity", None)
+        if check is None:  # full TensorRT 10.x has no validity query; deserialisation will tell
+            return
+        validity, diagnostics = check(plan)
+        if getattr(validity, "name", str(validity)) != "INVALID":
+            return
+        flags = trt.module.EngineInvalidityDiagnostics
+        reasons = [m for m, v in flags.__members__.items() if int(diagnostics) & int(v)]
+        raise PlanIncompatibleError(
+            f"engine {self.name!r}: {trt.flavour} {trt.version} says plan {self._source()} cannot run here "
+            f"(diagnostics: {reasons or 'none given'}): " + _join(log.take_errors())
+        )
+
+    # -- description --------------------------------------------------------------
+
+    def _describe_impl(self) -> EngineDescription:
+        if self._description is None:
+            self._description = self._describe_engine(self._deserialized())
+        return self._description
+
+    def _describe_engine(self, engine: Any) -> EngineDescription:
+        trt = self._trt
+        inputs: list[TensorSpec] = []
+        outputs: list[TensorSpec] = []
+        profiles: dict[str, ShapeProfile] = {}
+        is_input = trt.module.TensorIOMode.INPUT
+        for i in range(engine.num_io_tensors):
+            tname = engine.get_tensor_name(i)
+            spec = TensorSpec(tname, _trt.numpy_name(engine.get_tensor_dtype(tname)),
+                              tuple(int(d) for d in engine.get_tensor_shape(tname)))
+            if engine.get_tensor_mode(tname) == is_input:
+                inputs.append(spec)
+                lo, opt, hi = engine.get_tensor_profile_shape(tname, 0)
+                profiles[tname] = ShapeProfile(_dims(lo), _dims(opt), _dims(hi))
+            else:
+                outputs.append(spec)
+        weights, source = self._weights_bytes(engine)
+        return EngineDescription(
+            name=self.name, inputs=tuple(inputs), outputs=tuple(outputs), profiles=profiles,
+            weights_bytes=weights, backend=trt.flavour, platform=f"cuda:{self._device.index}",
+            extra={"tensorrt": trt.tag, "weights_bytes_source": source, "plan_bytes": self._plan_nbytes,
+                   "max_context_bytes": int(engine.device_memory_size_v2),
+                   "optimization_profiles": int(engine.num_optimization_profiles)},
+        )
+
+    def _weights_bytes(self, engine: Any) -> tuple[int, str]:
+        stat = getattr(self._trt.module, "EngineStat", None)
+        if stat is not None and hasattr(engine, "get_engine_stat"):
+            n = int(engine.get_engine_stat(stat.TOTAL_WEIGHTS_SIZE))
+            if n >= 0:
+                return n, "engine-stat"
+        # Without the stat the plan size is the honest upper bound: weights plus kernels.
+        return self._plan_nbytes, "plan-size"
+
+    def _mechanism_impl(self) -> ContextMechanism:
+        if self._allocator is not None:
+            return self._allocator.mechanism
+        return ContextMechanism.CUDA_MALLOC
+
+    def _context_bytes_impl(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        self._deserialized()
+        with self._call_lock:
+            ctx = self._static_ctx if self._static_ctx is not None else self._user_managed_context()
+            self._set_shapes(ctx, shapes)
+            return int(ctx.update_device_memory_size_for_shapes())
+
+    # -- loading ----------------------------------------------------------------
+
+    def _load_impl(self) -> None:
+        engine = self._deserialized()
+        try:
+            with self._device.scope():
+                self._stream = self._device.new_stream()
+                self._allocator = self._device.allocator(int(engine.device_memory_size_v2),
+                                                         self.admission_deadline_s)
+        except BaseException:
+            self._close_impl()
+            raise
+        logger.info("engine %s: ready, context memory up to %.1f MiB via %s", self.name,
+                    engine.device_memory_size_v2 / MiB, self._allocator.mechanism.value)
+
+    def _user_managed_context(self) -> Any:
+        if self._dynamic_ctx is None:
+            strategy = self._trt.module.ExecutionContextAllocationStrategy.USER_MANAGED
+            with self._device.scope():
+                ctx = self._engine.create_execution_context(strategy)
+            if ctx is None:
+                raise EngineLoadError(f"engine {self.name!r}: TensorRT could not create a USER_MANAGED "
+                                      f"execution context: " + _join(self._logger.take_errors()))
+            self._dynamic_ctx = ctx
+            logger.debug("engine %s: created USER_MANAGED execution context", self.name)
+        return self._dynamic_ctx
+
+    def _acquire_static_impl(self) -> ContextBlock | None:
+        # BaseEngine holds the call lock here: no call is in flight on either context.
+        nbytes = int(self._engine.device_memory_size_v2)
+        with self._device.scope():
+            ctx = self._engine.create_execution_context()  # TensorRT's default: STATIC
+        if ctx is None:
+            raise ContextMemoryUnavailable(nbytes, self._device.free_bytes(), where=f"cuda:{self._device.index}")
+        self._static_ctx = ctx
+        # The USER_MANAGED context is idle in static mode; drop it rather than keep two.
+        self._dynamic_ctx = None
+        # TensorRT owns this memory; the block only accounts for it.
+        return ContextBlock(0, nbytes, lambda block: None)
+
+    def _release_static_impl(self, block: ContextBlock | None) -> None:
+        # Destroying the context is what gives its memory back to the GPU.
+        self._static_ctx = None
+
+    def _close_impl(self) -> None:
+        if self._stream is not None:
+            self._device.synchronize(self._stream)
+            self._stream = None
+        self._static_ctx = None
+        self._dynamic_ctx = None
+        if self._allocator is not None:
+            allocator, self._allocator = self._allocator, None
+            allocator.close()
+        # Reverse order of creation: the engine before the runtime that made it.
+        self._engine = None
+        self._runtime = None
+
+    # -- running ----------------------------------------------------------------
+
+    def _set_shapes(self, ctx: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+        for tname, shape in shapes.items():
+            if not ctx.set_input_shape(tname, shape):
+                profile = self.describe().profiles[tname]
+                raise InputShapeError(tname, profile.describe(), shape,
+                                      "TensorRT refused it: " + _join(self._logger.take_errors()))
+
+    def _execute_impl(self, inputs: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                      mode: MemoryMode) -> dict[str, Any]:
+        desc = self.describe()
+        ctx = self._static_ctx if mode is MemoryMode.STATIC else self._user_managed_context()
+        if ctx is None:
+            raise EbbInternalError(f"engine {self.name!r}: no execution context for mode {mode.value}")
+        stream = self._stream
+        keep_on_device = all(self._device.is_device_tensor(v) for v in inputs.values())
+        self._set_shapes(ctx, shapes)
+        bound = {spec.name: self._device.to_device(inputs[spec.name], stream) for spec in desc.inputs}
+        for spec in desc.outputs:
+            shape = tuple(int(d) for d in ctx.get_tensor_shape(spec.name))
+            if any(d < 0 for d in shape):
+                raise EngineLoadError(f"engine {self.name!r}: output {spec.name!r} has a data-dependent shape "
+                                      f"{list(shape)}; Ebb serves only outputs whose shape follows from the inputs")
+            bound[spec.name] = self._device.empty(shape, spec.dtype, stream)
+        if mode is MemoryMode.DYNAMIC:
+            nbytes = int(ctx.update_device_memory_size_for_shapes())
+            with self.dynamic_context(nbytes, self._allocator.allocate) as block:
+                try:
+                    if nbytes:
+                        ctx.set_device_memory(block.ptr, nbytes)
+                    self._run(ctx, bound, stream)
+                finally:
+                    # The with-block must not end (and release the memory) while the GPU
+                    # may still be using it, even when enqueueing failed half-way.
+                    self._device.synchronize(stream)
+        else:
+            try:
+                self._run(ctx, bound, stream)
+            finally:
+                self._device.synchronize(stream)
+        outputs = {spec.name: bound[spec.name] for spec in desc.outputs}
+        if keep_on_device:
+            return outputs
+        return {k: self._device.to_host(v, stream) for k, v in outputs.items()}
+
+    def _run(self, ctx: Any, bound: dict[str, Any], stream: Any) -> None:
+        for tname, tensor in bound.items():
+            if not ctx.set_tensor_address(tname, self._device.data_ptr(tensor)):
+                raise EbbInternalError(f"engine {self.name!r}: set_tensor_address({tname!r}) failed: "
+                                       + _join(self._logger.take_errors()))
+        if not ctx.execute_async_v3(self._device.stream_handle(stream)):
+            raise EbbInternalError(f"engine {self.name!r}: execute_async_v3 failed: "
+                                   + _join(self._logger.take_errors()))
+
+
+def _dims(dims: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in dims)
+
+
+def _join(messages: list[str]) -> str:
+    return " | ".join(messages) if messages else "TensorRT logged no error"
+
