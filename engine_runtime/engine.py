@@ -252,7 +252,11 @@ class BaseEngine(ABC):
     def _ensure_loaded(self) -> None:
         if self._loaded:
             return
-        with self._init_lock:
+        # The call lock too, for the whole load: a close() racing the first load must
+        # wait for it (or it would miss what the load allocates), and a set_mode(DYNAMIC)
+        # must not land between "loaded" and "enter static" (or static memory would stay
+        # held in dynamic mode, and the next dynamic call would find the arena mapped).
+        with self._init_lock, self._call_lock:
             if self._loaded:
                 return
             self._check_open()
@@ -260,8 +264,7 @@ class BaseEngine(ABC):
             self._stats.weights_bytes = self.describe().weights_bytes
             self._loaded = True
             if self._mode is MemoryMode.STATIC:
-                with self._call_lock:
-                    self._enter_static()
+                self._enter_static()
 
     def _check_open(self) -> None:
         if self._closed:
