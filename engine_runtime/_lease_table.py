@@ -1,0 +1,655 @@
+"""The context pool's lease table: which process holds which chunk, in shared memory.
+
+One file per GPU per node (under ``/dev/shm``, keyed by the GPU's UUID), mapped by the
+pool's owner and by every replica process on that GPU. A lease is a choice of chunk
+indices made under a lock, so no descriptor traffic and no owner round trip happens
+per call. This module is the CPU-testable core of :mod:`engine_runtime.pool`: it
+knows nothing of CUDA; the owner turns its plans (chunks to create, chunks retired)
+into driver calls.
+
+Why the pieces are as they are:
+
+* **Lock.** ``flock`` on the table file: the kernel drops it when its holder dies, so
+  a replica killed inside a critical section cannot wedge the GPU. ``flock`` belongs
+  to an open file description, which threads of one process share, so a
+  ``threading.Lock`` is taken first; after ``fork`` the file is reopened so parent and
+  child never share a description (and hence a lock).
+* **Holders** are ``(pid, process start time)``: a pid reused by a new process does not
+  inherit a dead one's chunks, and a zombie counts as dead.
+* **Fairness.** Waiters take tickets; only the oldest live waiter may take chunks, and
+  nobody takes the fast path while anyone waits, so a large request is not starved by
+  a stream of small ones. The price is head-of-line blocking: a small request waits
+  behind a large one even when its own chunks are free.
+* **Waiting** polls with a short back-off (0.1 ms doubling to 2 ms): a process-shared
+  condition variable would need a C extension, and a lease that has to wait is
+  already waiting for another call to finish (milliseconds).
+* **Capacity** is the number of chunks that should exist. Shrinking retires free
+  chunks first and marks leased ones *draining*: they stay with their holder until
+  given back, then retire. Growing first revives draining and retired chunks, then
+  asks the owner (``ResizePlan.to_create``) to create memory for empty slots.
+* **Generation** counts creations and retirements, so a client can tell with one read
+  whether any chunk it imported was retired or replaced; each slot also has its own
+  generation, bumped when its memory is recreated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import logging
+import mmap
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine_runtime.errors import ContextMemoryUnavailable, EbbInternalError
+
+logger = logging.getLogger(__name__)
+
+MiB = 2**20
+
+_MAGIC = 0x45424250_4F4F4C31  # "EBBPOOL1"
+_VERSION = 1
+
+# Header: int64 fields at fixed positions.
+_H_MAGIC, _H_VERSION, _H_MAX, _H_CHUNK, _H_CAPACITY, _H_GENERATION = 0, 1, 2, 3, 4, 5
+_H_NEXT_TICKET, _H_NEXT_LEASE, _H_OWNER_PID, _H_QUEUE_SLOTS = 6, 7, 8, 9
+_H_LEASES, _H_WAITS, _H_TIMEOUTS, _H_RECLAIMED, _H_OWNER_START, _H_WAITING = 10, 11, 12, 13, 14, 15
+_HEADER_FIELDS = 16
+_LABEL_BYTES = 128
+_HEADER_BYTES = _HEADER_FIELDS * 8 + _LABEL_BYTES
+
+# Chunk slots: state, pid, start, lease id, generation; one contiguous int64 array per
+# field, because contiguous scans are the fast ones.
+_CHUNK_FIELDS = 5
+# Waiting-queue columns (ticket 0 = empty entry).
+_Q_TICKET, _Q_PID, _Q_START, _Q_NCHUNKS = 0, 1, 2, 3
+_QUEUE_FIELDS = 4
+
+_BACKOFF_FIRST_S = 0.0001
+_BACKOFF_MAX_S = 0.002
+#: How often a waiter looks for dead holders and dead waiters ahead of it.
+_RECLAIM_EVERY_S = 0.05
+
+
+class ChunkState(enum.IntEnum):
+    """Life of one chunk slot."""
+
+    #: No physical memory behind this slot.
+    ABSENT = 0
+    #: Memory exists and nobody holds it.
+    FREE = 1
+    #: Held by a process.
+    LEASED = 2
+    #: Held, and retired as soon as it is given back (the pool shrank under it).
+    DRAINING = 3
+    #: Unheld and out of service; the owner will release its memory to the driver.
+    RETIRED = 4
+    #: The owner is creating its memory (between ``resize`` and ``commit_created``).
+    CREATING = 5
+
+
+# Plain ints for the hot paths: comparing numpy arrays against IntEnum members goes
+# through the enum's attribute machinery and costs microseconds per comparison.
+_ABSENT, _FREE, _LEASED, _DRAINING, _RETIRED, _CREATING = (int(s) for s in ChunkState)
+
+
+@dataclass(frozen=True)
+class ResizePlan:
+    """What ``resize`` changed and what the owner must now do."""
+
+    capacity: int
+    #: Slots now ``CREATING``: create memory for them, then ``commit_created`` (or ``abort_created``).
+    to_create: list[int] = field(default_factory=list)
+    #: Slots that went ``FREE`` -> ``RETIRED`` (or were cancelled while ``CREATING``).
+    retired: list[int] = field(default_factory=list)
+    #: Slots still leased that will retire when given back.
+    draining: list[int] = field(default_factory=list)
+    #: Slots brought back into service without new memory (draining or retired ones).
+    revived: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TableSnapshot:
+    """Counts of a lease table at one instant, for the status view and for tests."""
+
+    path: str
+    label: str
+    chunk_bytes: int
+    max_chunks: int
+    capacity: int
+    generation: int
+    states: dict[str, int]
+    #: Chunks held per process id.
+    holders: dict[int, int]
+    waiting: int
+    owner_pid: int
+    leases_total: int
+    waits_total: int
+    timeouts_total: int
+    reclaimed_total: int
+
+    @property
+    def free_chunks(self) -> int:
+        return self.states.get("FREE", 0)
+
+    @property
+    def free_bytes(self) -> int:
+        return self.free_chunks * self.chunk_bytes
+
+    @property
+    def pool_bytes(self) -> int:
+        """Memory the pool holds: every chunk with physical memory behind it."""
+        held = sum(self.states.get(s.name, 0) for s in
+                   (ChunkState.FREE, ChunkState.LEASED, ChunkState.DRAINING, ChunkState.RETIRED))
+        return held * self.chunk_bytes
+
+
+# --- process identity ------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) from /proc, or None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    rest = raw[raw.rfind(b")") + 2:].split()
+    return rest[0].decode(), int(rest[19])
+
+
+def process_start(pid: int) -> int:
+    stat = _proc_stat(pid)
+    return stat[1] if stat else 0
+
+
+def process_alive(pid: int, start: int) -> bool:
+    """True while ``pid`` runs and is the same process that started at ``start``."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: alive, and its /proc/stat is still readable
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # no /proc: the signal test is all there is
+    state, started = stat
+    if state in ("Z", "X"):
+        return False  # exited, not yet reaped by its parent: its CUDA context is gone
+    return start == 0 or started == start
+
+
+# --- the table -------------------------------------------------------------------
+
+
+class LeaseTable:
+    """A lease table mapped from ``path``; create it with :meth:`create`, join with :meth:`open`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._tlock = threading.Lock()
+        self._fd = -1
+        self._mm: mmap.mmap | None = None
+        self._open_file()
+        header = np.ndarray((_HEADER_FIELDS,), np.int64, buffer=self._mm, offset=0)
+        magic, version = int(header[_H_MAGIC]), int(header[_H_VERSION])
+        self.max_chunks = int(header[_H_MAX])
+        self.chunk_bytes = int(header[_H_CHUNK])
+        self.queue_slots = int(header[_H_QUEUE_SLOTS])
+        del header
+        if magic != _MAGIC or version != _VERSION:
+            self.close()
+            raise EbbInternalError(f"{self.path} is not an Ebb lease table of version {_VERSION} "
+                                   f"(magic 0x{magic:x}, version {version})")
+        self.label = bytes(self._mm[_HEADER_FIELDS * 8:_HEADER_BYTES]).rstrip(b"\0").decode()
+        self._views()
+        self._me = (os.getpid(), process_start(os.getpid()))
+
+    # -- creation and mapping ---------------------------------------------------
+
+    @staticmethod
+    def size_bytes(max_chunks: int, queue_slots: int) -> int:
+        return _HEADER_BYTES + 8 * (max_chunks * _CHUNK_FIELDS + queue_slots * _QUEUE_FIELDS)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], max_chunks: int, chunk_bytes: int, *,
+               label: str = "", queue_slots: int = 1024) -> LeaseTable:
+        """Write a fresh table (capacity 0) and map it.
+
+        Written to a temporary name and renamed into place, so a process that opens
+        ``path`` sees either the old table or a complete new one. Processes that had
+        the old one mapped keep it (its memory lives until they unmap).
+        """
+        if max_chunks < 1 or chunk_bytes < 1 or queue_slots < 1:
+            raise ValueError(f"max_chunks {max_chunks}, chunk_bytes {chunk_bytes} and "
+                             f"queue_slots {queue_slots} must all be at least 1")
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        size = cls.size_bytes(max_chunks, queue_slots)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)  # zero-filled: every slot ABSENT, every queue entry empty
+            with mmap.mmap(fd, size) as mm:
+                header = np.ndarray((_HEADER_FIELDS,), np.int64, buffer=mm, offset=0)
+                header[_H_MAX] = max_chunks
+                header[_H_CHUNK] = chunk_bytes
+                header[_H_QUEUE_SLOTS] = queue_slots
+                header[_H_NEXT_TICKET] = 1
+                header[_H_NEXT_LEASE] = 1
+                header[_H_OWNER_PID] = os.getpid()
+                header[_H_OWNER_START] = process_start(os.getpid())
+                mm[_HEADER_FIELDS * 8:_HEADER_BYTES] = label.encode()[:_LABEL_BYTES].ljust(_LABEL_BYTES, b"\0")
+                header[_H_VERSION] = _VERSION
+                header[_H_MAGIC] = _MAGIC  # last: a table with its magic is complete
+                del header
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> LeaseTable:
+        return cls(path)
+
+    def _open_file(self) -> None:
+        self._fd = os.open(self.path, os.O_RDWR)
+        try:
+            self._mm = mmap.mmap(self._fd, os.fstat(self._fd).st_size)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+        self._pid = os.getpid()
+
+    def _views(self) -> None:
+        mm, n, q = self._mm, self.max_chunks, self.queue_slots
+
+        def column(k: int, length: int, base: int) -> np.ndarray:
+            return np.ndarray((length,), np.int64, buffer=mm, offset=base + 8 * k * length)
+
+        self._header = np.ndarray((_HEADER_FIELDS,), np.int64, buffer=mm, offset=0)
+        self._state, self._pid_of, self._start_of, self._lease_of, self._gen_of = (
+            column(k, n, _HEADER_BYTES) for k in range(_CHUNK_FIELDS))
+        qbase = _HEADER_BYTES + 8 * n * _CHUNK_FIELDS
+        self._q_ticket, self._q_pid, self._q_start, self._q_nchunks = (
+            column(k, q, qbase) for k in range(_QUEUE_FIELDS))
+
+    _VIEWS = ("_header", "_state", "_pid_of", "_start_of", "_lease_of", "_gen_of",
+              "_q_ticket", "_q_pid", "_q_start", "_q_nchunks")
+
+    def _after_fork(self) -> None:
+        # A forked child shares the parent's open file description, hence its flock:
+        # reopen so the two exclude each other again.
+        self._tlock = threading.Lock()
+        old_fd, old_mm = self._fd, self._mm
+        for name in self._VIEWS:
+            self.__dict__.pop(name, None)
+        self._open_file()
+        self._views()
+        os.close(old_fd)
+        with contextlib.suppress(BufferError):
+            old_mm.close()
+        self._me = (os.getpid(), process_start(os.getpid()))
+
+    def close(self) -> None:
+        """Unmap; idempotent. Leases held stay in the table (give them back first)."""
+        for name in self._VIEWS:
+            self.__dict__.pop(name, None)
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                logger.warning("lease table %s still has views exported; leaving it mapped", self.path)
+            self._mm = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> LeaseTable:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _lock(self) -> None:
+        if self._mm is None:
+            raise EbbInternalError(f"lease table {self.path} is closed")
+        if os.getpid() != self._pid:
+            self._after_fork()
+        self._tlock.acquire()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._tlock.release()
+            raise
+
+    def _unlock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._tlock.release()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # The hot paths (lease, give_back) call _lock/_unlock directly: a generator-based
+        # context manager costs a few microseconds per use.
+        self._lock()
+        try:
+            yield
+        finally:
+            self._unlock()
+
+    # -- reads without the lock (single aligned int64 loads) ----------------------
+
+    @property
+    def generation(self) -> int:
+        return int(self._header[_H_GENERATION])
+
+    @property
+    def capacity(self) -> int:
+        return int(self._header[_H_CAPACITY])
+
+    def chunk_state(self, index: int) -> ChunkState:
+        return ChunkState(int(self._state[index]))
+
+    def chunk_generation(self, index: int) -> int:
+        return int(self._gen_of[index])
+
+    def chunk_holder(self, index: int) -> int:
+        return int(self._pid_of[index])
+
+    # -- leasing ----------------------------------------------------------------
+
+    def _unavailable(self, nchunks: int, waited_s: float) -> ContextMemoryUnavailable:
+        free = int(np.count_nonzero(self._state == _FREE))
+        return ContextMemoryUnavailable(nchunks * self.chunk_bytes, free * self.chunk_bytes, waited_s,
+                                        self.label or str(self.path))
+
+    def _take(self, nchunks: int) -> list[int] | None:
+        free = (self._state == _FREE).nonzero()[0]
+        if len(free) < nchunks:
+            return None
+        picked = free[:nchunks]
+        h = self._header
+        lease_id = int(h[_H_NEXT_LEASE])
+        h[_H_NEXT_LEASE] = lease_id + 1
+        h[_H_LEASES] += 1
+        self._state[picked] = _LEASED
+        self._pid_of[picked] = self._me[0]
+        self._start_of[picked] = self._me[1]
+        self._lease_of[picked] = lease_id
+        return picked.tolist()
+
+    def _head_ticket(self) -> int:
+        if int(self._header[_H_WAITING]) == 0:
+            return 0
+        tickets = self._q_ticket
+        return int(tickets[tickets > 0].min())
+
+    def _enqueue(self, nchunks: int) -> int:
+        empty = np.flatnonzero(self._q_ticket == 0)
+        if len(empty) == 0:
+            return 0
+        h = self._header
+        ticket = int(h[_H_NEXT_TICKET])
+        h[_H_NEXT_TICKET] = ticket + 1
+        h[_H_WAITS] += 1
+        h[_H_WAITING] += 1
+        q = int(empty[0])
+        self._q_pid[q], self._q_start[q], self._q_nchunks[q] = self._me[0], self._me[1], nchunks
+        self._q_ticket[q] = ticket
+        return ticket
+
+    def _drop_queue_entries(self, rows: np.ndarray) -> None:
+        if len(rows):
+            self._q_ticket[rows] = 0
+            self._header[_H_WAITING] -= len(rows)
+
+    def _dequeue(self, ticket: int) -> None:
+        self._drop_queue_entries(np.flatnonzero(self._q_ticket == ticket))
+
+    def lease(self, nchunks: int, deadline_s: float) -> list[int]:
+        """Take ``nchunks`` chunks for this process, waiting up to ``deadline_s`` seconds.
+
+        Returns their indices (ascending). Raises ``ContextMemoryUnavailable`` with the
+        bytes asked for, the bytes free and the time waited when the deadline passes,
+        or at once when the request exceeds the pool's capacity (it could only succeed
+        after the pool grows, and meanwhile it would block every waiter behind it).
+        """
+        nchunks = int(nchunks)
+        if nchunks < 1:
+            raise ValueError(f"a lease needs at least one chunk, got {nchunks}")
+        start = time.monotonic()
+        self._lock()
+        try:
+            if int(self._header[_H_CAPACITY]) < nchunks:
+                raise self._unavailable(nchunks, 0.0)
+            if self._head_ticket() == 0:
+                got = self._take(nchunks)
+                if got is not None:
+                    return got
+            if deadline_s <= 0:
+                self._header[_H_TIMEOUTS] += 1
+                raise self._unavailable(nchunks, 0.0)
+            ticket = self._enqueue(nchunks)
+            if ticket == 0:
+                # Every queue entry is taken: the GPU is far more oversubscribed than a
+                # deadline could fix; refuse now rather than wait without a place in line.
+                self._header[_H_TIMEOUTS] += 1
+                raise self._unavailable(nchunks, 0.0)
+        finally:
+            self._unlock()
+        queued = True
+        try:
+            delay = _BACKOFF_FIRST_S
+            last_reclaim = start
+            while True:
+                waited = time.monotonic() - start
+                time.sleep(max(min(delay, deadline_s - waited), 0.0))
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+                now = time.monotonic()
+                with self._locked():
+                    if now - last_reclaim >= _RECLAIM_EVERY_S:
+                        last_reclaim = now
+                        self._reclaim_dead_locked()
+                    too_big = int(self._header[_H_CAPACITY]) < nchunks
+                    if not too_big and self._head_ticket() == ticket:
+                        got = self._take(nchunks)
+                        if got is not None:
+                            self._dequeue(ticket)
+                            queued = False
+                            return got
+                    if too_big or now - start >= deadline_s:
+                        self._dequeue(ticket)
+                        queued = False
+                        self._header[_H_TIMEOUTS] += 1
+                        raise self._unavailable(nchunks, now - start)
+        finally:
+            if queued:  # interrupted (KeyboardInterrupt, a signal handler's exception)
+                with self._locked():
+                    self._dequeue(ticket)
+
+    def give_back(self, indices: Sequence[int]) -> None:
+        """Return the chunks of one lease (the list ``lease`` returned). Draining chunks retire now.
+
+        The indices must be exactly one lease's chunks, held by this process: anything
+        else is a bug (a double give-back would hand a chunk that is someone else's by
+        now to a third holder), so it raises ``EbbInternalError`` and changes nothing.
+        """
+        indices = [int(i) for i in indices]
+        if not indices:
+            return
+        self._lock()
+        try:
+            first = indices[0]
+            lease_id = int(self._lease_of[first]) if 0 <= first < self.max_chunks else 0
+            # Lease ids are unique and only held chunks carry one, so the lease's chunks
+            # are exactly the slots with its id: one scan checks membership, completeness
+            # and duplicates at once.
+            held = (self._lease_of == lease_id).nonzero()[0] if lease_id else np.empty(0, np.int64)
+            if (not lease_id or held.tolist() != sorted(indices)
+                    or int(self._pid_of[first]) != self._me[0] or int(self._start_of[first]) != self._me[1]):
+                raise EbbInternalError(
+                    f"process {self._me[0]} gave back chunks {indices} that are not one whole lease of its own "
+                    f"(lease {lease_id} holds {held.tolist()}, "
+                    f"holder {int(self._pid_of[first]) if 0 <= first < self.max_chunks else None})")
+            self._release_rows(held)
+        finally:
+            self._unlock()
+
+    def _release_rows(self, idx: np.ndarray) -> None:
+        draining = self._state[idx] == _DRAINING
+        if draining.any():
+            self._state[idx] = np.where(draining, _RETIRED, _FREE)
+            self._header[_H_GENERATION] += 1
+        else:
+            self._state[idx] = _FREE
+        self._pid_of[idx] = 0
+        self._start_of[idx] = 0
+        self._lease_of[idx] = 0
+
+    # -- dead holders -------------------------------------------------------------
+
+    def reclaim_dead(self) -> list[int]:
+        """Free the chunks of processes that died holding them; drop dead waiters.
+
+        Returns the reclaimed chunk indices. Safe to call from any process at any time:
+        the owner calls it periodically and when a client's socket closes, waiters call
+        it while they wait.
+        """
+        with self._locked():
+            return self._reclaim_dead_locked()
+
+    def _reclaim_dead_locked(self) -> list[int]:
+        state = self._state
+        held = np.flatnonzero((state == _LEASED) | (state == _DRAINING))
+        queued = np.flatnonzero(self._q_ticket > 0)
+        procs = set(zip(self._pid_of[held].tolist(), self._start_of[held].tolist(), strict=True))
+        procs |= set(zip(self._q_pid[queued].tolist(), self._q_start[queued].tolist(), strict=True))
+        dead = {p for p in procs if p != self._me and not process_alive(*p)}
+        if not dead:
+            return []
+        holder = zip(self._pid_of[held].tolist(), self._start_of[held].tolist(), strict=True)
+        reclaimed = held[[p in dead for p in holder]] if len(held) else held
+        if len(reclaimed):
+            self._release_rows(reclaimed)
+            self._header[_H_RECLAIMED] += len(reclaimed)
+            logger.warning("reclaimed %d chunk(s) (%.0f MiB) from dead process(es) %s",
+                           len(reclaimed), len(reclaimed) * self.chunk_bytes / MiB, sorted(p for p, _ in dead))
+        waiter = zip(self._q_pid[queued].tolist(), self._q_start[queued].tolist(), strict=True)
+        self._drop_queue_entries(queued[[p in dead for p in waiter]] if len(queued) else queued)
+        return reclaimed.tolist()
+
+    # -- size (owner side) ----------------------------------------------------------
+
+    def resize(self, nchunks: int) -> ResizePlan:
+        """Set the capacity to ``nchunks`` (clipped to ``0..max_chunks``).
+
+        Shrinking retires free chunks (highest index first), cancels chunks still being
+        created, then marks leased chunks draining. Growing revives draining chunks,
+        then retired ones (their memory still exists), then marks empty slots
+        ``CREATING`` for the owner to back with memory.
+        """
+        target = max(0, min(int(nchunks), self.max_chunks))
+        retired: list[int] = []
+        draining: list[int] = []
+        revived: list[int] = []
+        to_create: list[int] = []
+        with self._locked():
+            state = self._state
+            counted = int(np.count_nonzero((state == _FREE) | (state == _LEASED) | (state == _CREATING)))
+            if counted > target:
+                excess = counted - target
+                for wanted, new, out in ((_FREE, _RETIRED, retired), (_CREATING, _ABSENT, retired),
+                                         (_LEASED, _DRAINING, draining)):
+                    picked = np.flatnonzero(state == wanted)[::-1][:excess]
+                    state[picked] = new
+                    out.extend(picked.tolist())
+                    excess -= len(picked)
+                if retired:
+                    self._header[_H_GENERATION] += 1
+            elif counted < target:
+                need = target - counted
+                for wanted, new, out in ((_DRAINING, _LEASED, revived), (_RETIRED, _FREE, revived),
+                                         (_ABSENT, _CREATING, to_create)):
+                    picked = np.flatnonzero(state == wanted)[:need]
+                    state[picked] = new
+                    out.extend(picked.tolist())
+                    need -= len(picked)
+                target -= need  # too few slots: the capacity is what can exist
+            self._header[_H_CAPACITY] = target
+        return ResizePlan(target, to_create, retired, draining, revived)
+
+    def commit_created(self, indices: Sequence[int]) -> list[int]:
+        """Put slots whose memory now exists into service.
+
+        Returns the indices that were *not* committed because a shrink cancelled them
+        meanwhile: the owner must release their memory.
+        """
+        cancelled = []
+        with self._locked():
+            for i in indices:
+                if int(self._state[i]) == _CREATING:
+                    self._gen_of[i] += 1
+                    self._state[i] = _FREE
+                else:
+                    cancelled.append(int(i))
+            self._header[_H_GENERATION] += 1
+        return cancelled
+
+    def abort_created(self, indices: Sequence[int]) -> None:
+        """Creating memory failed for these slots: empty them and lower the capacity."""
+        with self._locked():
+            aborted = [int(i) for i in indices if int(self._state[i]) == _CREATING]
+            self._state[aborted] = _ABSENT
+            self._header[_H_CAPACITY] -= len(aborted)
+
+    def collect_retired(self) -> list[int]:
+        """Empty every retired slot and return them; the owner releases their memory."""
+        with self._locked():
+            retired = np.flatnonzero(self._state == _RETIRED)
+            if len(retired):
+                self._state[retired] = _ABSENT
+                self._header[_H_GENERATION] += 1
+            return retired.tolist()
+
+    def set_owner(self, pid: int) -> None:
+        with self._locked():
+            self._header[_H_OWNER_PID] = pid
+            self._header[_H_OWNER_START] = process_start(pid)
+
+    @property
+    def owner_alive(self) -> bool:
+        return process_alive(int(self._header[_H_OWNER_PID]), int(self._header[_H_OWNER_START]))
+
+    # -- inspection ---------------------------------------------------------------
+
+    def snapshot(self) -> TableSnapshot:
+        with self._locked():
+            state = self._state.copy()
+            pids = self._pid_of.copy()
+            h = self._header.copy()
+        counts = np.bincount(state, minlength=len(ChunkState))
+        held = (state == _LEASED) | (state == _DRAINING)
+        holders = {int(p): int(n) for p, n in zip(*np.unique(pids[held], return_counts=True), strict=True)}
+        return TableSnapshot(
+            path=str(self.path), label=self.label, chunk_bytes=self.chunk_bytes, max_chunks=self.max_chunks,
+            capacity=int(h[_H_CAPACITY]), generation=int(h[_H_GENERATION]),
+            states={s.name: int(counts[s]) for s in ChunkState}, holders=holders, waiting=int(h[_H_WAITING]),
+            owner_pid=int(h[_H_OWNER_PID]), leases_total=int(h[_H_LEASES]), waits_total=int(h[_H_WAITS]),
+            timeouts_total=int(h[_H_TIMEOUTS]), reclaimed_total=int(h[_H_RECLAIMED]))
+
+    def held_by(self, pid: int) -> list[int]:
+        """Chunks held by ``pid`` (for tests and diagnostics)."""
+        state = self._state
+        held = (state == _LEASED) | (state == _DRAINING)
+        return np.flatnonzero(held & (self._pid_of == pid)).tolist()
