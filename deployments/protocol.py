@@ -234,7 +234,7 @@ def parse_infer_request(
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(400, f"'id' must be a string, got {_json_type(request_id)}")
     parameters = _parameters_of(request, "request")
-    binary_data_output = _bool_parameter(parameters, "binary_data_output", "request", default=False)
+    binary_data_output = bool(_bool_parameter(parameters, "binary_data_output", "request", default=False))
 
     raw_inputs = request.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
