@@ -158,7 +158,7 @@ class TensorRTEngine(BaseEngine):
         else:
             self._plan = None
             self._plan_path = Path(plan)
-        self._device = device if isinstance(device, CudaDevice) else CudaDevice(device)
+        self._device = CudaDevice(device) if isinstance(device, int) else device
         self._description = description
         self._plan_lock = threading.Lock()
         self._trt: _trt.TensorRT | None = None

@@ -1,0 +1,292 @@
+"""A stand-in for the TensorRT runtime API and for CUDA, recording every call in order.
+
+It follows TensorRT's documented contract for what the backend uses (``Runtime``,
+``ICudaEngine``, ``IExecutionContext`` with its allocation strategies) and refuses
+what the contract forbids: a ``USER_MANAGED`` context enqueued without device memory
+set, or with less than ``update_device_memory_size_for_shapes()`` said. The "GPU"
+computes ``output = 2 * input`` over tensors found by their data pointer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import types
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine_runtime.memory import ContextBlock, ContextMechanism
+
+GOOD_PLAN = b"FAKEPLAN-v1"
+#: Bytes of context memory per sample in the batch; the profile maximum is 8 samples.
+PER_SAMPLE_BYTES = 1000
+MAX_BATCH = 8
+WEIGHTS_BYTES = 4096
+ARENA_BASE = 0x7F00_0000_0000
+
+
+class Severity(enum.Enum):
+    INTERNAL_ERROR = 0
+    ERROR = 1
+    WARNING = 2
+    INFO = 3
+    VERBOSE = 4
+
+
+class ILogger:
+    Severity = Severity
+
+    def __init__(self) -> None:
+        pass
+
+
+class DataType(enum.Enum):
+    FLOAT = 0
+    HALF = 1
+    INT64 = 2
+    FP8 = 3
+
+
+class TensorIOMode(enum.Enum):
+    NONE = 0
+    INPUT = 1
+    OUTPUT = 2
+
+
+class ExecutionContextAllocationStrategy(enum.Enum):
+    STATIC = 0
+    ON_PROFILE_CHANGE = 1
+    USER_MANAGED = 2
+
+
+class EngineStat(enum.Enum):
+    TOTAL_WEIGHTS_SIZE = 0
+
+
+class EngineValidity(enum.Enum):
+    VALID = 0
+    SUBOPTIMAL = 1
+    INVALID = 2
+
+
+class EngineInvalidityDiagnostics(enum.IntFlag):
+    VERSION_MISMATCH = 1
+    UNSUPPORTED_CC = 2
+    MALFORMED_ENGINE = 4
+
+
+@dataclass
+class World:
+    """Everything the fake saw, in order, and what is alive."""
+
+    events: list[tuple] = field(default_factory=list)
+    tensors: dict[int, torch.Tensor] = field(default_factory=dict)
+    contexts: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    output_dtype: DataType = DataType.FLOAT
+    fail_enqueue: bool = False
+    fail_static_context: bool = False
+
+    def names(self) -> list[str]:
+        return [e[0] for e in self.events]
+
+    def live_strategies(self) -> list[str]:
+        return sorted(c.strategy.name for c in self.contexts)
+
+
+def make_module(world: World, *, with_validity: bool = True) -> types.ModuleType:
+    mod = types.ModuleType("tensorrt")
+    mod.__version__ = "10.99.0-fake"
+    for cls in (ILogger, DataType, TensorIOMode, ExecutionContextAllocationStrategy, EngineStat,
+                EngineValidity, EngineInvalidityDiagnostics):
+        setattr(mod, cls.__name__, cls)
+
+    class Runtime:
+        def __init__(self, logger: Any) -> None:
+            self.logger = logger
+            world.events.append(("runtime",))
+
+        def deserialize_cuda_engine(self, plan: bytes) -> Any:
+            world.events.append(("deserialize", len(plan)))
+            if plan != GOOD_PLAN:
+                self.logger.log(Severity.ERROR, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization "
+                                "(Serialization assertion header.magicTag == kEXPECTED_MAGIC_TAG failed)")
+                return None
+            return Engine()
+
+    if with_validity:
+        def get_engine_validity(self, plan: bytes) -> tuple[EngineValidity, int]:
+            world.events.append(("validity",))
+            if plan.startswith(b"OTHERGPU"):
+                self.logger.log(Severity.ERROR, "The engine cannot run on this GPU, which has compute capability 9.0")
+                return EngineValidity.INVALID, int(EngineInvalidityDiagnostics.UNSUPPORTED_CC)
+            return EngineValidity.VALID, 0
+
+        Runtime.get_engine_validity = get_engine_validity
+
+    class Engine:
+        num_io_tensors = 2
+        num_optimization_profiles = 1
+        device_memory_size_v2 = MAX_BATCH * PER_SAMPLE_BYTES
+
+        def get_tensor_name(self, i: int) -> str:
+            return ("input", "output")[i]
+
+        def get_tensor_mode(self, name: str) -> TensorIOMode:
+            return TensorIOMode.INPUT if name == "input" else TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name: str) -> DataType:
+            return DataType.FLOAT if name == "input" else world.output_dtype
+
+        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+            return (-1, 4)
+
+        def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
+            return [(1, 4), (4, 4), (MAX_BATCH, 4)]
+
+        def get_engine_stat(self, stat: EngineStat) -> int:
+            return WEIGHTS_BYTES
+
+        def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC) -> Any:
+            world.events.append(("create_context", strategy.name))
+            if strategy is ExecutionContextAllocationStrategy.STATIC and world.fail_static_context:
+                return None
+            ctx = Context(strategy)
+            world.contexts.add(ctx)
+            return ctx
+
+    class Context:
+        def __init__(self, strategy: ExecutionContextAllocationStrategy) -> None:
+            self.strategy = strategy
+            self.shapes: dict[str, tuple[int, ...]] = {}
+            self.addresses: dict[str, int] = {}
+            self.memory: tuple[int, int] | None = None
+
+        def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+            world.events.append(("set_input_shape", name, tuple(shape)))
+            if not 1 <= shape[0] <= MAX_BATCH:
+                return False
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def update_device_memory_size_for_shapes(self) -> int:
+            n = self.shapes["input"][0] * PER_SAMPLE_BYTES
+            world.events.append(("update_device_memory_size_for_shapes", n))
+            return n
+
+        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+            return self.shapes["input"]
+
+        def set_device_memory(self, ptr: int, size: int) -> None:
+            world.events.append(("set_device_memory", ptr, size))
+            if self.strategy is not ExecutionContextAllocationStrategy.USER_MANAGED:
+                raise RuntimeError("set_device_memory on a context that allocates its own memory")
+            self.memory = (ptr, size)
+
+        def set_tensor_address(self, name: str, ptr: int) -> bool:
+            world.events.append(("set_tensor_address", name))
+            self.addresses[name] = ptr
+            return True
+
+        def execute_async_v3(self, stream: int) -> bool:
+            world.events.append(("execute_async_v3", stream))
+            if self.strategy is ExecutionContextAllocationStrategy.USER_MANAGED:
+                need = self.shapes["input"][0] * PER_SAMPLE_BYTES
+                if self.memory is None or self.memory[1] < need:
+                    raise RuntimeError(f"USER_MANAGED context enqueued with memory {self.memory}, needs {need}")
+            if world.fail_enqueue:
+                return False
+            src = world.tensors[self.addresses["input"]]
+            world.tensors[self.addresses["output"]].copy_(src * 2)
+            return True
+
+    mod.Runtime = Runtime
+    return mod
+
+
+class FakeStream:
+    handle = 0xC0FFEE  # non-zero: 0 is CUDA's legacy default stream
+
+
+class FakeAllocator:
+    mechanism = ContextMechanism.VMM_ARENA
+
+    def __init__(self, world: World, max_bytes: int) -> None:
+        self.world = world
+        self.max_bytes = max_bytes
+        self.outstanding = 0
+        self.closed = False
+
+    def allocate(self, nbytes: int) -> ContextBlock:
+        self.world.events.append(("acquire", nbytes))
+        self.outstanding += 1
+        return ContextBlock(ARENA_BASE, nbytes, self._release)
+
+    def _release(self, block: ContextBlock) -> None:
+        self.world.events.append(("release", block.nbytes))
+        self.outstanding -= 1
+
+    def close(self) -> None:
+        self.world.events.append(("allocator_close",))
+        self.closed = True
+
+
+class FakeDevice:
+    """``CudaDevice``'s interface over CPU tensors."""
+
+    index = 0
+
+    def __init__(self, world: World, available: bool = True) -> None:
+        self.world = world
+        self._available = available
+        self.allocators: list[FakeAllocator] = []
+        self.streams: list[FakeStream] = []
+
+    def available(self) -> bool:
+        return self._available
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def new_stream(self) -> FakeStream:
+        self.world.events.append(("new_stream",))
+        stream = FakeStream()
+        self.streams.append(stream)
+        return stream
+
+    def stream_handle(self, stream: FakeStream) -> int:
+        return stream.handle
+
+    def synchronize(self, stream: FakeStream) -> None:
+        self.world.events.append(("synchronize", stream.handle))
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        self.world.tensors[t.data_ptr()] = t
+        return t
+
+    def to_device(self, value: Any, stream: FakeStream) -> torch.Tensor:
+        t = torch.from_numpy(value.copy()) if not isinstance(value, torch.Tensor) else value.clone()
+        return self._keep(t.contiguous())
+
+    def empty(self, shape: tuple[int, ...], dtype: str, stream: FakeStream) -> torch.Tensor:
+        return self._keep(torch.zeros(shape, dtype=getattr(torch, dtype)))
+
+    def to_host(self, tensor: torch.Tensor, stream: FakeStream) -> torch.Tensor:
+        return tensor.clone()
+
+    def is_device_tensor(self, value: Any) -> bool:
+        return False
+
+    def data_ptr(self, tensor: torch.Tensor) -> int:
+        return tensor.data_ptr()
+
+    def allocator(self, max_bytes: int, deadline_s: float) -> FakeAllocator:
+        self.world.events.append(("allocator", max_bytes))
+        a = FakeAllocator(self.world, max_bytes)
+        self.allocators.append(a)
+        return a
+
+    def free_bytes(self) -> int:
+        return 123 * 2**20
