@@ -93,7 +93,8 @@ def cuda_visible_to_nvml_uuids(env_value: str | None, nvml_uuids_by_index: list[
 
     ``env_value`` is ``CUDA_VISIBLE_DEVICES`` as Ray sets it: unset (``None``) means every
     device, in NVML order; entries are NVML indexes, full UUIDs or unique UUID prefixes
-    (``GPU-1a2b``; the ``GPU-`` may be left out). ``MIG-…`` ids are passed through
+    (``GPU-1a2b``; the ``GPU-`` may be left out, but an entry of digits only is always
+    an index, as CUDA reads it). ``MIG-…`` ids are passed through
     unchanged: a MIG instance's NVML UUID is that id.
 
     Like the CUDA runtime, the list ends at the first entry that names no device
