@@ -284,16 +284,23 @@ class PyTorchEngine(BaseEngine):
                 return {self._output.name: self._eager(x)}
         return {self._output.name: self._eager(x)}
 
+    def _after_caller(self, x: torch.Tensor) -> None:
+        """A CUDA input may still be being written on the caller's stream: order after it."""
+        if x.is_cuda:
+            self._stream.wait_stream(torch.cuda.current_stream(x.device))
+
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             if self._device.type == "cpu":
                 return self._module(x)
+            self._after_caller(x)
             with torch.cuda.stream(self._stream):
                 out = self._module(x.to(self._device, non_blocking=True)).to("cpu")
             return out
 
     def _replay(self, bucket: _Bucket, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
+        self._after_caller(x)
         with torch.cuda.stream(self._stream):
             bucket.static_input[:batch].copy_(x, non_blocking=False)
             bucket.graph.replay()
