@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -257,7 +258,16 @@ class PyTorchEngine(BaseEngine):
 
     def _to_torch(self, value: Any) -> torch.Tensor:
         if isinstance(value, np.ndarray):
-            return torch.from_numpy(np.ascontiguousarray(value))
+            value = np.ascontiguousarray(value)
+            if value.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: same bits as torch's
+                return torch.from_numpy(value.view(np.uint16)).view(torch.bfloat16)
+            if not value.flags.writeable:
+                # Ray hands out zero-copy, read-only arrays; the engine only reads its
+                # inputs, so share the memory instead of copying (and skip torch's warning).
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    return torch.from_numpy(value)
+            return torch.from_numpy(value)
         return value
 
     def _execute_impl(self, inputs: dict[str, Any], shapes: dict[str, tuple[int, ...]],

@@ -1,0 +1,180 @@
+"""The ``args`` of Ebb's application in ``cluster.yaml``, validated once, at the edge.
+
+Serve passes ``applications[].args`` to ``deployments.app:build_app``; everything in
+it is parsed here with pydantic models that reject unknown keys, so a misspelled key
+fails at deploy time with its path (``models.0.sorce: Extra inputs are not
+permitted``). Per-deployment options (``num_replicas``, ``ray_actor_options``,
+``autoscaling_config``, ``max_ongoing_requests``, ``user_config``) are not here:
+they stay under the application's ``deployments:`` list, where Serve expects them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine_runtime.errors import EbbError
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ConfigError(EbbError, ValueError):
+    """The application's args are invalid; the message names each bad key's path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArchitectureSource(_Strict):
+    """A built-in (or torchvision) architecture with fixed random weights."""
+
+    architecture: str = Field(description="resnet18/34/50/101/152, bert-base, bert-tiny, or a torchvision name")
+    seed: int = Field(0, description="Seed for the random weights, so every replica answers the same.")
+
+
+class PlanSource(_Strict):
+    """A serialized TensorRT engine (plan). Plans are native code: load only trusted ones."""
+
+    plan: str = Field(description="Path of the .plan/.engine file, inside one of model_dirs.")
+
+
+class OnnxSource(_Strict):
+    """An ONNX file, built into a TensorRT engine (cached) at replica start."""
+
+    onnx: str = Field(description="Path of the .onnx file, inside one of model_dirs.")
+
+
+Source = Union[ArchitectureSource, PlanSource, OnnxSource]
+
+
+class InputProfile(_Strict):
+    """The optimisation profile: batch range and the per-sample shape."""
+
+    min_batch: int = Field(1, ge=1, description="Smallest batch an engine is built for.")
+    opt_batch: int | None = Field(None, ge=1, description="Batch the engine is tuned for (default max_batch).")
+    max_batch: int = Field(8, ge=1, le=4096, description="Largest batch; requests over it get HTTP 400.")
+    image_size: int = Field(224, ge=16, le=4096, description="Image side for vision architectures.")
+    seq_len: int = Field(128, ge=1, le=8192, description="Sequence length for encoder architectures.")
+
+    @model_validator(mode="after")
+    def _order(self) -> InputProfile:
+        opt = self.opt_batch or self.max_batch
+        if not self.min_batch <= opt <= self.max_batch:
+            raise ValueError(f"need min_batch <= opt_batch <= max_batch, got {self.min_batch}/{opt}/{self.max_batch}")
+        return self
+
+
+class BatchingConfig(_Strict):
+    """Serve's dynamic batching (``@serve.batch``), capped by the profile's max batch."""
+
+    max_batch_size: int = Field(8, ge=1, description="Requests merged into one engine call, at most.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="How long a batch waits to fill.")
+
+
+class ModelConfig(_Strict):
+    """One model: one Serve deployment whose replicas each hold one engine."""
+
+    name: Annotated[str, Field(pattern=_NAME, description="Model name: the deployment name and the URL path.")]
+    source: Source = Field(description="Where the engine comes from: architecture, plan or onnx.")
+    input: InputProfile = Field(default_factory=InputProfile, description="Input profile.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Engine precision.")
+    backend: Literal["auto", "pytorch", "tensorrt"] = Field(
+        "auto", description="auto: TensorRT for plan/onnx sources when installed, else PyTorch.")
+    mode: Literal["static", "dynamic"] = Field("dynamic", description="Initial memory mode.")
+    pin: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="auto lets the coordinator move the replica; static/dynamic pins it.")
+    lazy: bool = Field(True, description="Load the engine on the first call instead of at replica start.")
+    device: str = Field("auto", description="auto, cpu, or cuda[:N]; auto uses the replica's GPU if it has one.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
+    reject_non_finite: bool = Field(True, description="Refuse inputs with NaN or infinities (HTTP 400).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if isinstance(self.source, ArchitectureSource) and self.backend == "tensorrt":
+            raise ValueError("backend 'tensorrt' needs a plan or onnx source; use 'ebb build' to make a plan")
+        if isinstance(self.source, PlanSource) and self.backend == "pytorch":
+            raise ValueError("a TensorRT plan cannot run on the pytorch backend")
+        return self
+
+
+class CoordinatorConfig(_Strict):
+    """The coordinator's policy: when replicas move between static and dynamic mode."""
+
+    high_watermark: float = Field(0.90, gt=0, le=1, description="Above this share of a GPU in use, free memory.")
+    low_watermark: float = Field(0.75, gt=0, le=1, description="Below this share, give memory back to speed.")
+    target: float = Field(0.85, gt=0, le=1, description="Share of the GPU to bring use to when acting.")
+    poll_interval_s: float = Field(0.5, gt=0, le=60, description="How often replicas report and decisions are made.")
+    min_dwell_s: float = Field(5.0, ge=0, description="A replica keeps a mode at least this long (no flapping).")
+    admission_deadline_s: float = Field(5.0, gt=0, description="How long a call waits for context memory before 503.")
+    virtual_gpu_memory_bytes: int = Field(
+        16 * 2**30, gt=0, description="Size of each logical GPU on hosts without a real one.")
+    history_size: int = Field(256, ge=1, description="Decisions kept for the status view.")
+    namespace: str = Field("ebb", pattern=_NAME, description="Ray namespace of the coordinator actor.")
+
+    @model_validator(mode="after")
+    def _order(self) -> CoordinatorConfig:
+        if not self.low_watermark <= self.target <= self.high_watermark:
+            raise ValueError(f"need low_watermark <= target <= high_watermark, got "
+                             f"{self.low_watermark}/{self.target}/{self.high_watermark}")
+        return self
+
+
+class HttpConfig(_Strict):
+    """Limits of the HTTP ingress."""
+
+    max_body_bytes: int = Field(64 * 2**20, gt=0, description="Larger request bodies get HTTP 413.")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with HTTP 503.")
+
+
+class AppConfig(_Strict):
+    """Everything under ``args`` of Ebb's application."""
+
+    models: list[ModelConfig] = Field(min_length=1, description="The models served, one deployment each.")
+    coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig, description="Mode policy.")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP limits.")
+    model_dirs: list[str] = Field(default_factory=lambda: ["."],
+                                  description="Plan/ONNX paths must resolve inside one of these folders.")
+    engine_cache_dir: str = Field(".engine_cache", description="Where engines built from ONNX are cached.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> AppConfig:
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique, repeated: {dup}")
+        if "EbbIngress" in names:
+            raise ValueError("'EbbIngress' is reserved for the HTTP ingress deployment")
+        return self
+
+
+def parse_app_config(args: dict) -> AppConfig:
+    """Validate ``args``; raise ConfigError listing every bad key by its path."""
+    try:
+        return AppConfig.model_validate(args or {})
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            path = ".".join(str(p) for p in e["loc"]) or "<args>"
+            lines.append(f"  {path}: {e['msg']}")
+        raise ConfigError("invalid Ebb application args:\n" + "\n".join(lines)) from None
+
+
+def resolve_model_path(path: str, model_dirs: list[str]) -> Path:
+    """The real path of ``path``, which must lie inside one of ``model_dirs``.
+
+    Symlinks and ``..`` are resolved first, so a path cannot escape the folders it is
+    allowed in.
+    """
+    if re.search(r"[\x00]", path):
+        raise ConfigError(f"model path {path!r} contains a NUL byte")
+    roots = [Path(d).expanduser().resolve() for d in model_dirs]
+    candidate = Path(path).expanduser()
+    candidates = [candidate.resolve()] if candidate.is_absolute() else [(r / candidate).resolve() for r in roots]
+    for real in candidates:
+        if any(real == r or r in real.parents for r in roots) and real.is_file():
+            return real
+    raise ConfigError(f"model path {path!r} is not a file inside the model_dirs {[str(r) for r in roots]}")

@@ -1,0 +1,277 @@
+"""The coordinator: one named Ray actor that decides every replica's memory mode.
+
+Replicas report (``ReplicaReport``) every half poll interval, carrying their figures
+and, on real GPUs, a fresh NVML reading of their card taken on their own node. The
+coordinator keeps the latest view per replica and per GPU, runs the pure policy
+(``deployments.policy.decide``) for that GPU on each report, and answers with a
+``Directive``: the mode the replica should be in and its GPU's admission budget.
+A new directive therefore reaches every replica within one poll interval.
+
+Restart safety: the actor is detached, restarted on failure and holds no state that
+replicas cannot resend; after a restart, the next reports rebuild its view and
+replicas keep serving in their current mode meanwhile. Budget held by a replica
+that died is reclaimed by the shared budget itself (per-pid holders).
+
+``CoordinatorState`` is plain Python (testable without Ray); ``Coordinator`` only
+wraps it in an actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from deployments.config import CoordinatorConfig
+from deployments.policy import Decision, GpuView, Pin, PolicyConfig, ReplicaView, admission_capacity, decide
+from engine_runtime.memory import MemoryMode, MiB
+from engine_runtime.pressure import GpuPressure
+
+logger = logging.getLogger(__name__)
+
+COORDINATOR_NAME = "ebb-coordinator"
+
+
+@dataclass
+class ReplicaReport:
+    """What a replica tells the coordinator; plain data."""
+
+    replica_id: str
+    model: str
+    pid: int
+    node_id: str
+    gpu: str
+    virtual: bool
+    pin: str
+    mode: str
+    mechanism: str
+    weights_bytes: int
+    #: Context bytes the replica holds when static (its largest call).
+    context_bytes: int
+    #: Bytes of context memory held right now (static block or calls in flight).
+    held_bytes: int
+    request_rate_per_s: float
+    latency_static_s: float | None
+    latency_dynamic_s: float | None
+    in_flight: int
+    loaded: bool
+    #: A fresh NVML reading of the replica's card; None for virtual GPUs or when NVML failed.
+    reading: GpuPressure | None = None
+    #: Why there is no reading on a real GPU (NVML failing).
+    reading_error: str | None = None
+
+
+@dataclass
+class Directive:
+    """The coordinator's answer: the mode to be in and the GPU's admission budget."""
+
+    mode: str | None
+    budget_bytes: int | None
+    reason: str = ""
+
+
+@dataclass
+class _Replica:
+    report: ReplicaReport
+    last_seen_s: float
+    desired_mode: str
+    last_switch_s: float | None = None
+    last_decision: str = ""
+
+
+@dataclass
+class _Gpu:
+    uuid: str
+    virtual: bool
+    reading: GpuPressure | None = None
+    read_at_s: float = 0.0
+    known: bool = True
+    external_bytes: int = 0
+    budget_bytes: int | None = None
+    last_error: str | None = None
+
+
+def policy_config(cfg: CoordinatorConfig) -> PolicyConfig:
+    return PolicyConfig(high_watermark=cfg.high_watermark, low_watermark=cfg.low_watermark, target=cfg.target,
+                        min_dwell_s=cfg.min_dwell_s, poll_interval_s=cfg.poll_interval_s,
+                        admission_deadline_s=cfg.admission_deadline_s)
+
+
+class CoordinatorState:
+    """The coordinator's whole logic, without Ray: observe reports, decide, explain."""
+
+    def __init__(self, cfg: CoordinatorConfig) -> None:
+        self.cfg = cfg
+        self.policy = policy_config(cfg)
+        self.replicas: dict[str, _Replica] = {}
+        self.gpus: dict[str, _Gpu] = {}
+        self.history: deque[dict] = deque(maxlen=cfg.history_size)
+        self.decisions_by_reason: dict[str, int] = {}
+        self.started_s = time.time()
+        # A replica silent for this long is presumed dead and leaves the view.
+        self.expiry_s = max(3 * cfg.poll_interval_s, 2.0)
+
+    # -- inputs -----------------------------------------------------------------
+
+    def observe(self, report: ReplicaReport, now_s: float) -> Directive:
+        rep = self.replicas.get(report.replica_id)
+        if rep is None:
+            # New, or known before a coordinator restart: trust the replica's own mode.
+            rep = _Replica(report, now_s, report.mode)
+            self.replicas[report.replica_id] = rep
+            logger.info("replica %s (%s) registered on %s in %s mode", report.replica_id, report.model,
+                        report.gpu, report.mode)
+        rep.report = report
+        rep.last_seen_s = now_s
+        gpu = self.gpus.setdefault(report.gpu, _Gpu(report.gpu, report.virtual))
+        if report.reading is not None:
+            gpu.reading, gpu.read_at_s, gpu.known, gpu.last_error = report.reading, now_s, True, None
+        elif not report.virtual:
+            # NVML failed where the replica runs: hold modes, never go static blind.
+            gpu.known, gpu.last_error = False, report.reading_error
+        self._expire(now_s)
+        self._decide_gpu(report.gpu, now_s)
+        return Directive(rep.desired_mode, gpu.budget_bytes, rep.last_decision)
+
+    def inject_external_bytes(self, gpu_uuid: str, nbytes: int) -> None:
+        """Pretend another process holds ``nbytes`` on a *virtual* GPU (tests, demos)."""
+        gpu = self.gpus.setdefault(gpu_uuid, _Gpu(gpu_uuid, True))
+        gpu.external_bytes = int(nbytes)
+
+    def forget(self, replica_id: str) -> None:
+        self.replicas.pop(replica_id, None)
+
+    # -- decisions ----------------------------------------------------------------
+
+    def _expire(self, now_s: float) -> None:
+        for rid, rep in list(self.replicas.items()):
+            if now_s - rep.last_seen_s > self.expiry_s:
+                logger.info("replica %s silent for %.1f s: presumed dead", rid, now_s - rep.last_seen_s)
+                del self.replicas[rid]
+
+    def gpu_view(self, uuid: str) -> GpuView:
+        gpu = self.gpus[uuid]
+        if gpu.virtual:
+            members = [r.report for r in self.replicas.values() if r.report.gpu == uuid]
+            used = gpu.external_bytes + sum(r.weights_bytes + r.held_bytes for r in members)
+            return GpuView(uuid=uuid, total_bytes=self.cfg.virtual_gpu_memory_bytes, used_bytes=used)
+        if not gpu.known or gpu.reading is None:
+            return GpuView(uuid=uuid, total_bytes=0, used_bytes=0, known=False)
+        return GpuView(uuid=uuid, total_bytes=gpu.reading.total_bytes, used_bytes=gpu.reading.used_bytes)
+
+    def replica_views(self, uuid: str) -> list[ReplicaView]:
+        views = []
+        for rep in self.replicas.values():
+            r = rep.report
+            if r.gpu != uuid:
+                continue
+            views.append(ReplicaView(
+                replica_id=r.replica_id, gpu_uuid=uuid, model=r.model, mode=MemoryMode(rep.desired_mode),
+                pin=Pin(r.pin), weights_bytes=r.weights_bytes, context_bytes=r.context_bytes,
+                request_rate_per_s=r.request_rate_per_s, latency_static_s=r.latency_static_s,
+                latency_dynamic_s=r.latency_dynamic_s, in_flight=r.in_flight,
+                last_switch_s=rep.last_switch_s, alive=True, context_bytes_held=r.held_bytes,
+            ))
+        return views
+
+    def _decide_gpu(self, uuid: str, now_s: float) -> list[Decision]:
+        gview = self.gpu_view(uuid)
+        views = self.replica_views(uuid)
+        decisions = decide([gview], views, self.policy, now_s)
+        for d in decisions:
+            rep = self.replicas.get(d.replica_id)
+            if rep is None:
+                continue
+            rep.desired_mode = d.new_mode.value
+            rep.last_switch_s = now_s
+            rep.last_decision = d.reason
+            entry = {"time_s": time.time(), "replica_id": d.replica_id, "model": rep.report.model, "gpu": uuid,
+                     "new_mode": d.new_mode.value, "reason": d.reason, "bytes_delta": d.bytes_delta,
+                     "pressure_before": d.pressure_before, "projected_after": d.projected_after}
+            self.history.append(entry)
+            key = d.reason.split(":", 1)[0]
+            self.decisions_by_reason[key] = self.decisions_by_reason.get(key, 0) + 1
+            logger.info("switch %s (%s) on %s to %s: %s (%+.0f MiB)", d.replica_id, rep.report.model, uuid,
+                        d.new_mode.value, d.reason, d.bytes_delta / MiB)
+        self.gpus[uuid].budget_bytes = admission_capacity(gview, self.replica_views(uuid), self.policy) \
+            if gview.known else self.gpus[uuid].budget_bytes
+        return decisions
+
+    # -- output -----------------------------------------------------------------
+
+    def status(self, now_s: float) -> dict[str, Any]:
+        self._expire(now_s)
+        gpus = []
+        for uuid, gpu in sorted(self.gpus.items()):
+            view = self.gpu_view(uuid)
+            replicas = []
+            for rep in self.replicas.values():
+                r = rep.report
+                if r.gpu != uuid:
+                    continue
+                replicas.append({
+                    "replica_id": r.replica_id, "model": r.model, "pid": r.pid, "node_id": r.node_id,
+                    "mode": r.mode, "desired_mode": rep.desired_mode, "pin": r.pin, "mechanism": r.mechanism,
+                    "weights_bytes": r.weights_bytes, "context_bytes": r.context_bytes,
+                    "held_bytes": r.held_bytes, "request_rate_per_s": r.request_rate_per_s,
+                    "latency_static_s": r.latency_static_s, "latency_dynamic_s": r.latency_dynamic_s,
+                    "in_flight": r.in_flight, "loaded": r.loaded, "last_decision": rep.last_decision,
+                    "last_seen_s_ago": round(now_s - rep.last_seen_s, 3),
+                })
+            gpus.append({
+                "gpu": uuid, "virtual": gpu.virtual, "known": view.known,
+                "total_bytes": view.total_bytes, "used_bytes": view.used_bytes,
+                "pressure": (view.used_bytes / view.total_bytes) if view.known and view.total_bytes else None,
+                "external_bytes": gpu.external_bytes, "budget_bytes": gpu.budget_bytes,
+                "last_error": gpu.last_error, "replicas": sorted(replicas, key=lambda x: x["replica_id"]),
+            })
+        return {"policy": asdict(self.policy), "gpus": gpus, "history": list(self.history),
+                "decisions_by_reason": dict(self.decisions_by_reason), "started_s": self.started_s}
+
+
+class Coordinator:
+    """The actor body (decorated with ``ray.remote`` by :func:`get_or_create`)."""
+
+    def __init__(self, cfg: dict) -> None:
+        self._state = CoordinatorState(CoordinatorConfig.model_validate(cfg))
+        self._lock = threading.Lock()
+
+    def report(self, report: ReplicaReport) -> Directive:
+        with self._lock:
+            return self._state.observe(report, time.monotonic())
+
+    def forget(self, replica_id: str) -> None:
+        with self._lock:
+            self._state.forget(replica_id)
+
+    def inject_external_bytes(self, gpu_uuid: str, nbytes: int) -> None:
+        with self._lock:
+            self._state.inject_external_bytes(gpu_uuid, nbytes)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return self._state.status(time.monotonic())
+
+    def ping(self) -> float:
+        return self._state.started_s
+
+
+def get_or_create(cfg: CoordinatorConfig):
+    """The coordinator's handle, creating the detached, self-restarting actor if needed."""
+    import ray
+
+    actor_cls = ray.remote(Coordinator)
+    return actor_cls.options(
+        name=COORDINATOR_NAME, namespace=cfg.namespace, get_if_exists=True, lifetime="detached",
+        max_restarts=-1, max_task_retries=3, num_cpus=0, max_concurrency=16,
+    ).remote(cfg.model_dump())
+
+
+def get_existing(namespace: str = "ebb"):
+    """The running coordinator's handle (for the status command), or raise ValueError."""
+    import ray
+
+    return ray.get_actor(COORDINATOR_NAME, namespace=namespace)

@@ -1,0 +1,131 @@
+"""The replica's side of the coordinator: report, then obey the directive.
+
+A daemon thread per replica sends a ``ReplicaReport`` every half poll interval and
+applies the answer: switch mode (after the call in flight) and set the GPU's shared
+admission budget. If the coordinator is unreachable (restarting, killed), the
+replica keeps serving in its current mode and tries again; nothing on the request
+path waits for the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from deployments.config import CoordinatorConfig
+from deployments.coordinator import ReplicaReport, get_or_create
+from deployments.gpu_identity import GpuIdentity
+from engine_runtime.admission import SharedBudget
+from engine_runtime.memory import MemoryMode
+
+if TYPE_CHECKING:
+    from deployments.model import ModelDeployment
+
+logger = logging.getLogger(__name__)
+
+
+def admission_for(gpu: GpuIdentity) -> SharedBudget:
+    """The node-local byte budget every replica on this GPU shares.
+
+    Unbounded until the coordinator sets a capacity from what the card has free.
+    """
+    return SharedBudget(key=gpu.uuid)
+
+
+class CoordinatorClient:
+    def __init__(self, replica: ModelDeployment, cfg: CoordinatorConfig) -> None:
+        self.replica = replica
+        self.cfg = cfg
+        self.interval_s = cfg.poll_interval_s / 2
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ebb-coordinator-client", daemon=True)
+        self._handle = None
+        self._probe = None
+        self._last_ok_s: float | None = None
+        self._last_error: str | None = None
+        self._last_directive: Any = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=2 * self.interval_s + 1)
+
+    def last_contact(self) -> dict:
+        return {
+            "seconds_ago": None if self._last_ok_s is None else round(time.monotonic() - self._last_ok_s, 3),
+            "error": self._last_error,
+            "directive": None if self._last_directive is None else vars(self._last_directive),
+        }
+
+    # -- loop -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.report_once()
+            except Exception as err:  # noqa: BLE001 - the coordinator may be restarting; keep serving
+                if self._last_error != str(err):
+                    logger.warning("coordinator unreachable (%s); keeping mode %s", err,
+                                   self.replica.engine.mode.value)
+                self._last_error = str(err)
+                self._handle = None
+            self._stop.wait(self.interval_s)
+
+    def report_once(self):
+        import ray
+
+        if self._handle is None:
+            self._handle = get_or_create(self.cfg)
+        report = self.build_report()
+        directive = ray.get(self._handle.report.remote(report), timeout=max(5 * self.interval_s, 2.0))
+        self.apply(directive)
+        self._last_ok_s = time.monotonic()
+        self._last_error = None
+        self._last_directive = directive
+        return directive
+
+    def build_report(self) -> ReplicaReport:
+        rep = self.replica
+        engine = rep.engine
+        stats = engine.stats()
+        desc = rep.desc
+        reading, reading_error = self._read_gpu()
+        return ReplicaReport(
+            replica_id=rep.replica_id, model=rep.model.name, pid=os.getpid(), node_id=rep.gpu.node_id,
+            gpu=rep.gpu.uuid, virtual=rep.gpu.virtual, pin=rep.pin, mode=engine.mode.value,
+            mechanism=engine.mechanism.value, weights_bytes=desc.weights_bytes,
+            context_bytes=engine.context_bytes(desc.max_shapes()) if engine.loaded else stats.peak_context_bytes,
+            held_bytes=stats.context_bytes_held, request_rate_per_s=stats.request_rate_per_s,
+            latency_static_s=stats.latency_p50_s.get("static"), latency_dynamic_s=stats.latency_p50_s.get("dynamic"),
+            in_flight=stats.calls_in_flight, loaded=engine.loaded, reading=reading, reading_error=reading_error,
+        )
+
+    def _read_gpu(self):
+        if self.replica.gpu.virtual:
+            return None, None
+        try:
+            if self._probe is None:
+                from engine_runtime.pressure import NvmlProbe
+
+                self._probe = NvmlProbe([self.replica.gpu.uuid])
+            readings = self._probe.read()
+            return (readings[0] if readings else None), (None if readings else "no NVML reading")
+        except Exception as err:  # noqa: BLE001 - NVML failing: report it, the policy holds modes
+            self._probe = None
+            return None, str(err)
+
+    def apply(self, directive) -> None:
+        rep = self.replica
+        if directive.budget_bytes is not None:
+            rep.admission.set_capacity(int(directive.budget_bytes))
+        # A pinned replica keeps its pin whatever a (possibly stale) directive says.
+        target = directive.mode if rep.pin == "auto" else rep.pin
+        if target and target != rep.engine.mode.value:
+            logger.info("coordinator: %s -> %s (%s)", rep.engine.mode.value, target, directive.reason)
+            rep.engine.set_mode(MemoryMode(target))

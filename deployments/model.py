@@ -1,0 +1,197 @@
+"""The model deployment: each Serve replica holds one engine.
+
+Memory mode, laziness and batching come from the model's config; ``reconfigure``
+(Serve's ``user_config``) changes mode and batching without a restart. The replica
+reports its figures to the coordinator, which answers with the mode it should be
+in and the admission budget of its GPU (``deployments.coordinator_client``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from deployments.config import AppConfig, ModelConfig
+from deployments.engine_factory import make_engine
+from deployments.gpu_identity import current_replica_gpu
+from engine_runtime.errors import InvalidInputError
+from engine_runtime.memory import MemoryMode
+from engine_runtime.spec import EngineDescription, validate_inputs
+
+logger = logging.getLogger(__name__)
+
+#: Keys ``user_config`` may carry; anything else is refused with its name.
+USER_CONFIG_KEYS = ("mode", "max_batch_size", "batch_wait_timeout_s", "pin")
+
+
+def to_numpy_inputs(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Numpy in, numpy out; torch tensors are accepted and converted here."""
+    if not isinstance(inputs, Mapping):
+        raise InvalidInputError(f"inputs must be a mapping of name to array, got {type(inputs).__name__}")
+    out: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        if isinstance(value, np.ndarray):
+            out[name] = value
+        elif hasattr(value, "detach") and hasattr(value, "cpu"):
+            value = value.detach().cpu()
+            out[name] = value.numpy() if str(value.dtype) != "torch.bfloat16" else value.float().numpy()
+        else:
+            raise InvalidInputError(f"input {name!r}: expected a numpy array or torch tensor, "
+                                    f"got {type(value).__name__}")
+    return out
+
+
+def _group_for_engine(requests: list[dict[str, np.ndarray]], max_batch: int) -> list[list[int]]:
+    """Indices of requests merged into one engine call: same per-sample shapes and a
+    total batch within the engine profile's maximum."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    key = None
+    total = 0
+    for i, req in enumerate(requests):
+        k = tuple((n, a.shape[1:]) for n, a in sorted(req.items()))
+        b = next(iter(req.values())).shape[0]
+        if current and (k != key or total + b > max_batch):
+            groups.append(current)
+            current, total = [], 0
+        current.append(i)
+        key = k
+        total += b
+    if current:
+        groups.append(current)
+    return groups
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
+class ModelDeployment:
+    """One engine per replica. Call ``infer`` through a handle or over HTTP (the ingress)."""
+
+    def __init__(self, model: dict, app: dict) -> None:
+        self.model = ModelConfig.model_validate(model)
+        self.app = AppConfig.model_validate(app)
+        self.gpu = current_replica_gpu()
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id if ctx else f"local-{os.getpid()}"
+        from deployments.coordinator_client import CoordinatorClient, admission_for
+
+        self.admission = admission_for(self.gpu)
+        self.engine = make_engine(self.model, self.app, admission=self.admission, cuda_index=self.gpu.cuda_index)
+        self.desc = self.engine.describe()
+        self.pin = self.model.pin
+        if self.pin != "auto":
+            self.engine.set_mode(self.pin)
+        self._configure_batching(self.model.batching.max_batch_size, self.model.batching.batch_wait_timeout_s)
+        if not self.model.lazy:
+            self.engine.warm()
+        self.client = CoordinatorClient(self, self.app.coordinator)
+        self.client.start()
+        logger.info("replica %s of %s on %s (%s mode, %s)", self.replica_id, self.model.name, self.gpu.uuid,
+                    self.engine.mode.value, self.engine.mechanism.value)
+
+    # -- calls ------------------------------------------------------------------
+
+    async def infer(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run the model on named arrays (numpy or torch; batch first); return named numpy arrays.
+
+        Raises an ``engine_runtime`` ``InvalidInputError`` subclass for bad input and
+        ``ContextMemoryUnavailable`` when no context memory could be had in time.
+        """
+        arrays = to_numpy_inputs(inputs)
+        # Checked alone before batching, so one bad request fails alone.
+        validate_inputs(self.desc, arrays, reject_non_finite=self.model.reject_non_finite)
+        return await self._batched(arrays)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _batched(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        results: list[dict[str, np.ndarray] | None] = [None] * len(requests)
+        for group in _group_for_engine(requests, self.desc.max_batch):
+            if len(group) == 1:
+                merged = requests[group[0]]
+            else:
+                merged = {n: np.concatenate([requests[i][n] for i in group]) for n in requests[group[0]]}
+            out = await asyncio.to_thread(self.engine.infer, merged)
+            start = 0
+            for i in group:
+                b = next(iter(requests[i].values())).shape[0]
+                results[i] = {k: v[start:start + b] for k, v in out.items()}
+                start += b
+        return results  # type: ignore[return-value]
+
+    def describe(self) -> EngineDescription:
+        """The engine's description (names, dtypes, profiles, weights bytes)."""
+        return self.desc
+
+    def ready(self) -> bool:
+        """True while this replica can take calls (the engine loads on the first one if lazy)."""
+        return not self.engine.closed
+
+    def set_mode(self, mode: str) -> str:
+        """Switch memory mode after the call in flight; returns the previous mode."""
+        return self.engine.set_mode(mode).value
+
+    def status(self) -> dict:
+        """This replica's figures for the status view."""
+        return {
+            "replica_id": self.replica_id,
+            "model": self.model.name,
+            "gpu": self.gpu.uuid,
+            "virtual_gpu": self.gpu.virtual,
+            "pid": os.getpid(),
+            "mode": self.engine.mode.value,
+            "pin": self.pin,
+            "mechanism": self.engine.mechanism.value,
+            "loaded": self.engine.loaded,
+            "stats": self.engine.stats().to_dict(),
+            "coordinator": self.client.last_contact(),
+        }
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def _configure_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        # Serve counts requests, each of at least one sample: cap by the engine's max batch.
+        self._batched.set_max_batch_size(max(1, min(max_batch_size, self.desc.max_batch)))
+        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Apply ``user_config``: ``mode``, ``pin``, ``max_batch_size``, ``batch_wait_timeout_s``."""
+        user_config = dict(user_config or {})
+        unknown = sorted(set(user_config) - set(USER_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"user_config of {self.model.name!r}: unknown key(s) {unknown}; "
+                             f"allowed: {list(USER_CONFIG_KEYS)}")
+        if "pin" in user_config:
+            pin = str(user_config["pin"]).lower()
+            if pin not in ("auto", "static", "dynamic"):
+                raise ValueError(f"user_config.pin must be auto, static or dynamic, got {pin!r}")
+            self.pin = pin
+            if pin != "auto":
+                self.engine.set_mode(pin)
+        if "mode" in user_config:
+            self.engine.set_mode(MemoryMode.parse(user_config["mode"]))
+        batching = self.model.batching
+        self._configure_batching(int(user_config.get("max_batch_size", batching.max_batch_size)),
+                                 float(user_config.get("batch_wait_timeout_s", batching.batch_wait_timeout_s)))
+
+    def check_health(self) -> None:
+        """Raise if the engine cannot answer or its GPU is unreachable (Serve restarts us)."""
+        if self.engine.closed:
+            raise RuntimeError(f"engine {self.model.name!r} is closed")
+        if self.gpu.cuda_index is not None and self.engine.loaded:
+            from engine_runtime import _cuda
+
+            _cuda.mem_get_info(self.gpu.cuda_index)
+
+    def __del__(self) -> None:
+        # Serve's graceful shutdown calls __del__: give back every byte this replica held.
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.stop()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
