@@ -346,3 +346,175 @@ def test_uncontended_lease_and_give_back_cost_tens_of_microseconds(table: LeaseT
               f"p90 {sorted(times)[int(0.9 * len(times))] * 1e6:.1f} µs")
         # Loose bound for slow CI hosts; measured ~20 µs on a 2-core VM.
         assert median_us < 200
+
+
+# --- the pool's owner and client over the table, with CUDA faked by memfd ---------------
+# The protocol (descriptors over SCM_RIGHTS, growth learnt on lease, retired imports
+# dropped, dead clients reclaimed) needs no GPU: a memfd stands in for a chunk of
+# device memory, and it crosses processes exactly as a VMM export does.
+
+
+class _FakeHandle:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.released = False
+
+
+class FakeCuda:
+    """The subset of ``engine_runtime._cuda`` the pool uses, backed by memfd."""
+
+    CudaError = EbbInternalError
+    live: dict[int, _FakeHandle] = {}
+
+    @staticmethod
+    def granularity(index: int) -> int:
+        return CHUNK
+
+    @staticmethod
+    def device_uuid(index: int) -> str:
+        return "GPU-fake"
+
+    @staticmethod
+    def mem_get_info(index: int) -> tuple[int, int]:
+        return 64 * CHUNK, 64 * CHUNK
+
+    @staticmethod
+    def device(index: int):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    @classmethod
+    def _track(cls, fd: int) -> _FakeHandle:
+        h = _FakeHandle(fd)
+        cls.live[id(h)] = h
+        return h
+
+    @classmethod
+    def mem_create(cls, index: int, nbytes: int, shareable: bool = False) -> _FakeHandle:
+        fd = os.memfd_create("ebb-fake-chunk")
+        os.ftruncate(fd, nbytes)
+        return cls._track(fd)
+
+    @classmethod
+    def mem_release(cls, h: _FakeHandle) -> None:
+        if h.released:
+            raise EbbInternalError("handle released twice")
+        h.released = True
+        os.close(h.fd)
+        cls.live.pop(id(h))
+
+    @staticmethod
+    def export_fd(h: _FakeHandle) -> int:
+        return os.dup(h.fd)
+
+    @classmethod
+    def import_fd(cls, fd: int) -> _FakeHandle:
+        return cls._track(os.dup(fd))
+
+
+def fake_cuda(monkeypatch=None) -> None:
+    import engine_runtime
+
+    FakeCuda.live = {}
+    if monkeypatch is not None:
+        monkeypatch.setattr(engine_runtime, "_cuda", FakeCuda, raising=False)
+        monkeypatch.setitem(sys.modules, "engine_runtime._cuda", FakeCuda)
+    else:
+        engine_runtime._cuda = FakeCuda
+        sys.modules["engine_runtime._cuda"] = FakeCuda
+
+
+@pytest.fixture
+def owner(tmp_path: Path, monkeypatch):
+    import threading
+
+    from engine_runtime.pool import ContextPool
+
+    fake_cuda(monkeypatch)
+    sock = Path(f"/tmp/ebb-test-{os.getpid()}-{time.monotonic_ns()}.sock")  # AF_UNIX paths are short
+    pool = ContextPool(0, "GPU-fake", CHUNK, 8, sock, table_path=tmp_path / "pool.table", max_chunks=32)
+    thread = threading.Thread(target=pool.serve_forever, daemon=True)
+    thread.start()
+    yield pool
+    pool.stop()
+    thread.join(WAIT_S)
+    pool.close()
+
+
+def _lease_in_child(socket_path: str, nbytes: int, out) -> None:
+    from engine_runtime.pool import PoolPhysical
+
+    fake_cuda()
+    client = PoolPhysical(socket_path, 0)
+    lease = client.acquire(nbytes, deadline_s=5.0)
+    out.put((os.getpid(), lease.token))
+    time.sleep(WAIT_S * 4)  # killed here, holding the lease
+
+
+def test_pool_client_imports_leases_and_gives_back(owner) -> None:
+    from engine_runtime.pool import PoolPhysical
+
+    with PoolPhysical(owner.socket_path, 0) as client:
+        assert client.imported_chunks == list(range(8))
+        assert client.mechanism.value == "vmm-pool"
+        lease = client.acquire(3 * CHUNK - 1, deadline_s=1.0)  # rounds up to whole chunks
+        assert lease.nbytes == 3 * CHUNK and len(lease.pieces) == 3
+        assert all(size == CHUNK for _, size in lease.pieces)
+        assert client.snapshot().holders == {os.getpid(): 3}
+        lease.release()
+        lease.release()  # idempotent
+        assert client.snapshot().states["FREE"] == 8
+        with pytest.raises(ContextMemoryUnavailable) as err:
+            client.acquire(9 * CHUNK, deadline_s=1.0)
+        assert err.value.requested_bytes == 9 * CHUNK and "GPU-fake" in err.value.where
+
+
+def test_pool_growth_is_learnt_on_lease_and_shrink_drops_imports(owner) -> None:
+    from engine_runtime.pool import PoolPhysical
+
+    with PoolPhysical(owner.socket_path, 0, retire_poll_s=0.01) as client:
+        held = client.acquire(2 * CHUNK, deadline_s=1.0)  # chunks 0 and 1
+        result = client.resize(12)
+        assert result["capacity"] == 12 and result["created"] == 4 and result["error"] == ""
+        assert client.imported_chunks == list(range(8))  # nothing sent until needed
+        big = client.acquire(10 * CHUNK, deadline_s=1.0)  # needs the 4 new ones: fetched now
+        assert client.imported_chunks == list(range(12))
+        big.release()
+
+        result = client.resize(1)  # 10 free retire now; one of the two held drains
+        assert result["capacity"] == 1 and result["retired"] == 10 and result["draining"] == 1
+        wait_for(lambda: client.imported_chunks == [0, 1], what="the watcher to drop retired imports")
+        held.release()  # the draining chunk retires now; the owner releases it
+        wait_for(lambda: len(client.imported_chunks) == 1, what="the drained chunk's import to go")
+        wait_for(lambda: len(owner._handles) == 1, what="the owner to release the drained chunk")
+
+        # Growing back recreates slots; a stale import of an old incarnation is replaced.
+        client.resize(4)
+        lease = client.acquire(4 * CHUNK, deadline_s=1.0)
+        assert client.imported_chunks == [0, 1, 2, 3]
+        lease.release()
+    # Owner: 4 chunks; the client released every import on close.
+    assert len(FakeCuda.live) == 4
+
+
+def test_pool_reclaims_a_dead_client_s_lease(owner) -> None:
+    out = SPAWN.Queue()
+    p = SPAWN.Process(target=_lease_in_child, args=(str(owner.socket_path), 5 * CHUNK, out))
+    p.start()
+    pid, token = out.get(timeout=WAIT_S)
+    assert owner.table.held_by(pid) == token
+    os.kill(pid, signal.SIGKILL)
+    p.join(WAIT_S)
+    # The owner notices the closed socket and its periodic check finds the dead holder.
+    wait_for(lambda: owner.table.held_by(pid) == [], what="the owner to reclaim the dead client's chunks")
+    assert owner.table.snapshot().states["FREE"] == 8
+
+
+def test_pool_is_unavailable_without_cuda_and_says_why() -> None:
+    from engine_runtime.pool import pool_available
+
+    support = pool_available(0)
+    if support:
+        pytest.skip("this host can pool (a GPU is visible)")
+    assert not support and support.reason
