@@ -22,10 +22,41 @@ def build_app(args: dict[str, Any]) -> Application:
     return bind(cfg)
 
 
-def bind(cfg: AppConfig) -> Application:
+def bind(cfg: AppConfig, deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
+    """Bind the application; ``deployment_options`` (by deployment name) are passed to
+    ``.options()``, as Serve does with a config file's ``deployments:`` list, for
+    callers that deploy in-process (the demo, tests) rather than through ``serve run``."""
+    opts = deployment_options or {}
     app_dump = cfg.model_dump(mode="json")
     handles = {
-        m.name: ModelDeployment.options(name=m.name).bind(m.model_dump(mode="json"), app_dump)
+        m.name: ModelDeployment.options(**{**opts.get(m.name, {}), "name": m.name})
+        .bind(m.model_dump(mode="json"), app_dump)
         for m in cfg.models
     }
-    return EbbIngress.bind(handles, cfg.http.model_dump(), cfg.coordinator.namespace)
+    ingress = EbbIngress.options(**opts["EbbIngress"]) if "EbbIngress" in opts else EbbIngress
+    return ingress.bind(handles, cfg.http.model_dump(), cfg.coordinator.namespace)
+
+
+def from_serve_config(path: str, app_name: str | None = None) -> tuple[str, str, Application, dict]:
+    """Read a Serve config file (``cluster.yaml``) and bind its Ebb application.
+
+    Returns ``(app name, route prefix, application, http_options)``. ``serve run`` and
+    ``serve deploy`` do not need this: they read the file themselves.
+    """
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f)
+    apps = [a for a in doc.get("applications", []) if a.get("import_path") == "deployments.app:build_app"]
+    if app_name is not None:
+        apps = [a for a in apps if a.get("name") == app_name]
+    if not apps:
+        raise ValueError(f"{path}: no application with import_path deployments.app:build_app"
+                         + (f" named {app_name!r}" if app_name else ""))
+    app = apps[0]
+    options = {}
+    for d in app.get("deployments", []):
+        d = dict(d)
+        options[d.pop("name")] = d
+    cfg = parse_app_config(app.get("args", {}))
+    return app.get("name", "default"), app.get("route_prefix", "/"), bind(cfg, options), doc.get("http_options", {})
