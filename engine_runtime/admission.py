@@ -95,9 +95,12 @@ _WAITERS_AT = _SLOTS_AT + _SLOTS * _SLOT_WORDS
 _FILE_WORDS = _WAITERS_AT + _WAITERS * _WAITER_WORDS
 _FILE_BYTES = _FILE_WORDS * 8
 
-#: Waiting polls the shared state with sleeps growing from the first to the last value;
-#: short first sleeps keep the hand-over fast, the cap keeps many waiters off the CPU.
-_BACKOFF_FIRST_S = 50e-6
+#: Waiting polls the shared state with sleeps that double from the first value up to a
+#: cap that grows with the place in line: the head of the line polls often (it is the
+#: only one that may go, and a sleeping head idles the whole line), those far behind
+#: rarely (they cannot go yet and would only contend for the lock).
+_BACKOFF_FIRST_S = 25e-6
+_BACKOFF_PER_PLACE_S = 100e-6
 _BACKOFF_MAX_S = 2e-3
 #: How often a waiter scans for dead holders: liveness checks cost a syscall per process.
 _REAP_EVERY_S = 20e-3
@@ -328,11 +331,11 @@ class SharedBudget:
         w[_W_WAITERS] = max(0, w[_W_WAITERS] - 1)
 
     @staticmethod
-    def _head_ticket(w: memoryview) -> int:
+    def _place(w: memoryview, ticket: int) -> int:
+        """How many queued requests are ahead of ``ticket`` (0: it is the head)."""
         tickets = w[_WAITERS_AT + 2 : _FILE_WORDS : _WAITER_WORDS].tolist()
         pids = w[_WAITERS_AT:_FILE_WORDS:_WAITER_WORDS].tolist()
-        live = [t for p, t in zip(pids, tickets) if p]
-        return min(live) if live else 0
+        return sum(1 for p, t in zip(pids, tickets) if p and t < ticket)
 
     def _take(self, w: memoryview, nbytes: int) -> None:
         base = _SLOTS_AT + self._my_slot(w) * _SLOT_WORDS
@@ -414,7 +417,7 @@ class SharedBudget:
                 raise err
             entry = self._enqueue(w, nbytes)
             ticket = w[_WAITERS_AT + entry * _WAITER_WORDS + 2]
-        admitted = False
+        in_line = True
         sleep_s = _BACKOFF_FIRST_S
         last_reap = t0
         try:
@@ -425,10 +428,11 @@ class SharedBudget:
                         self._reap(w)
                         last_reap = now
                     cap = w[_W_CAPACITY]
-                    if (cap == _UNSET or w[_W_USED] + nbytes <= cap) and self._head_ticket(w) == ticket:
+                    place = self._place(w, ticket)
+                    if (cap == _UNSET or w[_W_USED] + nbytes <= cap) and place == 0:
                         self._take(w, nbytes)
                         self._dequeue(w, entry)
-                        admitted = True
+                        in_line = False
                         waited = time.monotonic() - t0
                         if waited > 0.01:
                             logger.debug("budget %s: admitted %.1f MiB after %.0f ms", self.key, nbytes / MiB, waited * 1e3)
@@ -438,13 +442,13 @@ class SharedBudget:
                         err = ContextMemoryUnavailable(nbytes, max(0, cap - w[_W_USED]), now - t0, where=self.key)
                     if err is not None:
                         self._dequeue(w, entry)
-                        admitted = True  # the entry is gone; nothing left to clean up
+                        in_line = False
                         logger.info("budget %s: refused %.1f MiB: %s", self.key, nbytes / MiB, err)
                         raise err
+                sleep_s = min(sleep_s * 2, _BACKOFF_PER_PLACE_S * (1 + place), _BACKOFF_MAX_S)
                 time.sleep(min(sleep_s, max(0.0, end - now)))
-                sleep_s = min(sleep_s * 2, _BACKOFF_MAX_S)
         finally:
-            if not admitted:
+            if in_line:
                 # Interrupted while queued (KeyboardInterrupt, a signal): leave the line.
                 with self._locked() as w:
                     self._dequeue(w, entry)
