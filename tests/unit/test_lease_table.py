@@ -57,14 +57,15 @@ def wait_for(condition, timeout_s: float = WAIT_S, what: str = "condition") -> N
 # --- workers (module level so spawned children can import them) --------------------
 
 
-def _hammer(path: str, worker: int, owners, violations, leases, stop_at: float, max_chunks: int) -> None:
+def _hammer(path: str, worker: int, owners, violations, leases, start, iterations: int, max_chunks: int) -> None:
     """Lease, claim every chunk in a shared array, check nobody else claims them, give back."""
     import random
 
     t = LeaseTable.open(path)
     rng = random.Random(worker)
     done = 0
-    while time.monotonic() < stop_at:
+    start.wait()  # all workers race from the same moment, however slow their start-up was
+    for _ in range(iterations):
         indices = t.lease(rng.randint(1, max_chunks), deadline_s=10.0)
         for i in indices:
             if owners[i] != 0:
@@ -123,8 +124,8 @@ def test_concurrent_leases_never_share_a_chunk(table: LeaseTable) -> None:
     owners = SPAWN.Array("i", table.max_chunks, lock=False)
     violations = SPAWN.Value("i", 0, lock=True)
     leases = SPAWN.Value("i", 0, lock=True)
-    stop_at = time.monotonic() + 3.0
-    procs = [SPAWN.Process(target=_hammer, args=(str(table.path), w + 1, owners, violations, leases, stop_at, 6))
+    start = SPAWN.Barrier(4)
+    procs = [SPAWN.Process(target=_hammer, args=(str(table.path), w + 1, owners, violations, leases, start, 500, 6))
              for w in range(4)]
     for p in procs:
         p.start()
@@ -133,7 +134,7 @@ def test_concurrent_leases_never_share_a_chunk(table: LeaseTable) -> None:
         assert p.exitcode == 0, f"worker {p.pid} exited with {p.exitcode}"
     snap = table.snapshot()
     assert violations.value == 0, f"{violations.value} chunk(s) held by two processes at once"
-    assert leases.value > 100, f"only {leases.value} leases in 3 s: the workers barely ran"
+    assert leases.value == 4 * 500
     assert snap.states["FREE"] == 16 and snap.holders == {} and snap.waiting == 0
     assert snap.leases_total == leases.value
 
