@@ -67,10 +67,6 @@ class Precision(str, enum.Enum):
 
         return {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}[self]
 
-    @property
-    def numpy_name(self) -> str:
-        return {Precision.FP32: "float32", Precision.FP16: "float16", Precision.BF16: "bfloat16"}[self]
-
 
 #: ONNX TensorProto element types of the floating-point kinds we build.
 _ONNX_FLOAT_TYPES = {1: Precision.FP32, 10: Precision.FP16, 16: Precision.BF16}

@@ -290,6 +290,8 @@ class TensorRTEngine(BaseEngine):
         return ContextMechanism.CUDA_MALLOC
 
     def _context_bytes_impl(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        # TensorRT answers only through a context with the shapes set: before warm() this
+        # creates the USER_MANAGED context (it holds no activation memory).
         self._deserialized()
         with self._call_lock:
             ctx = self._static_ctx if self._static_ctx is not None else self._user_managed_context()
