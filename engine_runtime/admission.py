@@ -73,13 +73,17 @@ class BudgetSnapshot:
     waiters: int
     #: Bytes reclaimed from dead processes by this snapshot.
     reclaimed_bytes: int
+    #: The most bytes ever held at once since the file was made or ``reset_peak()``.
+    peak_used_bytes: int = 0
 
 
 # -- the shared file ----------------------------------------------------------------
 # Little-endian int64 words, so a ``memoryview.cast('q')`` reads them without struct.
 _MAGIC = 0x45424242554447  # "EBBBUDG"
 _VERSION = 1
-_W_MAGIC, _W_VERSION, _W_CAPACITY, _W_USED, _W_NEXT_TICKET, _W_WAITERS = range(6)
+_W_MAGIC, _W_VERSION, _W_CAPACITY, _W_USED, _W_NEXT_TICKET, _W_WAITERS, _W_PEAK = range(7)
+# _W_PEAK took a spare header word (files made before it read 0 there), so the layout
+# and its version are unchanged.
 _HEADER_WORDS = 8
 #: ``_W_CAPACITY`` value meaning "never set": admit everything until the coordinator says.
 _UNSET = -1
@@ -261,8 +265,10 @@ class SharedBudget:
 
     def _my_slot(self, w: memoryview) -> int:
         s = self._slot
-        if s >= 0 and w[_SLOTS_AT + s * _SLOT_WORDS] == self._pid and w[_SLOTS_AT + s * _SLOT_WORDS + 1] == self._start:
-            return s
+        if s >= 0:
+            base = _SLOTS_AT + s * _SLOT_WORDS
+            if w[base] == self._pid and w[base + 1] == self._start:
+                return s
         free = -1
         for i in range(_SLOTS):
             base = _SLOTS_AT + i * _SLOT_WORDS
@@ -340,7 +346,10 @@ class SharedBudget:
     def _take(self, w: memoryview, nbytes: int) -> None:
         base = _SLOTS_AT + self._my_slot(w) * _SLOT_WORDS
         w[base + 2] += nbytes
-        w[_W_USED] += nbytes
+        used = w[_W_USED] + nbytes
+        w[_W_USED] = used
+        if used > w[_W_PEAK]:
+            w[_W_PEAK] = used
 
     def _give_back(self, nbytes: int) -> None:
         w = self._lock()
@@ -471,6 +480,11 @@ class SharedBudget:
                 used / MiB,
             )
 
+    def reset_peak(self) -> None:
+        """Restart the peak from what is held now (say, after the capacity changed)."""
+        with self._locked() as w:
+            w[_W_PEAK] = w[_W_USED]
+
     def snapshot(self) -> BudgetSnapshot:
         """Capacity, bytes held and holders by pid, after reclaiming dead processes."""
         with self._locked() as w:
@@ -488,6 +502,7 @@ class SharedBudget:
                 holders=holders,
                 waiters=int(w[_W_WAITERS]),
                 reclaimed_bytes=int(reclaimed),
+                peak_used_bytes=int(w[_W_PEAK]),
             )
 
 

@@ -181,7 +181,7 @@ def test_concurrency_never_exceeds_capacity(key):
     SharedBudget(key, capacity_bytes=capacity)
     held, peak, lock = CTX.Value("q", 0, lock=False), CTX.Value("q", 0, lock=False), CTX.Lock()
     outcomes, start = CTX.Queue(), CTX.Event()
-    sizes = [s * MiB for s in (10, 45, 30, 20, 60, 5, 35, 25) * 4]
+    sizes = [s * MiB for s in (10, 45, 30, 20, 60, 5, 35, 25) * 2]
     workers = [
         CTX.Process(target=_hammer, args=(key, sizes, 10.0, held, peak, lock, outcomes, start)) for _ in range(4)
     ]
