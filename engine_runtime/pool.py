@@ -123,6 +123,25 @@ class PoolPaths:
         return cls(d / f"{stem}.table", d / f"{stem}.sock", d / f"{stem}.start.lock", d / f"{stem}.log")
 
 
+def _bind_device(cuda: Any, index: int) -> None:
+    """Make ``index`` current on this thread, its primary context created.
+
+    The runtime creates contexts lazily and VMM driver calls need a current one. Only
+    for threads of the pool's own (the owner's main thread, a client's watcher): they
+    have no previous device worth restoring.
+    """
+    rt = cuda.runtime()
+    cuda._check("cudaSetDevice", rt.cudaSetDevice(index)[0])
+    cuda._check("cudaFree", rt.cudaFree(0)[0])
+
+
+def _ensure_context(cuda: Any, index: int) -> None:
+    """Create ``index``'s primary context if this process has none yet, leaving the
+    calling thread's current device as it was."""
+    with cuda.device(index):
+        cuda._check("cudaFree", cuda.runtime().cudaFree(0)[0])
+
+
 # --- availability ----------------------------------------------------------------------
 
 
@@ -159,6 +178,7 @@ def pool_available(device_index: int = 0, directory: str | os.PathLike[str] | No
     if not _cuda.vmm_supported(device_index):
         return PoolSupport(False, f"cuda:{device_index} does not support virtual memory management")
     try:
+        _ensure_context(_cuda, device_index)
         with _cuda.device(device_index):
             handle = _cuda.mem_create(device_index, _cuda.granularity(device_index), shareable=True)
             try:
@@ -461,6 +481,7 @@ class PoolPhysical:
         self._cuda = _cuda
         self.device = device_index
         self.socket_path = Path(socket_path)
+        _ensure_context(_cuda, device_index)
         self._lock = threading.Lock()  # the socket and the handle map
         self._handles: dict[int, tuple[int, Any]] = {}  # chunk index -> (slot generation, handle)
         self._stop = threading.Event()
@@ -568,6 +589,7 @@ class PoolPhysical:
         logger.debug("%s: released %d retired chunk import(s)", self.where, len(gone))
 
     def _watch(self, period_s: float) -> None:
+        _bind_device(self._cuda, self.device)
         while not self._stop.wait(period_s):
             try:
                 with self._lock:
@@ -779,6 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = _device_of(args.gpu_uuid)
         from engine_runtime import _cuda
 
+        _bind_device(_cuda, device)
         with _cuda.device(device):
             pool = ContextPool(device, args.gpu_uuid, args.chunk_bytes, args.initial_chunks, paths.socket,
                                table_path=paths.table, max_chunks=args.max_chunks, idle_exit_s=args.idle_exit_s)

@@ -385,6 +385,23 @@ class FakeCuda:
 
         return contextlib.nullcontext()
 
+    class _Runtime:
+        @staticmethod
+        def cudaSetDevice(index: int):
+            return (0,)
+
+        @staticmethod
+        def cudaFree(ptr: int):
+            return (0,)
+
+    @classmethod
+    def runtime(cls):
+        return cls._Runtime
+
+    @staticmethod
+    def _check(call: str, err) -> None:
+        return None
+
     @classmethod
     def _track(cls, fd: int) -> _FakeHandle:
         h = _FakeHandle(fd)
