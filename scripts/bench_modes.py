@@ -1,0 +1,500 @@
+"""Memory and latency per mode (issue 5, item 1): plain PyTorch vs Ebb static vs Ebb dynamic.
+
+For each model (ResNet-50 b32, ResNet-152 b100, BERT-base seq 128 b32, random weights,
+fp32) and each configuration
+
+- ``plain``: eager PyTorch as a plain Ray Serve replica runs it (``model.cuda()``,
+  ``torch.inference_mode``, PyTorch's caching allocator keeps whatever a call used),
+- ``ebb-static``: Ebb's PyTorch engine, context memory held (captured CUDA graph),
+- ``ebb-dynamic``: the same engine, context memory mapped for each call only,
+
+a fresh subprocess loads the model and reports its NVML per-process memory after
+loading, between calls (idle) and at peak (NVML sampled from a thread during calls),
+and host-clock latency p50/p99 over ``--calls`` synchronised calls after warm-up.
+Every call takes a host tensor and returns a host tensor, as a replica's does.
+
+Each process first initialises CUDA, cuBLAS and cuDNN and empties PyTorch's caches;
+NVML's figure then is the *baseline* every replica pays before any model (see
+``warm_cuda_libraries``). "Floor" below is baseline + weights, and the issue's target
+for an idle dynamic replica is at most floor + 64 MiB.
+
+    .venv/bin/python scripts/bench_modes.py                    # GPU, all three models
+    .venv/bin/python scripts/bench_modes.py --serve            # + plain as a real Ray Serve replica
+    .venv/bin/python scripts/bench_modes.py --quick            # CPU smoke run for CI
+
+Prints a markdown table last; writes ``modes.json`` and ``modes.png`` to ``--out-dir``.
+On a CPU (``--quick``) there is no NVML: memory columns are empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+MiB = 2**20
+#: Issue 5's allowance for an idle dynamic replica above CUDA context + weights.
+IDLE_ALLOWANCE_BYTES = 64 * MiB
+#: Issue 5's dynamic-over-static p50 overhead targets, by architecture.
+OVERHEAD_TARGET_PCT = {"resnet50": 5.0, "resnet152": 2.0}
+#: Marks the one stdout line a worker returns its result on.
+RESULT_PREFIX = "EBB_BENCH_RESULT "
+CONFIGS = ("plain", "ebb-static", "ebb-dynamic")
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    arch: str
+    batch: int
+    image_size: int = 224
+    seq_len: int = 128
+
+
+MODELS = {
+    "resnet50-b32": ModelCase("resnet50", 32),
+    "resnet152-b100": ModelCase("resnet152", 100),
+    "bert-base-s128-b32": ModelCase("bert-base", 32, seq_len=128),
+}
+QUICK_MODELS = {
+    "resnet18-b2": ModelCase("resnet18", 2, image_size=64),
+    "bert-tiny-s16-b2": ModelCase("bert-tiny", 2, seq_len=16),
+}
+
+
+# -- measuring (also used by tests/gpu/test_pytorch_gpu.py) ----------------------------
+
+
+class NvmlProcessMemory:
+    """This process's memory on its first CUDA device, as NVML (and so every neighbour) sees it.
+
+    Construct it *before* CUDA is initialised: it records the device's used bytes then,
+    for the fallback. Reads the per-process list (``nvmlDeviceGetComputeRunningProcesses``,
+    v3 where the driver has it, else v2) for ``os.getpid()``. Where this process is not
+    in the list (a container with its own PID namespace: NVML reports host PIDs), it
+    falls back to the device's used bytes minus those at construction, which is this
+    process's share only on a card nobody else is changing; ``source`` says which.
+    """
+
+    def __init__(self) -> None:
+        import pynvml
+
+        from engine_runtime.pressure import cuda_visible_to_nvml_uuids
+
+        self._nvml = pynvml
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        uuids = [_text(pynvml.nvmlDeviceGetUUID(h)) for h in handles]
+        visible = cuda_visible_to_nvml_uuids(os.environ.get("CUDA_VISIBLE_DEVICES"), uuids)
+        if not visible:
+            raise RuntimeError(f"no NVML device matches CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}")
+        self.handle = pynvml.nvmlDeviceGetHandleByUUID(visible[0])
+        self.device_name = _text(pynvml.nvmlDeviceGetName(self.handle))
+        self.driver_version = _text(pynvml.nvmlSystemGetDriverVersion())
+        self.pid = os.getpid()
+        self.source = "nvml-process"
+        self._list = pynvml.nvmlDeviceGetComputeRunningProcesses
+        self._device_used_at_start = self._device_used()
+
+    def _device_used(self) -> int:
+        return int(self._nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+
+    def _processes(self) -> list[Any]:
+        try:
+            return self._list(self.handle)
+        except self._nvml.NVMLError_FunctionNotFound:
+            # Drivers before the v3 entry point: the v2 list has the same fields we read.
+            self._list = self._nvml.nvmlDeviceGetComputeRunningProcesses_v2
+            return self._list(self.handle)
+
+    def read(self) -> int:
+        """Bytes this process holds on the device now."""
+        mine = [p.usedGpuMemory for p in self._processes() if p.pid == self.pid]
+        if mine and all(isinstance(v, int) for v in mine):
+            self.source = "nvml-process"
+            return sum(mine)
+        self.source = "nvml-device-delta"
+        return self._device_used() - self._device_used_at_start
+
+
+class PeakSampler:
+    """Samples a reader from a thread while a block runs; ``peak`` is the largest reading."""
+
+    def __init__(self, read, interval_s: float = 0.0005) -> None:
+        self._read = read
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
+        self.peak = 0
+        self.samples = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._read())
+            self.samples += 1
+            # Paces the sampler so it does not take the GIL from the calls it watches.
+            self._stop.wait(self._interval_s)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def warm_cuda_libraries(device: torch.device) -> None:
+    """Initialise CUDA, cuBLAS and cuDNN as any replica must, then hand back every cached byte.
+
+    What NVML shows for the process afterwards is the fair baseline for "what Ebb
+    holds": the CUDA context and the libraries' handles and loaded modules are paid by
+    every process that runs these models, with Ebb or without; the caching allocator's
+    blocks and cuBLAS workspaces are not, so they are freed. Kernels the model itself
+    loads later (lazy module loading, the default) are not in the baseline: they fall
+    inside the 64 MiB allowance.
+    """
+    a = torch.randn(256, 256, device=device)
+    (a @ a).sum().item()
+    x = torch.randn(2, 3, 32, 32, device=device)
+    w = torch.randn(8, 3, 3, 3, device=device)
+    torch.nn.functional.conv2d(x, w).sum().item()
+    torch.cuda.synchronize(device)
+    del a, x, w
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _sample_input(case: ModelCase, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    if case.arch.startswith("bert"):
+        return torch.from_numpy(rng.integers(0, 30522, (case.batch, case.seq_len), dtype=np.int64))
+    return torch.from_numpy(rng.standard_normal((case.batch, 3, case.image_size, case.image_size), dtype=np.float32))
+
+
+def measure(case: ModelCase, config: str, *, device_name: str, calls: int, warmup: int, peak_calls: int) -> dict:
+    """Load one model in one configuration in this process and measure it."""
+    from engine_runtime.backends.pytorch import PyTorchEngine
+    from engine_runtime.models import build
+
+    device = torch.device(device_name)
+    on_gpu = device.type == "cuda"
+    reader = NvmlProcessMemory() if on_gpu else None
+    read = reader.read if reader else (lambda: None)
+    if on_gpu:
+        warm_cuda_libraries(device)
+    baseline = read()
+
+    engine = None
+    t0 = time.perf_counter()
+    if config == "plain":
+        model = build(case.arch, seed=0, image_size=case.image_size, seq_len=case.seq_len)
+        module = model.module.to(device)
+        weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return module(x.to(device)).cpu()  # .cpu() synchronises
+    elif config in ("ebb-static", "ebb-dynamic"):
+        engine = PyTorchEngine.from_architecture(
+            f"{case.arch}-b{case.batch}", case.arch, max_batch=case.batch, min_batch=case.batch,
+            image_size=case.image_size, seq_len=case.seq_len, seed=0, device=device_name,
+            mode=config.removeprefix("ebb-"))
+        engine.warm()
+        weights = engine.describe().weights_bytes
+        input_name = engine.describe().input_names[0]
+        output_name = engine.describe().output_names[0]
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return engine.infer({input_name: x})[output_name]  # synchronised before it returns
+    else:
+        raise ValueError(f"unknown configuration {config!r}; expected one of {list(CONFIGS)}")
+    load_s = time.perf_counter() - t0
+    after_load = read()
+
+    x = _sample_input(case)
+    for _ in range(warmup):
+        run(x)
+    latencies = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        run(x)
+        latencies.append(time.perf_counter() - start)
+    idle = read()
+    peak = None
+    if on_gpu:
+        with PeakSampler(read) as sampler:
+            for _ in range(peak_calls):
+                run(x)
+        peak = max(sampler.peak, idle, after_load)
+    result = {
+        "arch": case.arch,
+        "batch": case.batch,
+        "config": config,
+        "device": reader.device_name if reader else platform.processor() or "cpu",
+        "memory_source": reader.source if reader else None,
+        "weights_bytes": weights,
+        "baseline_bytes": baseline,
+        "after_load_bytes": after_load,
+        "idle_bytes": idle,
+        "peak_bytes": peak,
+        "load_s": load_s,
+        "calls": calls,
+        "p50_s": float(np.percentile(latencies, 50)),
+        "p99_s": float(np.percentile(latencies, 99)),
+    }
+    if engine is not None:
+        snap = engine.stats()
+        result.update(mechanism=engine.mechanism.value, context_bytes=snap.last_context_bytes or snap.peak_context_bytes,
+                      acquisition_p50_s=snap.acquisition_p50_s, acquisition_p99_s=snap.acquisition_p99_s)
+        engine.close()
+    return result
+
+
+# -- one subprocess per configuration ------------------------------------------------------
+
+
+def _worker_main(args: argparse.Namespace) -> int:
+    case = {**MODELS, **QUICK_MODELS}[args.worker_model]
+    if args.worker_config == "plain-serve":
+        result = _measure_in_serve(case, args)
+    else:
+        result = measure(case, args.worker_config, device_name=args.device, calls=args.calls,
+                         warmup=args.warmup, peak_calls=args.peak_calls)
+    result["model"] = args.worker_model
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+def _measure_in_serve(case: ModelCase, args: argparse.Namespace) -> dict:
+    """The plain configuration inside a real Ray Serve replica (fractional GPU, as users deploy)."""
+    import ray
+    from ray import serve
+
+    # A quarter of a GPU, as users pack replicas; none for the CPU smoke run.
+    num_gpus = 0.25 if args.device.startswith("cuda") else 0
+
+    @serve.deployment(ray_actor_options={"num_gpus": num_gpus})
+    class PlainReplica:
+        def measure(self, case: ModelCase, kwargs: dict) -> dict:
+            return measure(case, "plain", **kwargs)
+
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "scripts")])}},
+             include_dashboard=False)
+    try:
+        handle = serve.run(PlainReplica.bind(), name="bench-modes-plain", route_prefix=None)
+        kwargs = dict(device_name=args.device, calls=args.calls, warmup=args.warmup, peak_calls=args.peak_calls)
+        result = handle.measure.remote(case, kwargs).result(timeout_s=600)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    result["config"] = "plain-serve"
+    return result
+
+
+def _run_worker(model_key: str, config: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker-model", model_key, "--worker-config", config,
+           "--device", args.device, "--calls", str(args.calls), "--warmup", str(args.warmup),
+           "--peak-calls", str(args.peak_calls)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{model_key}/{config} worker failed (exit {proc.returncode}); stdout:\n{proc.stdout}")
+    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    print(f"  {model_key:<20} {config:<12} p50 {result['p50_s'] * 1e3:8.2f} ms  idle {_mib(result['idle_bytes'])} MiB"
+          f"  ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    return result
+
+
+# -- reporting -------------------------------------------------------------------------------
+
+
+def _mib(nbytes: int | None) -> str:
+    return "—" if nbytes is None else f"{nbytes / MiB:,.0f}"
+
+
+def _annotate(results: list[dict]) -> None:
+    """Add floors and overheads, which compare rows of one model."""
+    static_p50 = {r["model"]: r["p50_s"] for r in results if r["config"] == "ebb-static"}
+    for r in results:
+        if r["baseline_bytes"] is not None:
+            r["floor_bytes"] = r["baseline_bytes"] + r["weights_bytes"]
+            r["idle_over_floor_bytes"] = r["idle_bytes"] - r["floor_bytes"]
+        ref = static_p50.get(r["model"])
+        r["p50_vs_static_pct"] = (r["p50_s"] / ref - 1) * 100 if ref else None
+
+
+def _targets(results: list[dict]) -> list[str]:
+    lines = []
+    for r in results:
+        if r["config"] != "ebb-dynamic":
+            continue
+        target = OVERHEAD_TARGET_PCT.get(r["arch"])
+        if target is not None and r["p50_vs_static_pct"] is not None:
+            pct = r["p50_vs_static_pct"]
+            verdict = "met" if pct <= target else f"missed by {pct - target:.1f} points"
+            lines.append(f"- {r['model']}: dynamic p50 overhead over static {pct:+.1f}% (target <= {target:.0f}%): {verdict}")
+        if r.get("idle_over_floor_bytes") is not None:
+            over = r["idle_over_floor_bytes"]
+            verdict = "met" if over <= IDLE_ALLOWANCE_BYTES else f"missed by {(over - IDLE_ALLOWANCE_BYTES) / MiB:.0f} MiB"
+            lines.append(f"- {r['model']}: idle dynamic {over / MiB:+.0f} MiB over context + weights "
+                         f"(target <= 64 MiB): {verdict}")
+    return lines
+
+
+def markdown_table(results: list[dict]) -> str:
+    head = ("| model | config | weights MiB | baseline MiB | after load MiB | idle MiB | peak MiB "
+            "| idle − floor MiB | p50 ms | p99 ms | p50 vs ebb-static |")
+    rows = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in results:
+        over = r.get("idle_over_floor_bytes")
+        vs = r.get("p50_vs_static_pct")
+        rows.append(
+            f"| {r['model']} | {r['config']} | {_mib(r['weights_bytes'])} | {_mib(r['baseline_bytes'])} "
+            f"| {_mib(r['after_load_bytes'])} | {_mib(r['idle_bytes'])} | {_mib(r['peak_bytes'])} "
+            f"| {'—' if over is None else f'{over / MiB:+,.0f}'} | {r['p50_s'] * 1e3:.2f} | {r['p99_s'] * 1e3:.2f} "
+            f"| {'—' if vs is None else f'{vs:+.1f}%'} |")
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in results))
+    configs = list(dict.fromkeys(r["config"] for r in results))
+    by_key = {(r["model"], r["config"]): r for r in results}
+    measured = any(r["idle_bytes"] is not None for r in results)
+    width = 0.8 / len(configs)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (ax_mem, ax_lat) = plt.subplots(2, 1, figsize=(max(8, 3 * len(models)), 9))
+    for j, config in enumerate(configs):
+        xs, idle, peak, p50, p99, floor = [], [], [], [], [], []
+        for i, model in enumerate(models):
+            r = by_key.get((model, config))
+            if r is None:
+                continue
+            xs.append(i + (j - (len(configs) - 1) / 2) * width)
+            idle.append((r["idle_bytes"] or 0) / MiB)
+            peak.append((r["peak_bytes"] or 0) / MiB)
+            floor.append(r.get("floor_bytes", 0) / MiB)
+            p50.append(r["p50_s"] * 1e3)
+            p99.append(r["p99_s"] * 1e3)
+        color = colors[j % len(colors)]
+        ax_lat.bar(xs, p50, width * 0.9, color=color, label=config,
+                   yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p99)]], capsize=3)
+        if not measured:
+            continue
+        ax_mem.bar(xs, peak, width * 0.9, color=color, alpha=0.35, label=f"{config} peak")
+        ax_mem.bar(xs, idle, width * 0.9, color=color, label=f"{config} idle")
+        ax_mem.hlines(floor, [x - width * 0.45 for x in xs], [x + width * 0.45 for x in xs], colors="black",
+                      linestyles="dotted", label="context + weights" if j == 0 else None)
+    for ax in (ax_mem, ax_lat) if measured else (ax_lat,):
+        ax.set_xticks(range(len(models)), models)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.grid(axis="y", alpha=0.3)
+    ax_mem.set_ylabel("NVML per-process memory (MiB)")
+    ax_mem.set_title("Memory between calls (solid) and at peak (light)")
+    if not measured:
+        ax_mem.set_axis_off()
+        ax_mem.text(0.5, 0.5, "no GPU: NVML memory not measured", ha="center", va="center", transform=ax_mem.transAxes)
+    ax_lat.set_ylabel("latency (ms), bar p50, whisker p99")
+    ax_lat.set_title(f"Latency per call ({results[0]['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default="./out", help="where modes.json and modes.png go (default ./out)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI smoke run on the CPU: ResNet-18 b2 and BERT-tiny, a few calls")
+    parser.add_argument("--serve", action="store_true",
+                        help="add plain as a real Ray Serve replica (num_gpus 0.25) where ray imports")
+    parser.add_argument("--models", nargs="+", choices=[*MODELS, *QUICK_MODELS],
+                        help="models to run (default: all three, or the quick ones)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default cuda, cpu with --quick)")
+    parser.add_argument("--calls", type=int, default=None, help="timed calls per configuration (default 100)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10)")
+    parser.add_argument("--peak-calls", type=int, default=None, help="calls sampled for peak memory (default 20)")
+    parser.add_argument("--worker-model", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.device = args.device or ("cpu" if args.quick else "cuda")
+    args.calls = args.calls or (5 if args.quick else 100)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10)
+    args.peak_calls = args.peak_calls if args.peak_calls is not None else (2 if args.quick else 20)
+    if args.worker_model:
+        return _worker_main(args)
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("no CUDA device here: run on the GPU machine, or use --quick for the CPU smoke run")
+    model_keys = args.models or list(QUICK_MODELS if args.quick else MODELS)
+    configs = list(CONFIGS)
+    if args.serve:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("--serve: ray is not importable here; skipping the Ray Serve row", file=sys.stderr)
+        else:
+            configs.insert(1, "plain-serve")
+    started = time.perf_counter()
+    results = []
+    for key in model_keys:
+        for config in configs:
+            results.append(_run_worker(key, config, args))
+    _annotate(results)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    report = {
+        "benchmark": "bench_modes",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.relpath(sys.executable, os.getcwd()), *sys.argv]),
+        "device": results[0]["device"],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "calls": args.calls,
+        "warmup": args.warmup,
+        "wall_s": time.perf_counter() - started,
+        "results": results,
+        "targets": _targets(results),
+    }
+    json_path = os.path.join(args.out_dir, "modes.json")
+    png_path = os.path.join(args.out_dir, "modes.png")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    plot(results, png_path)
+    print(f"\n{report['device']}, torch {torch.__version__}, {args.calls} calls after {args.warmup} warm-up, "
+          f"{report['wall_s']:.0f} s; wrote {json_path} and {png_path}")
+    if report["targets"]:
+        print("Targets (issue 5):\n" + "\n".join(report["targets"]))
+    print()
+    print(markdown_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
