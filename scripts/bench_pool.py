@@ -1,0 +1,217 @@
+"""Measure the context pool: what a 1 GiB lease + map + unmap + return costs by chunk size.
+
+The chunk size is a trade-off: a lease maps one piece per chunk (more chunks, more
+``cuMemMap`` calls) but wastes under one chunk of memory. This prints, per chunk size,
+the lease-table cost alone and the full per-call cost through a ``VmmArena``, next to
+two baselines (physical memory created per call; one premade allocation mapped
+whole), then writes a PNG to ``--out-dir``. The table is printed last.
+
+    python scripts/bench_pool.py --out-dir bench_out            # GPU machine
+    python scripts/bench_pool.py --quick --out-dir bench_out    # CPU: lease table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine_runtime._lease_table import LeaseTable  # noqa: E402
+
+MiB = 2**20
+GiB = 2**30
+
+
+def summarize(times_s: list[float]) -> tuple[float, float]:
+    ordered = sorted(times_s)
+    return statistics.median(ordered) * 1e6, ordered[int(0.9 * (len(ordered) - 1))] * 1e6
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("| " + " | ".join("-" * w for w in widths) + " |")
+    for r in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def plot(path: Path, title: str, xs: list[int], series: dict[str, list[float]], baselines: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    for label, y in baselines.items():
+        ax.axhline(y, linestyle="--", linewidth=1, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("chunk size (MiB)")
+    ax.set_ylabel("p50 per call (µs)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+# --- CPU: the lease table alone ------------------------------------------------------------
+
+
+def _contender(path: str, nchunks: int, started, stop) -> None:
+    table = LeaseTable.open(path)
+    while not stop.is_set():
+        table.give_back(table.lease(nchunks, deadline_s=10.0))
+        started.set()
+    table.close()
+
+
+def quick(args: argparse.Namespace) -> None:
+    chunk_sizes = args.chunks_mib
+    lease_bytes = int(args.lease_gib * GiB)
+    rows, alone, contended = [], [], []
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None) as d:
+        for chunk_mib in chunk_sizes:
+            nchunks = max(1, lease_bytes // (chunk_mib * MiB))
+            path = Path(d) / f"bench-{chunk_mib}.table"
+            table = LeaseTable.create(path, max_chunks=2 * nchunks, chunk_bytes=chunk_mib * MiB, label="bench")
+            table.commit_created(table.resize(2 * nchunks).to_create)
+            times = []
+            for _ in range(args.iterations):
+                t0 = time.perf_counter()
+                table.give_back(table.lease(nchunks, deadline_s=1.0))
+                times.append(time.perf_counter() - t0)
+            p50, p90 = summarize(times)
+            # One other process leasing the other half back to back: the lock is now shared.
+            ctx = mp.get_context("spawn")
+            started, stop = ctx.Event(), ctx.Event()
+            other = ctx.Process(target=_contender, args=(str(path), nchunks, started, stop))
+            other.start()
+            started.wait(60)
+            times = []
+            for _ in range(args.iterations):
+                t0 = time.perf_counter()
+                table.give_back(table.lease(nchunks, deadline_s=5.0))
+                times.append(time.perf_counter() - t0)
+            stop.set()
+            other.join()
+            c50, c90 = summarize(times)
+            table.close()
+            alone.append(p50)
+            contended.append(c50)
+            rows.append([str(chunk_mib), str(nchunks), f"{p50:.1f}", f"{p90:.1f}", f"{c50:.1f}", f"{c90:.1f}"])
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(out / "bench_pool_quick.png", f"lease table: lease + give back of {args.lease_gib:g} GiB (CPU)",
+         chunk_sizes, {"alone": alone, "with one contender": contended}, {})
+    print_table(f"Lease table only (CPU, no mapping), {args.lease_gib:g} GiB per lease, {args.iterations} runs",
+                ["chunk MiB", "chunks", "alone p50 µs", "alone p90 µs", "contended p50 µs", "contended p90 µs"], rows)
+
+
+# --- GPU: the whole per-call path ---------------------------------------------------------------
+
+
+def gpu(args: argparse.Namespace) -> None:
+    from engine_runtime import _cuda
+    from engine_runtime.arena import VmmArena
+    from engine_runtime.pool import connect_or_start, pool_available
+
+    rt = _cuda.runtime()
+    _cuda._check("cudaSetDevice", rt.cudaSetDevice(args.device)[0])
+    _cuda._check("cudaFree", rt.cudaFree(0)[0])
+    support = pool_available(args.device)
+    if not support:
+        sys.exit(f"pool unavailable: {support.reason} (use --quick on a CPU host)")
+    lease_bytes = int(args.lease_gib * GiB)
+    dev = args.device
+
+    def time_calls(fn) -> tuple[float, float]:
+        times = []
+        for i in range(args.iterations + args.warmup):
+            t0 = time.perf_counter()
+            fn()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        return summarize(times)
+
+    # Baselines in this process.
+    owned = VmmArena(dev, lease_bytes)
+    own50, own90 = time_calls(lambda: owned.allocate(lease_bytes).release())
+    owned.close()
+    with _cuda.device(dev):
+        handle = _cuda.mem_create(dev, lease_bytes)
+        base = _cuda.address_reserve(lease_bytes, _cuda.granularity(dev))
+
+        def premade() -> None:
+            _cuda.mem_map(base, lease_bytes, handle)
+            _cuda.set_access(dev, base, lease_bytes)
+            _cuda.mem_unmap(base, lease_bytes)
+
+        pre50, pre90 = time_calls(premade)
+        _cuda.address_free(base, lease_bytes)
+        _cuda.mem_release(handle)
+
+    rows, full, lease_only = [], [], []
+    for chunk_mib in args.chunks_mib:
+        chunk = chunk_mib * MiB
+        nchunks = -(-lease_bytes // chunk)
+        with tempfile.TemporaryDirectory(prefix="ebbb", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None) as d:
+            client = connect_or_start(dev, chunk_bytes=chunk, initial_chunks=nchunks, directory=d, idle_exit_s=30.0)
+            try:
+                arena = VmmArena(dev, lease_bytes, source=client, deadline_s=5.0)
+                l50, l90 = time_calls(lambda: client.acquire(lease_bytes, 1.0).release())
+                f50, f90 = time_calls(lambda: arena.allocate(lease_bytes).release())
+                arena.close()
+            finally:
+                client.shutdown_owner()
+                client.close()
+        full.append(f50)
+        lease_only.append(l50)
+        rows.append([str(chunk_mib), str(nchunks), f"{l50:.1f}", f"{f50:.1f}", f"{f90:.1f}",
+                     "yes" if f50 <= 150 else "no"])
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(out / "bench_pool.png", f"{args.lease_gib:g} GiB lease + map + unmap + return (cuda:{dev})",
+         args.chunks_mib, {"pool: lease+map+unmap+return": full, "pool: lease+return only": lease_only},
+         {"created per call (OwnedPhysical)": own50, "premade, one allocation": pre50})
+    print_table(f"Baselines for {args.lease_gib:g} GiB, {args.iterations} runs (µs)",
+                ["mechanism", "p50", "p90"],
+                [["create+map+unmap+release per call", f"{own50:.1f}", f"{own90:.1f}"],
+                 ["premade single allocation, map+unmap", f"{pre50:.1f}", f"{pre90:.1f}"]])
+    print_table(f"Pool, {args.lease_gib:g} GiB per call, {args.iterations} runs (µs); target <= 150 µs",
+                ["chunk MiB", "chunks", "lease+return p50", "full p50", "full p90", "meets target"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU-only smoke: the lease table, no CUDA")
+    parser.add_argument("--out-dir", default="bench_out", help="where the PNG goes")
+    parser.add_argument("--device", type=int, default=0)
+    parser.add_argument("--lease-gib", type=float, default=1.0)
+    parser.add_argument("--chunks-mib", type=lambda s: [int(x) for x in s.split(",")], default=[2, 32, 128, 512])
+    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+    if args.iterations is None:
+        args.iterations = 200 if args.quick else 100
+    if args.quick:
+        quick(args)
+    else:
+        gpu(args)
+
+
+if __name__ == "__main__":
+    main()
