@@ -7,6 +7,15 @@ coordinator keeps the latest view per replica and per GPU, runs the pure policy
 ``Directive``: the mode the replica should be in and its GPU's admission budget.
 A new directive therefore reaches every replica within one poll interval.
 
+Decisions see *projected* use: a switch the coordinator has ordered but the replica
+has not yet reported done is counted as if done, so that a second report arriving
+before the first replica obeys does not switch more replicas than needed (or send
+two replicas static into room for one). The admission budget is more careful on a
+real GPU: there a switch to dynamic counts only once an NVML reading shows the
+bytes freed, because a reading taken between the free and the replica's next report
+would otherwise count them twice and the budget would promise memory that is not
+there. (Virtual GPUs are summed from the same reports as the modes: exact both ways.)
+
 Restart safety: the actor is detached, restarted on failure and holds no state that
 replicas cannot resend; after a restart, the next reports rebuild its view and
 replicas keep serving in their current mode meanwhile. Budget held by a replica
@@ -22,7 +31,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from deployments.config import CoordinatorConfig
@@ -106,6 +115,10 @@ class CoordinatorState:
     def __init__(self, cfg: CoordinatorConfig) -> None:
         self.cfg = cfg
         self.policy = policy_config(cfg)
+        # A virtual GPU's use is exact bookkeeping: no CUDA contexts, allocator slack or
+        # reading lag for the headroom to absorb, and on a small virtual device it would
+        # leave no target at all.
+        self.virtual_policy = replace(self.policy, headroom_bytes=0)
         self.replicas: dict[str, _Replica] = {}
         self.gpus: dict[str, _Gpu] = {}
         self.history: deque[dict] = deque(maxlen=cfg.history_size)
@@ -117,6 +130,9 @@ class CoordinatorState:
     # -- inputs -----------------------------------------------------------------
 
     def observe(self, report: ReplicaReport, now_s: float) -> Directive:
+        # Expire first: a replica silent past the expiry comes back as new, whether or
+        # not anything looked at the view meanwhile.
+        self._expire(now_s)
         rep = self.replicas.get(report.replica_id)
         if rep is None:
             # New, or known before a coordinator restart: trust the replica's own mode.
@@ -132,7 +148,6 @@ class CoordinatorState:
         elif not report.virtual:
             # NVML failed where the replica runs: hold modes, never go static blind.
             gpu.known, gpu.last_error = False, report.reading_error
-        self._expire(now_s)
         self._decide_gpu(report.gpu, now_s)
         return Directive(rep.desired_mode, gpu.budget_bytes, rep.last_decision)
 
@@ -152,7 +167,12 @@ class CoordinatorState:
                 logger.info("replica %s silent for %.1f s: presumed dead", rid, now_s - rep.last_seen_s)
                 del self.replicas[rid]
 
-    def gpu_view(self, uuid: str) -> GpuView:
+    def policy_for(self, uuid: str) -> PolicyConfig:
+        gpu = self.gpus.get(uuid)
+        return self.virtual_policy if gpu is not None and gpu.virtual else self.policy
+
+    def measured_view(self, uuid: str) -> GpuView:
+        """The GPU as last read (virtual: summed from the reports), switches in flight not counted."""
         gpu = self.gpus[uuid]
         if gpu.virtual:
             members = [r.report for r in self.replicas.values() if r.report.gpu == uuid]
@@ -161,6 +181,27 @@ class CoordinatorState:
         if not gpu.known or gpu.reading is None:
             return GpuView(uuid=uuid, total_bytes=0, used_bytes=0, known=False)
         return GpuView(uuid=uuid, total_bytes=gpu.reading.total_bytes, used_bytes=gpu.reading.used_bytes)
+
+    def pending_bytes(self, uuid: str, *, count_frees: bool = True) -> int:
+        """Change in use that ordered but unconfirmed switches will bring (see the module docstring)."""
+        delta = 0
+        for rep in self.replicas.values():
+            r = rep.report
+            if r.gpu != uuid or rep.desired_mode == r.mode:
+                continue
+            if rep.desired_mode == MemoryMode.STATIC.value:
+                delta += r.context_bytes
+            elif count_frees:
+                delta -= r.held_bytes
+        return delta
+
+    def gpu_view(self, uuid: str, *, count_frees: bool = True) -> GpuView:
+        """The GPU as the policy sees it: measured use plus switches ordered but not yet done."""
+        view = self.measured_view(uuid)
+        if not view.known:
+            return view
+        pending = self.pending_bytes(uuid, count_frees=count_frees)
+        return replace(view, used_bytes=max(0, view.used_bytes + pending))
 
     def replica_views(self, uuid: str) -> list[ReplicaView]:
         views = []
@@ -173,14 +214,15 @@ class CoordinatorState:
                 pin=Pin(r.pin), weights_bytes=r.weights_bytes, context_bytes=r.context_bytes,
                 request_rate_per_s=r.request_rate_per_s, latency_static_s=r.latency_static_s,
                 latency_dynamic_s=r.latency_dynamic_s, in_flight=r.in_flight,
-                last_switch_s=rep.last_switch_s, alive=True, context_bytes_held=r.held_bytes,
+                last_switch_s=rep.last_switch_s, alive=True,
+                # Bytes of dynamic calls in flight; a static replica's held bytes are its block.
+                context_bytes_held=r.held_bytes if r.mode == MemoryMode.DYNAMIC.value else 0,
             ))
         return views
 
     def _decide_gpu(self, uuid: str, now_s: float) -> list[Decision]:
-        gview = self.gpu_view(uuid)
-        views = self.replica_views(uuid)
-        decisions = decide([gview], views, self.policy, now_s)
+        policy = self.policy_for(uuid)
+        decisions = decide([self.gpu_view(uuid)], self.replica_views(uuid), policy, now_s)
         for d in decisions:
             rep = self.replicas.get(d.replica_id)
             if rep is None:
@@ -196,8 +238,12 @@ class CoordinatorState:
             self.decisions_by_reason[key] = self.decisions_by_reason.get(key, 0) + 1
             logger.info("switch %s (%s) on %s to %s: %s (%+.0f MiB)", d.replica_id, rep.report.model, uuid,
                         d.new_mode.value, d.reason, d.bytes_delta / MiB)
-        self.gpus[uuid].budget_bytes = admission_capacity(gview, self.replica_views(uuid), self.policy) \
-            if gview.known else self.gpus[uuid].budget_bytes
+        # The budget follows the decisions just taken: a replica told to go dynamic gets
+        # a budget that already counts the static bytes it gives up (virtual GPUs).
+        budget_view = self.gpu_view(uuid, count_frees=self.gpus[uuid].virtual)
+        capacity = admission_capacity(budget_view, self.replica_views(uuid), policy)
+        if capacity is not None:
+            self.gpus[uuid].budget_bytes = capacity
         return decisions
 
     # -- output -----------------------------------------------------------------
@@ -207,6 +253,7 @@ class CoordinatorState:
         gpus = []
         for uuid, gpu in sorted(self.gpus.items()):
             view = self.gpu_view(uuid)
+            measured = self.measured_view(uuid)
             replicas = []
             for rep in self.replicas.values():
                 r = rep.report
@@ -223,8 +270,9 @@ class CoordinatorState:
                 })
             gpus.append({
                 "gpu": uuid, "virtual": gpu.virtual, "known": view.known,
-                "total_bytes": view.total_bytes, "used_bytes": view.used_bytes,
-                "pressure": (view.used_bytes / view.total_bytes) if view.known and view.total_bytes else None,
+                "total_bytes": view.total_bytes, "used_bytes": measured.used_bytes,
+                "projected_used_bytes": view.used_bytes,
+                "pressure": (measured.used_bytes / view.total_bytes) if view.known and view.total_bytes else None,
                 "external_bytes": gpu.external_bytes, "budget_bytes": gpu.budget_bytes,
                 "last_error": gpu.last_error, "replicas": sorted(replicas, key=lambda x: x["replica_id"]),
             })

@@ -2,9 +2,11 @@
 
 A daemon thread per replica sends a ``ReplicaReport`` every half poll interval and
 applies the answer: switch mode (after the call in flight) and set the GPU's shared
-admission budget. If the coordinator is unreachable (restarting, killed), the
-replica keeps serving in its current mode and tries again; nothing on the request
-path waits for the coordinator.
+admission budget. After a switch it reports again at once, so the coordinator sees
+the bytes freed or taken (and sets the budget from them) without waiting a turn.
+If the coordinator is unreachable (restarting, killed), the replica keeps serving
+in its current mode and tries again; nothing on the request path waits for the
+coordinator.
 """
 
 from __future__ import annotations
@@ -67,28 +69,30 @@ class CoordinatorClient:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            switched = False
             try:
-                self.report_once()
+                switched = self.report_once()
             except Exception as err:  # noqa: BLE001 - the coordinator may be restarting; keep serving
                 if self._last_error != str(err):
                     logger.warning("coordinator unreachable (%s); keeping mode %s", err,
                                    self.replica.engine.mode.value)
                 self._last_error = str(err)
                 self._handle = None
-            self._stop.wait(self.interval_s)
+            if not switched:
+                self._stop.wait(self.interval_s)
 
-    def report_once(self):
+    def report_once(self) -> bool:
+        """Report, apply the directive; return whether the replica switched mode."""
         import ray
 
         if self._handle is None:
             self._handle = get_or_create(self.cfg)
         report = self.build_report()
         directive = ray.get(self._handle.report.remote(report), timeout=max(5 * self.interval_s, 2.0))
-        self.apply(directive)
         self._last_ok_s = time.monotonic()
         self._last_error = None
         self._last_directive = directive
-        return directive
+        return self.apply(directive)
 
     def build_report(self) -> ReplicaReport:
         rep = self.replica
@@ -120,7 +124,8 @@ class CoordinatorClient:
             self._probe = None
             return None, str(err)
 
-    def apply(self, directive) -> None:
+    def apply(self, directive) -> bool:
+        """Set the budget and switch mode as told; return whether the mode changed."""
         rep = self.replica
         if directive.budget_bytes is not None:
             rep.admission.set_capacity(int(directive.budget_bytes))
@@ -129,3 +134,5 @@ class CoordinatorClient:
         if target and target != rep.engine.mode.value:
             logger.info("coordinator: %s -> %s (%s)", rep.engine.mode.value, target, directive.reason)
             rep.engine.set_mode(MemoryMode(target))
+            return True
+        return False
