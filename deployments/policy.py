@@ -109,6 +109,10 @@ class PolicyConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
 
+    def usable_bytes(self, total_bytes: int) -> int:
+        """What the card can give before it runs out: all of it but a small headroom."""
+        return total_bytes - min(self.headroom_bytes, total_bytes // 20)
+
     def target_bytes(self, total_bytes: int) -> int:
         return max(0, min(int(self.target * total_bytes), total_bytes - self.headroom_bytes))
 
@@ -294,13 +298,17 @@ def admission_capacity(gpu: GpuView, replicas: Sequence[ReplicaView], config: Po
 
     ::
 
-        capacity = max(0, target_bytes − used_bytes + held_by_dynamic_calls)
-        target_bytes = min(target × total, total − headroom_bytes)
+        capacity = max(0, usable_bytes − used_bytes + held_by_dynamic_calls)
+        usable_bytes = total − min(headroom_bytes, total / 20)
 
-    NVML's ``used`` already counts what dynamic calls in flight hold, so that is added
-    back: the budget covers all dynamic calls, those running included. The two figures
-    are read at slightly different moments; ``headroom_bytes`` absorbs the difference.
-    ``None`` for an unknown GPU: keep the budget as it is rather than guess.
+    The budget exists to prevent out-of-memory errors, so it follows what the card
+    really has free, not the policy's target: the target decides *modes* (how much
+    to leave for others), while a call that fits in free memory should run rather
+    than get a 503. NVML's ``used`` already counts what dynamic calls in flight hold,
+    so that is added back: the budget covers all dynamic calls, those running
+    included. The two figures are read at slightly different moments; the headroom
+    absorbs the difference (and the allocator's rounding). ``None`` for an unknown
+    GPU: keep the budget as it is rather than guess.
     """
     if not gpu.known or gpu.total_bytes <= 0:
         return None
@@ -309,4 +317,4 @@ def admission_capacity(gpu: GpuView, replicas: Sequence[ReplicaView], config: Po
         for r in replicas
         if r.alive and r.gpu_uuid == gpu.uuid and r.mode is MemoryMode.DYNAMIC
     )
-    return max(0, config.target_bytes(gpu.total_bytes) - gpu.used_bytes + held)
+    return max(0, config.usable_bytes(gpu.total_bytes) - gpu.used_bytes + held)

@@ -292,21 +292,23 @@ def test_pin_parse():
         Pin.parse("sometimes")
 
 
-# -- admission capacity: max(0, min(target × total, total − headroom) − used + held by dynamic calls)
+# -- admission capacity: max(0, total − min(headroom, total/20) − used + held by dynamic calls)
+USABLE = 80 * GiB - CFG.headroom_bytes  # 512 MiB headroom on an 80 GiB card
 CAPACITY = [
-    ("room below the target", gpu(50), [], 68 * GiB - 50 * GiB),
-    ("over the target: nothing", gpu(75), [], 0),
+    ("room below the target", gpu(50), [], USABLE - 50 * GiB),
+    ("over the target: what is really free, not nothing", gpu(75), [], USABLE - 75 * GiB),
+    ("full card: nothing", gpu(80), [], 0),
     (
         "dynamic calls in flight are added back",
         gpu(70),
         [rep("a", mode=D, held_gib=3), rep("b", mode=D, held_gib=0)],
-        68 * GiB - 70 * GiB + 3 * GiB,
+        USABLE - 70 * GiB + 3 * GiB,
     ),
     (
         "static holdings, dead and other GPUs' replicas are not added back",
         gpu(60),
         [rep("s", held_gib=2), rep("d", mode=D, held_gib=2, alive=False), rep("o", mode=D, held_gib=2, gpu_uuid="GPU-b")],
-        8 * GiB,
+        USABLE - 60 * GiB,
     ),
     ("unknown GPU: keep the budget as it is", gpu(0, known=False), [rep("a", mode=D, held_gib=1)], None),
 ]
