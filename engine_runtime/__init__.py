@@ -5,7 +5,7 @@ probes work in any Python process.
 """
 
 from engine_runtime.accounting import EngineStats, StatsSnapshot
-from engine_runtime.admission import Admission, UnboundedAdmission
+from engine_runtime.admission import Admission, SharedBudget, UnboundedAdmission
 from engine_runtime.engine import BaseEngine, Engine
 from engine_runtime.errors import (
     BatchTooLargeError,
@@ -23,6 +23,7 @@ from engine_runtime.errors import (
     UnknownInputError,
 )
 from engine_runtime.memory import ContextBlock, ContextMechanism, MemoryMode
+from engine_runtime.pressure import GpuPressure, NvmlProbe, PressureProbe, ProbeUnavailable, StaticProbe, VirtualProbe
 from engine_runtime.spec import EngineDescription, ShapeProfile, TensorSpec
 
 __all__ = [
@@ -39,16 +40,23 @@ __all__ = [
     "EngineDescription",
     "EngineLoadError",
     "EngineStats",
+    "GpuPressure",
     "InputDtypeError",
     "InputShapeError",
     "InputValueError",
     "InvalidInputError",
     "MemoryMode",
     "MissingInputError",
+    "NvmlProbe",
     "PlanIncompatibleError",
+    "PressureProbe",
+    "ProbeUnavailable",
     "ShapeProfile",
+    "SharedBudget",
+    "StaticProbe",
     "StatsSnapshot",
     "TensorSpec",
     "UnboundedAdmission",
     "UnknownInputError",
+    "VirtualProbe",
 ]
