@@ -68,11 +68,32 @@ def _group_for_engine(requests: list[dict[str, np.ndarray]], max_batch: int) -> 
     return groups
 
 
+def _log_to_replica_file() -> None:
+    """Send Ebb's own loggers to this replica's Serve log file.
+
+    In a replica Serve configures only its ``ray.serve`` logger (a file handler, no
+    propagation); records of other loggers below WARNING were dropped, so mode
+    switches, memory releases and the engine's close left no trace in any log.
+    """
+    serve_handlers = logging.getLogger("ray.serve").handlers
+    for name in ("deployments", "engine_runtime"):
+        ebb_logger = logging.getLogger(name)
+        if ebb_logger.level == logging.NOTSET or ebb_logger.level > logging.INFO:
+            ebb_logger.setLevel(logging.INFO)
+        for handler in serve_handlers:
+            if handler not in ebb_logger.handlers:
+                ebb_logger.addHandler(handler)
+        # Serve sends stderr, where the root logger's last-resort handler writes, to the
+        # same file: propagating would log every warning twice.
+        ebb_logger.propagate = not serve_handlers
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
 class ModelDeployment:
     """One engine per replica. Call ``infer`` through a handle or over HTTP (the ingress)."""
 
     def __init__(self, model: dict, app: dict) -> None:
+        _log_to_replica_file()
         self.model = ModelConfig.model_validate(model)
         self.app = AppConfig.model_validate(app)
         self.gpu = current_replica_gpu()
@@ -147,6 +168,8 @@ class ModelDeployment:
             "pin": self.pin,
             "mechanism": self.engine.mechanism.value,
             "loaded": self.engine.loaded,
+            "closed": self.engine.closed,
+            "batching": dict(self._batching),
             "stats": self.engine.stats().to_dict(),
             "coordinator": self.client.last_contact(),
         }
@@ -155,8 +178,11 @@ class ModelDeployment:
 
     def _configure_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         # Serve counts requests, each of at least one sample: cap by the engine's max batch.
-        self._batched.set_max_batch_size(max(1, min(max_batch_size, self.desc.max_batch)))
+        max_batch_size = max(1, min(max_batch_size, self.desc.max_batch))
+        self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # Serve's batch wrapper has no public getters: keep what was applied, for status().
+        self._batching = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply ``user_config``: ``mode``, ``pin``, ``max_batch_size``, ``batch_wait_timeout_s``."""
@@ -195,3 +221,7 @@ class ModelDeployment:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+            held = engine.stats().context_bytes_held
+            log = logger.warning if held else logger.info
+            log("replica %s of %s shut down: engine closed, %.1f MiB (%d bytes) of context memory still held",
+                getattr(self, "replica_id", "?"), self.model.name, held / 2**20, held)
