@@ -19,6 +19,8 @@ REAL = "GPU-11111111-2222-3333-4444-555555555555"
 OTHER = "GPU-99999999-8888-7777-6666-555555555555"
 VGPU = "vgpu-node0-0"
 CFG = CoordinatorConfig(poll_interval_s=0.2, min_dwell_s=1.0, virtual_gpu_memory_bytes=1 * GiB)
+#: What an 80 GiB card may give dynamic calls in all: everything but the headroom.
+USABLE = 80 * GiB - 512 * MiB
 
 
 def reading(used_gib: float, uuid: str = REAL, total_gib: float = 80.0) -> GpuPressure:
@@ -181,12 +183,13 @@ def test_external_bytes_drive_a_virtual_gpu_both_ways():
 
 
 def test_a_small_virtual_gpu_has_a_target_no_headroom():
-    # The 512 MiB headroom is for real cards; it would leave a 256 MiB virtual GPU no target.
+    # The 512 MiB headroom is for real cards; it would leave a 256 MiB virtual GPU no
+    # target (nothing could ever go static) and eat into its budget.
     cfg = CoordinatorConfig(virtual_gpu_memory_bytes=256 * MiB, poll_interval_s=0.2)
     state = CoordinatorState(cfg)
     d = state.observe(report("a", "dynamic", gpu=VGPU, ctx=4 * MiB, weights=40 * MiB), 0.0)
     assert d.mode == "static"
-    assert d.budget_bytes == int(0.85 * 256 * MiB) - (40 + 4) * MiB
+    assert d.budget_bytes == 256 * MiB - (40 + 4) * MiB
 
 
 def test_gpus_decide_separately():
@@ -226,7 +229,7 @@ def test_nvml_failing_holds_every_mode(used_gib):
     state = CoordinatorState(CFG)
     state.observe(report("s", "static", used_gib=65), 0.0)
     first = state.observe(report("d", "dynamic", used_gib=65), 0.0)
-    assert first.budget_bytes == int(0.85 * 80 * GiB) - 65 * GiB
+    assert first.budget_bytes == USABLE - 65 * GiB
     # NVML starts failing on that card; whatever the (stale) figures were, nothing moves,
     # and the budget keeps its last value rather than guess.
     for t in (2.0, 2.2, 2.4):
@@ -259,19 +262,19 @@ def test_every_directive_carries_the_gpus_budget():
     assert isinstance(d, Directive)
     view = state.gpu_view(REAL)
     assert d.budget_bytes == admission_capacity(view, state.replica_views(REAL), state.policy)
-    # target 68 GiB - used 66 GiB + 1 GiB held by the call in flight
-    assert d.budget_bytes == int(0.85 * 80 * GiB) - 66 * GiB + 1 * GiB
+    # usable - used 66 GiB + 1 GiB held by the call in flight
+    assert d.budget_bytes == USABLE - 66 * GiB + 1 * GiB
     assert gpu_status(state, REAL, 0.0)["budget_bytes"] == d.budget_bytes
 
 
 def test_a_replica_told_to_go_dynamic_gets_the_budget_after_the_switch():
-    # Virtual 1 GiB: target 870.4 MiB. Static use 100 + 300 + 600 = 1000 MiB > 921.6 MiB (90 %).
+    # Virtual 1 GiB: static use 100 + 300 + 600 = 1000 MiB > 921.6 MiB (90 %).
     state = CoordinatorState(CFG)
     state.inject_external_bytes(VGPU, 600 * MiB)
     d = state.observe(report("a", gpu=VGPU, ctx=300 * MiB, weights=100 * MiB), 0.0)
     assert d.mode == "dynamic"
-    # The budget already counts the 300 MiB it gives up: 870.4 - 700 MiB.
-    assert d.budget_bytes == int(0.85 * GiB) - 700 * MiB
+    # The budget already counts the 300 MiB it gives up: 1024 - 700 MiB, not 1024 - 1000.
+    assert d.budget_bytes == 1 * GiB - 700 * MiB
 
 
 def test_history_is_bounded_and_every_decision_explained():
@@ -308,10 +311,10 @@ def test_forget_removes_a_replica_at_once():
 
 def test_on_a_real_gpu_the_budget_counts_a_free_once_nvml_shows_it():
     # 73 GiB of 80 (> 72): going dynamic frees 8 GiB. Until a reading shows them freed
-    # the budget stays at max(0, 68 - 73) = 0; the decision itself already counts them.
+    # the budget counts them as used; the decision itself already counts them freed.
     state = CoordinatorState(CFG)
     d = state.observe(report("a", used_gib=73, ctx=8 * GiB), 0.0)
-    assert (d.mode, d.budget_bytes) == ("dynamic", 0)
+    assert (d.mode, d.budget_bytes) == ("dynamic", USABLE - 73 * GiB)
     assert state.gpu_view(REAL).used_bytes == 65 * GiB
     d = state.observe(report("a", "dynamic", used_gib=65, ctx=8 * GiB), 0.1)
-    assert (d.mode, d.budget_bytes) == ("dynamic", int(0.85 * 80 * GiB) - 65 * GiB)
+    assert (d.mode, d.budget_bytes) == ("dynamic", USABLE - 65 * GiB)
