@@ -87,7 +87,9 @@ class VmmArena:
     def __init__(self, device: int, reserve_bytes: int, source: PhysicalSource | None = None,
                  deadline_s: float = 5.0) -> None:
         self.device = device
-        self.granularity = _cuda.granularity(device)
+        # A pool leases whole chunks and each is mapped whole, so windows and sizes are
+        # counted in chunks when the source has them.
+        self.granularity = max(_cuda.granularity(device), int(getattr(source, "chunk_bytes", 0) or 0))
         self.reserved_bytes = _cuda.round_up(max(int(reserve_bytes), 1), self.granularity)
         self.source: PhysicalSource = source or OwnedPhysical(device)
         self.deadline_s = deadline_s
@@ -107,54 +109,57 @@ class VmmArena:
         block = self._mapped
         return 0 if block is None or block.released else block.nbytes
 
-    def allocate(self, nbytes: int, offsets: Sequence[int] = (0,)) -> ContextBlock:
+    def allocate(self, nbytes: int, offsets: Sequence[int] = (0,),
+                 source: PhysicalSource | None = None) -> ContextBlock:
         """Map ``nbytes`` (rounded up to the granularity) of one physical allocation at
         ``base + offset`` for every offset.
 
         Several offsets map the *same* physical memory at several addresses: PyTorch's
         caching allocator keys blocks by address, so graphs captured for different
         batch sizes need disjoint address windows, yet only one runs at a time and they
-        can share one physical backing.
+        can share one physical backing. Each physical piece is mapped whole (CUDA
+        refuses to map part of an allocation: CUDA_ERROR_NOT_SUPPORTED, seen on an
+        H200), so a pooled lease of whole chunks may map a little more than asked.
+        ``source`` overrides the arena's own for this mapping (graph capture maps memory
+        of its own rather than draining the shared pool).
         """
         n = _cuda.round_up(max(int(nbytes), 1), self.granularity)
-        for off in offsets:
-            if off % self.granularity or off < 0 or off + n > self.reserved_bytes:
-                raise EbbInternalError(
-                    f"arena window at +{off / MiB:.0f} MiB of {n / MiB:.0f} MiB does not fit the "
-                    f"{self.reserved_bytes / MiB:.0f} MiB reserved (granularity {self.granularity})")
         with self._lock:
             if self._mapped is not None and not self._mapped.released:
                 raise EbbInternalError("arena is already mapped; a second mapping would alias the first")
-            lease = self.source.acquire(n, self.deadline_s)
+            lease = (source or self.source).acquire(n, self.deadline_s)
+            span = sum(size for _, size in lease.pieces)
             done: list[int] = []
             try:
+                for off in offsets:
+                    if off % self.granularity or off < 0 or off + span > self.reserved_bytes:
+                        raise EbbInternalError(
+                            f"arena window at +{off / MiB:.0f} MiB of {span / MiB:.0f} MiB does not fit the "
+                            f"{self.reserved_bytes / MiB:.0f} MiB reserved (granularity {self.granularity})")
                 with _cuda.device(self.device):
                     for off in offsets:
-                        self._map_window(off, n, lease)
+                        self._map_window(off, span, lease)
                         done.append(off)
             except BaseException:
                 with _cuda.device(self.device):
                     for off in done:
-                        _cuda.mem_unmap(self.base + off, n)
+                        _cuda.mem_unmap(self.base + off, span)
                 lease.release()
                 raise
-            block = ContextBlock(self.base + offsets[0], n,
+            block = ContextBlock(self.base + offsets[0], span,
                                  lambda b, lease=lease, offs=tuple(offsets): self._unmap(b, lease, offs))
             self._mapped = block
             return block
 
-    def _map_window(self, offset: int, n: int, lease: PhysicalLease) -> None:
+    def _map_window(self, offset: int, span: int, lease: PhysicalLease) -> None:
         addr = self.base + offset
         mapped = 0
         try:
             for handle, size in lease.pieces:
-                if mapped >= n:
-                    break
-                take = min(size, n - mapped)
-                _cuda.mem_map(addr + mapped, take, handle)
-                mapped += take
+                _cuda.mem_map(addr + mapped, size, handle)
+                mapped += size
             # One access call over the whole window: cheaper than one per piece.
-            _cuda.set_access(self.device, addr, n)
+            _cuda.set_access(self.device, addr, span)
         except BaseException:
             if mapped:
                 _cuda.mem_unmap(addr, mapped)
