@@ -41,6 +41,8 @@ class StatsSnapshot:
     latency_p50_s: dict[str, float] = field(default_factory=dict)
     latency_p99_s: dict[str, float] = field(default_factory=dict)
     request_rate_per_s: float = 0.0
+    #: Dynamic calls whose admission had to wait for bytes (or for their turn).
+    admission_waits: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +67,7 @@ class EngineStats:
         self._acq_total = 0.0
         self.calls = {"ok": 0, "invalid": 0, "unavailable": 0, "failed": 0}
         self.in_flight = 0
+        self.admission_waits = 0
         self._lat: dict[MemoryMode, deque] = {m: deque(maxlen=self.WINDOW) for m in MemoryMode}
         self._arrivals: deque[float] = deque(maxlen=4096)
 
@@ -76,6 +79,18 @@ class EngineStats:
             self.acquisitions += 1
             self._acq.append(seconds)
             self._acq_total += seconds
+
+    def admission_waited(self) -> None:
+        with self._lock:
+            self.admission_waits += 1
+
+    def acquisition_durations_since(self, seen: int) -> tuple[int, list[float]]:
+        """``(acquisitions now, durations of those after the first seen)``, for metrics
+        that observe each acquisition once; at most the window's worth come back."""
+        with self._lock:
+            new = max(0, self.acquisitions - seen)
+            samples = list(self._acq)[-new:] if new else []
+            return self.acquisitions, samples
 
     def released(self, nbytes: int) -> None:
         with self._lock:
@@ -116,4 +131,5 @@ class EngineStats:
                 latency_p50_s={m: _percentile(v, 0.5) for m, v in lat.items() if v},
                 latency_p99_s={m: _percentile(v, 0.99) for m, v in lat.items() if v},
                 request_rate_per_s=recent / self.RATE_WINDOW_S,
+                admission_waits=self.admission_waits,
             )

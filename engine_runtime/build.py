@@ -89,7 +89,7 @@ class BuildResult:
 
 
 def cache_key(model_digest: str, profiles: Mapping[str, ShapeProfile], precision: Precision,
-              tensorrt_tag: str, target: str) -> str:
+              tensorrt_tag: str, target: str, refittable: bool = False) -> str:
     """A stable name for a plan: any change to what goes into the build changes it."""
     doc = {
         "model": model_digest,
@@ -99,6 +99,9 @@ def cache_key(model_digest: str, profiles: Mapping[str, ShapeProfile], precision
         "target": target,
         "builder": BUILDER_REVISION,
     }
+    if refittable:
+        # Only when set, so plans cached before the option existed keep their keys.
+        doc["refittable"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -322,7 +325,7 @@ def _progress_monitor(trt: _trt.TensorRT) -> Any:
 
 def _build_plan(trt: _trt.TensorRT, onnx_bytes: bytes, profiles: Mapping[str, ShapeProfile],
                 precision: Precision, target: str, requested_target: str, progress: bool,
-                onnx_path: Path | None) -> bytes:
+                onnx_path: Path | None, refittable: bool = False) -> bytes:
     mod = trt.module
     log = _trt.make_logger(trt)
     builder = mod.Builder(log)
@@ -348,6 +351,8 @@ def _build_plan(trt: _trt.TensorRT, onnx_bytes: bytes, profiles: Mapping[str, Sh
     config.add_optimization_profile(profile)
     _set_precision(trt, config, onnx_bytes, precision)
     _set_target(trt, config, target, requested_target)
+    if refittable:
+        _set_refittable(trt, config)
     if progress:
         monitor = _progress_monitor(trt)
         if monitor is not None:
@@ -375,6 +380,15 @@ def _set_precision(trt: _trt.TensorRT, config: Any, onnx_bytes: bytes, precision
     config.set_flag(builder_flag)
 
 
+def _set_refittable(trt: _trt.TensorRT, config: Any) -> None:
+    """REFIT: the plan keeps its weights replaceable in place (``TensorRTEngine.update_weights``)."""
+    flag = getattr(trt.module.BuilderFlag, "REFIT", None)
+    if flag is None:
+        raise EngineBuildError(f"{trt.flavour} {trt.version} has no REFIT builder flag: it cannot build "
+                               f"refittable engines; build without refittable and redeploy to change weights")
+    config.set_flag(flag)
+
+
 def _default_progress() -> bool:
     return sys.stderr.isatty()
 
@@ -387,6 +401,7 @@ def build_from_onnx(
     target: str = "current",
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
+    refittable: bool = False,
 ) -> BuildResult:
     """Build (or fetch from ``cache_dir``) a plan for an ONNX model.
 
@@ -401,7 +416,8 @@ def build_from_onnx(
         raise EngineBuildError(f"cannot read ONNX model {onnx_path}: {err}") from err
     prec = Precision.parse(precision) if precision is not None else (onnx_precision(onnx_bytes) or Precision.FP32)
     return _build_cached(onnx_digest(onnx_bytes), lambda: onnx_bytes, profiles=profiles, precision=prec,
-                         target=target, cache_dir=cache_dir, progress=progress, onnx_path=onnx_path)
+                         target=target, cache_dir=cache_dir, progress=progress, onnx_path=onnx_path,
+                         refittable=refittable)
 
 
 def build_from_module(
@@ -415,6 +431,7 @@ def build_from_module(
     target: str = "current",
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
+    refittable: bool = False,
 ) -> BuildResult:
     """Export a single-input module to ONNX with a dynamic batch axis, then build it.
 
@@ -430,7 +447,7 @@ def build_from_module(
                            output_name=output_name, precision=prec)
 
     return _build_cached(digest, export, profiles={input_name: profile}, precision=prec, target=target,
-                         cache_dir=cache_dir, progress=progress, onnx_path=None)
+                         cache_dir=cache_dir, progress=progress, onnx_path=None, refittable=refittable)
 
 
 def export_onnx(module: Any, *, input_name: str, input_dtype: str, profile: ShapeProfile,
@@ -466,11 +483,11 @@ def export_onnx(module: Any, *, input_name: str, input_dtype: str, profile: Shap
 
 def _build_cached(model_digest: str, get_onnx, *, profiles: Mapping[str, ShapeProfile], precision: Precision,
                   target: str, cache_dir: str | os.PathLike[str] | None, progress: bool | None,
-                  onnx_path: Path | None) -> BuildResult:
+                  onnx_path: Path | None, refittable: bool = False) -> BuildResult:
     trt = _trt.load()
     requested = parse_target(target)
     concrete = resolve_target(trt, requested)
-    key = cache_key(model_digest, profiles, precision, trt.tag, concrete)
+    key = cache_key(model_digest, profiles, precision, trt.tag, concrete, refittable)
     cache = EngineCache(cache_dir) if cache_dir is not None else None
     t0 = time.perf_counter()
     if cache is not None:
@@ -481,12 +498,12 @@ def _build_cached(model_digest: str, get_onnx, *, profiles: Mapping[str, ShapePr
             return BuildResult(plan, key, True, time.perf_counter() - t0, cache.plan_path(key), meta)
     onnx_bytes = get_onnx()
     plan = _build_plan(trt, onnx_bytes, profiles, precision, concrete, requested,
-                       _default_progress() if progress is None else progress, onnx_path)
+                       _default_progress() if progress is None else progress, onnx_path, refittable)
     seconds = time.perf_counter() - t0
     meta = {
         "key": key, "model": model_digest, "precision": precision.value, "target": concrete,
         "tensorrt": trt.tag, "profiles": {k: v.to_dict() for k, v in profiles.items()},
-        "build_s": round(seconds, 3),
+        "build_s": round(seconds, 3), "refittable": refittable,
     }
     logger.info("built %s engine for %s with %s in %.1f s (%.1f MiB)", precision.value, concrete, trt.tag,
                 seconds, len(plan) / MiB)
@@ -519,6 +536,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("EBB_ENGINE_CACHE", "~/.cache/ebb/engines")),
                    help="engine cache directory (env EBB_ENGINE_CACHE)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--refittable", action="store_true",
+                   help="build with TensorRT's REFIT flag, so replicas can take new weights in place")
     return p
 
 
@@ -535,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             onnx_bytes = args.onnx.read_bytes()
             profiles = {**profiles_from_onnx(onnx_bytes, args.min_batch, opt, args.max_batch), **shapes}
             result = build_from_onnx(args.onnx, profiles=profiles, precision=args.precision, target=args.target,
-                                     cache_dir=args.cache_dir, progress=progress)
+                                     cache_dir=args.cache_dir, progress=progress, refittable=args.refittable)
         else:
             from engine_runtime.models import build as build_model
 
@@ -546,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = build_from_module(model.module, input_name=model.input_name, input_dtype=model.input_dtype,
                                        profile=profile, output_name=model.output_name,
                                        precision=args.precision or Precision.FP32, target=args.target,
-                                       cache_dir=args.cache_dir, progress=progress)
+                                       cache_dir=args.cache_dir, progress=progress, refittable=args.refittable)
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             _write_atomic(args.out, result.plan)

@@ -26,6 +26,7 @@ from engine_runtime.errors import (
     EbbInternalError,
     EngineClosedError,
     InvalidInputError,
+    WeightsUpdateError,
 )
 from engine_runtime.memory import ContextBlock, ContextMechanism, MemoryMode, MiB
 from engine_runtime.spec import EngineDescription, validate_inputs
@@ -33,6 +34,10 @@ from engine_runtime.spec import EngineDescription, validate_inputs
 logger = logging.getLogger(__name__)
 
 Tensors = Mapping[str, Any]
+
+#: An admission that took longer than this counts as a wait (the uncontended path
+#: of a shared budget is a lock and a few words: microseconds).
+ADMISSION_WAIT_S = 1e-3
 
 
 @runtime_checkable
@@ -69,6 +74,10 @@ class Engine(Protocol):
     def loaded(self) -> bool: ...
 
     def stats(self) -> StatsSnapshot: ...
+
+    def update_weights(self, weights: Mapping[str, Any]) -> None:
+        """Replace the weights in place between two calls (all of them or none)."""
+        ...
 
     def warm(self) -> None: ...
 
@@ -130,8 +139,26 @@ class BaseEngine(ABC):
     def stats(self) -> StatsSnapshot:
         return self._stats.snapshot()
 
+    def acquisition_durations_since(self, seen: int) -> tuple[int, list[float]]:
+        """Acquisitions so far and the durations (s) of those after the first ``seen``."""
+        return self._stats.acquisition_durations_since(seen)
+
     def warm(self) -> None:
         self._ensure_loaded()
+
+    def update_weights(self, weights: Mapping[str, Any]) -> None:
+        """Replace the weights in place, between two calls: a call sees all old or all new.
+
+        Holds the call lock, so the call in flight finishes first and the next waits
+        for the update. Raises ``WeightsUpdateError`` (engine unchanged) when the names,
+        shapes or dtypes do not match the engine's, or the backend cannot update.
+        """
+        with self._call_lock:
+            self._check_open()
+            t0 = time.perf_counter()
+            self._update_weights_impl(dict(weights))
+            logger.info("engine %s: updated %d weight tensors in %.0f ms", self.name, len(weights),
+                        (time.perf_counter() - t0) * 1e3)
 
     def set_mode(self, mode: MemoryMode | str) -> MemoryMode:
         new = MemoryMode.parse(mode)
@@ -216,8 +243,11 @@ class BaseEngine(ABC):
         ``allocate(nbytes) -> ContextBlock`` is the backend's allocator. The caller must
         have finished (synchronised) its GPU work before the ``with`` block ends.
         """
+        t_admit = time.perf_counter()
         with self.admission.reserve(nbytes, self.admission_deadline_s):
             t0 = time.perf_counter()
+            if t0 - t_admit > ADMISSION_WAIT_S:
+                self._stats.admission_waited()
             block = allocate(nbytes)
             self._stats.acquired(block.nbytes, time.perf_counter() - t0)
             try:
@@ -298,6 +328,10 @@ class BaseEngine(ABC):
     def _release_static_impl(self, block: ContextBlock | None) -> None:
         """Give up static memory the backend manages itself; ``block`` (if any) is
         released by the caller right after."""
+
+    def _update_weights_impl(self, weights: dict[str, Any]) -> None:
+        """Write new weights into the loaded (or not yet loaded) model; the call lock is held."""
+        raise WeightsUpdateError(self.name, f"the {type(self).__name__} backend cannot update weights in place")
 
     @abstractmethod
     def _close_impl(self) -> None: ...

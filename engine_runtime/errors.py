@@ -116,3 +116,25 @@ class ContextMemoryUnavailable(EbbError):
             f"context memory unavailable{loc}: requested {self.requested_bytes / 2**20:.1f} MiB, "
             f"free {self.free_bytes / 2**20:.1f} MiB after waiting {self.waited_s * 1e3:.0f} ms"
         )
+
+
+class WeightsUpdateError(EbbError):
+    """New weights were refused; the engine keeps serving its previous weights unchanged.
+
+    ``missing``, ``unexpected`` and ``mismatched`` name the offending tensors (the last
+    as ``name: expected vs got``), so a caller sees every problem at once.
+    """
+
+    def __init__(self, engine: str, why: str, *, missing: list[str] = (), unexpected: list[str] = (),
+                 mismatched: list[str] = ()):
+        self.engine = engine
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+        parts = [why]
+        for label, names in (("missing", self.missing), ("unexpected", self.unexpected),
+                             ("mismatched", self.mismatched)):
+            if names:
+                shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+                parts.append(f"{label}: {shown}")
+        super().__init__(f"engine {engine!r}: weights update refused: " + "; ".join(parts))

@@ -26,9 +26,9 @@ from torch import nn
 
 from engine_runtime import _cuda, _graph_arena
 from engine_runtime.admission import Admission
-from engine_runtime.arena import PhysicalSource, VmmArena
+from engine_runtime.arena import OwnedPhysical, PhysicalSource, VmmArena
 from engine_runtime.engine import BaseEngine
-from engine_runtime.errors import EngineLoadError
+from engine_runtime.errors import EngineLoadError, WeightsUpdateError
 from engine_runtime.memory import ContextBlock, ContextMechanism, HostAccountingAllocator, MemoryMode, MiB
 from engine_runtime.models import build
 from engine_runtime.spec import EngineDescription, ShapeProfile, TensorSpec, batch_of
@@ -211,14 +211,15 @@ class PyTorchEngine(BaseEngine):
                 self._module(self._sample(b))
         self._stream.synchronize()
         peak = torch.cuda.max_memory_allocated(self._device) - base_alloc
-        gran = _cuda.granularity(index)
+        # Windows are counted in the physical source's chunks when it has them (a pool).
+        gran = max(_cuda.granularity(index), int(getattr(self._physical_source, "chunk_bytes", 0) or 0))
         window = _cuda.round_up(2 * peak + 256 * MiB, gran)
         offsets = [i * window for i in range(len(sizes))]
         self._arena = VmmArena(index, window * len(sizes), self._physical_source,
                                deadline_s=self.admission_deadline_s)
         with _graph_arena.capture_lock:
             # One physical backing behind every window while capturing; released right after.
-            block = self._arena.allocate(window, offsets)
+            block = self._arena.allocate(window, offsets, source=OwnedPhysical(index))
             try:
                 for b, offset in zip(sizes, offsets):
                     lib.set_range(self._arena.base + offset, window)
@@ -244,6 +245,43 @@ class PyTorchEngine(BaseEngine):
         logger.info("engine %s: captured %d graphs in a %.0f MiB arena; context %s MiB by batch",
                     self.name, len(self._buckets), self._arena.reserved_bytes / MiB,
                     {b: round(k.context_bytes / MiB) for b, k in self._buckets.items()})
+
+    # -- weights ----------------------------------------------------------------
+
+    def _update_weights_impl(self, weights: dict[str, Any]) -> None:
+        # Copied into the existing parameter and buffer tensors, never swapped for new
+        # ones: captured CUDA graphs read the weights at fixed addresses, so they stay
+        # valid and need no recapture. Everything is checked before the first copy, so
+        # a refused update leaves the old weights whole.
+        module = self._module_cpu()
+        targets = module.state_dict(keep_vars=False)
+        sources: dict[str, torch.Tensor] = {}
+        mismatched = []
+        for name, target in targets.items():
+            if name not in weights:
+                continue
+            src = weights[name]
+            src = src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src))
+            if tuple(src.shape) != tuple(target.shape):
+                mismatched.append(f"{name}: {list(target.shape)} vs {list(src.shape)}")
+            elif src.is_floating_point() != target.is_floating_point():
+                mismatched.append(f"{name}: {target.dtype} vs {src.dtype}")
+            else:
+                sources[name] = src
+        missing = sorted(set(targets) - set(weights))
+        unexpected = sorted(set(weights) - set(targets))
+        if missing or unexpected or mismatched:
+            raise WeightsUpdateError(self.name, "the new weights do not match the model's",
+                                     missing=missing, unexpected=unexpected, mismatched=mismatched)
+        with torch.no_grad():
+            if self._device is not None and self._device.type == "cuda":
+                with torch.cuda.stream(self._stream):
+                    for name, src in sources.items():
+                        targets[name].copy_(src)
+                self._stream.synchronize()
+            else:
+                for name, src in sources.items():
+                    targets[name].copy_(src)
 
     # -- running ----------------------------------------------------------------
 

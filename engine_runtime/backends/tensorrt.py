@@ -8,6 +8,7 @@ DYNAMIC runs on a ``USER_MANAGED`` context that owns no activation memory. Each 
 set the input shapes, ask ``update_device_memory_size_for_shapes()`` for the exact
 bytes these shapes need (not the profile maximum), acquire that much through
 ``BaseEngine.dynamic_context`` (a stable-address VMM arena where the GPU supports it,
+its physical memory leased from the GPU's pool when a ``physical_source`` is given,
 ``cudaMalloc`` otherwise), ``set_device_memory``, bind I/O, ``execute_async_v3`` on
 this engine's own (non-default) stream, synchronise that stream, then release. Nothing
 is held between calls.
@@ -28,6 +29,7 @@ import numpy as np
 
 from engine_runtime import _trt
 from engine_runtime.admission import Admission
+from engine_runtime.arena import PhysicalSource
 from engine_runtime.engine import BaseEngine
 from engine_runtime.errors import (
     ContextMemoryUnavailable,
@@ -35,6 +37,7 @@ from engine_runtime.errors import (
     EngineLoadError,
     InputShapeError,
     PlanIncompatibleError,
+    WeightsUpdateError,
 )
 from engine_runtime.memory import (
     ContextAllocator,
@@ -111,14 +114,17 @@ class CudaDevice:
     def data_ptr(self, tensor: Any) -> int:
         return int(tensor.data_ptr())
 
-    def allocator(self, max_bytes: int, deadline_s: float) -> ContextAllocator:
-        """A stable-address arena sized for the largest shapes where VMM exists, else cudaMalloc."""
+    def allocator(self, max_bytes: int, deadline_s: float, source: PhysicalSource | None = None) -> ContextAllocator:
+        """A stable-address arena sized for the largest shapes where VMM exists, else cudaMalloc.
+
+        With a ``source`` (the GPU's pool) the arena is required: a pool lends VMM memory.
+        """
         from engine_runtime import _cuda
 
-        if _cuda.vmm_supported(self.index):
+        if source is not None or _cuda.vmm_supported(self.index):
             from engine_runtime.arena import VmmArena
 
-            return VmmArena(self.index, max_bytes, deadline_s=deadline_s)
+            return VmmArena(self.index, max_bytes, source, deadline_s=deadline_s)
         return CudaMallocAllocator(self.index)
 
     def free_bytes(self) -> int:
@@ -149,6 +155,7 @@ class TensorRTEngine(BaseEngine):
         admission_deadline_s: float = 5.0,
         reject_non_finite: bool = True,
         description: EngineDescription | None = None,
+        physical_source: PhysicalSource | None = None,
     ) -> None:
         super().__init__(name, mode=mode, admission=admission, admission_deadline_s=admission_deadline_s,
                          reject_non_finite=reject_non_finite)
@@ -170,6 +177,7 @@ class TensorRTEngine(BaseEngine):
         self._dynamic_ctx: Any = None
         self._stream: Any = None
         self._allocator: ContextAllocator | None = None
+        self._physical_source = physical_source
 
     # -- plan and engine ----------------------------------------------------------
 
@@ -305,8 +313,10 @@ class TensorRTEngine(BaseEngine):
         try:
             with self._device.scope():
                 self._stream = self._device.new_stream()
+                # The source goes only where one is given: a device's allocator() need not take it.
+                source = {} if self._physical_source is None else {"source": self._physical_source}
                 self._allocator = self._device.allocator(int(engine.device_memory_size_v2),
-                                                         self.admission_deadline_s)
+                                                         self.admission_deadline_s, **source)
         except BaseException:
             self._close_impl()
             raise
@@ -354,6 +364,44 @@ class TensorRTEngine(BaseEngine):
         # Reverse order of creation: the engine before the runtime that made it.
         self._engine = None
         self._runtime = None
+
+    # -- weights ----------------------------------------------------------------
+
+    def _update_weights_impl(self, weights: dict[str, Any]) -> None:
+        """Refit: new values for every refittable weight, written into the engine in place.
+
+        Only plans built with the REFIT builder flag can be refitted (``ebb build
+        --refittable``); TensorRT checks each weight's size and type as it is set, and
+        nothing reaches the engine before every weight was accepted. Execution contexts
+        survive a refit, so both modes keep their contexts.
+        """
+        engine = self._deserialized()
+        if not getattr(engine, "refittable", False):
+            raise WeightsUpdateError(self.name, f"plan {self._source()} was not built refittable; rebuild it "
+                                     f"with the REFIT builder flag (ebb build --refittable)")
+        refitter = self._trt.module.Refitter(engine, self._logger)
+        known = set(refitter.get_all_weights())
+        missing = sorted(known - set(weights))
+        unexpected = sorted(set(weights) - known)
+        if missing or unexpected:
+            raise WeightsUpdateError(self.name, "the names must be the engine's refittable weights",
+                                     missing=missing, unexpected=unexpected)
+        # TensorRT reads the host arrays during refit_cuda_engine(): keep them alive until then.
+        arrays = {name: _host_array(value) for name, value in weights.items()}
+        mismatched = [f"{name}: {_join(self._logger.take_errors())}" for name, array in arrays.items()
+                      if not refitter.set_named_weights(name, self._trt.module.Weights(array))]
+        if mismatched:
+            raise WeightsUpdateError(self.name, "TensorRT refused weights", mismatched=mismatched)
+        still = list(refitter.get_missing_weights())
+        if still:
+            raise WeightsUpdateError(self.name, "TensorRT needs more weights for this refit", missing=still)
+        if self._stream is not None:
+            self._device.synchronize(self._stream)
+        with self._device.scope():
+            ok = refitter.refit_cuda_engine()
+        if not ok:
+            raise WeightsUpdateError(self.name, "refit_cuda_engine failed: " + _join(self._logger.take_errors()))
+        del arrays
 
     # -- running ----------------------------------------------------------------
 
@@ -409,6 +457,13 @@ class TensorRTEngine(BaseEngine):
         if not ctx.execute_async_v3(self._device.stream_handle(stream)):
             raise EbbInternalError(f"engine {self.name!r}: execute_async_v3 failed: "
                                    + _join(self._logger.take_errors()))
+
+
+def _host_array(value: Any) -> np.ndarray:
+    """A contiguous host numpy array of ``value`` (numpy or a torch tensor, on any device)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.ascontiguousarray(value)
 
 
 def _dims(dims: Any) -> tuple[int, ...]:

@@ -186,3 +186,43 @@ def test_batch_over_max_and_close():
     with pytest.raises(EngineClosedError):
         eng.infer({"input": _images(1)})
     assert eng.stats().context_bytes_held == 0
+
+
+# -- weights updated in place ------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_update_weights_switches_answers_in_place(mode):
+    from engine_runtime.models import build
+
+    old, reference = _bert(mode, seed=0), _bert(mode, seed=1)
+    tokens = _tokens(2)
+    before = old.infer({"input_ids": tokens})["output"].clone()
+    params_before = {n: p.data_ptr() for n, p in old._module.named_parameters()}
+    old.update_weights(build("bert-tiny", seed=1, seq_len=SEQ).module.state_dict())
+    after = old.infer({"input_ids": tokens})["output"]
+    torch.testing.assert_close(after, reference.infer({"input_ids": tokens})["output"])
+    assert not torch.allclose(before, after)
+    # Same tensors, new values: what a captured CUDA graph needs.
+    assert {n: p.data_ptr() for n, p in old._module.named_parameters()} == params_before
+    old.close()
+    reference.close()
+
+
+def test_refused_weights_update_names_every_problem_and_changes_nothing():
+    from engine_runtime.errors import WeightsUpdateError
+
+    engine = _bert()
+    tokens = _tokens(1)
+    before = engine.infer({"input_ids": tokens})["output"].clone()
+    bad = dict(engine._module.state_dict())
+    first, second = list(bad)[:2]
+    del bad[first]
+    bad[second] = torch.zeros(3)
+    bad["extra.weight"] = torch.zeros(1)
+    with pytest.raises(WeightsUpdateError) as err:
+        engine.update_weights(bad)
+    assert (err.value.missing, err.value.unexpected) == ([first], ["extra.weight"])
+    assert err.value.mismatched[0].startswith(second)
+    torch.testing.assert_close(engine.infer({"input_ids": tokens})["output"], before)
+    engine.close()

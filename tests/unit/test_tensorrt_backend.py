@@ -25,6 +25,7 @@ from engine_runtime.errors import (
     InputShapeError,
     PlanIncompatibleError,
     UnknownInputError,
+    WeightsUpdateError,
 )
 from engine_runtime.memory import ContextMechanism, MemoryMode
 
@@ -321,3 +322,55 @@ def test_no_gpu_is_a_clear_load_error(world):
     with pytest.raises(EngineLoadError, match="no CUDA device is visible"):
         engine.infer({"input": x(1)})
     assert world.events == []
+
+
+# -- weights updated in place (refit) --------------------------------------------
+
+
+def test_refit_sequence_then_calls_use_new_weights(world, device):
+    world.refittable = True
+    engine = make_engine(device)
+    np.testing.assert_array_equal(engine.infer({"input": x(2)})["output"], 2 * x(2))
+    start = len(world.events)
+    engine.update_weights({"scale": np.array([3.0], dtype=np.float32)})
+    names = [e[0] for e in world.events[start:]]
+    # All weights set before the refit, the stream drained before the engine changes.
+    assert names == ["refitter", "set_named_weights", "synchronize", "refit_cuda_engine"]
+    np.testing.assert_array_equal(engine.infer({"input": x(2)})["output"], 3 * x(2))
+    # Contexts survive: the dynamic context made before the refit is the one used after.
+    assert world.names().count("create_context") == 1
+    engine.close()
+
+
+def test_refit_of_a_plan_not_built_refittable_is_a_clear_error(world, device):
+    engine = make_engine(device)
+    with pytest.raises(WeightsUpdateError, match="not built refittable.*REFIT"):
+        engine.update_weights({"scale": np.array([3.0], dtype=np.float32)})
+    assert "refitter" not in world.names()
+    np.testing.assert_array_equal(engine.infer({"input": x(1)})["output"], 2 * x(1))
+    engine.close()
+
+
+@pytest.mark.parametrize("weights, field", [
+    ({"scale": np.array([3.0], dtype=np.float32), "bias": np.zeros(1, np.float32)}, "unexpected"),
+    ({}, "missing"),
+    ({"scale": np.array([3.0, 4.0], dtype=np.float32)}, "mismatched"),
+    ({"scale": np.array([3.0], dtype=np.float64)}, "mismatched"),
+])
+def test_refused_refit_leaves_the_engine_unchanged(world, device, weights, field):
+    world.refittable = True
+    engine = make_engine(device)
+    with pytest.raises(WeightsUpdateError) as err:
+        engine.update_weights(weights)
+    assert getattr(err.value, field)
+    assert "refit_cuda_engine" not in world.names()
+    np.testing.assert_array_equal(engine.infer({"input": x(1)})["output"], 2 * x(1))
+    engine.close()
+
+
+def test_refit_accepts_torch_tensors(world, device):
+    world.refittable = True
+    engine = make_engine(device)
+    engine.update_weights({"scale": torch.tensor([0.5])})
+    np.testing.assert_array_equal(engine.infer({"input": x(2)})["output"], 0.5 * x(2))
+    engine.close()

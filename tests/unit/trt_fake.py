@@ -4,7 +4,9 @@ It follows TensorRT's documented contract for what the backend uses (``Runtime``
 ``ICudaEngine``, ``IExecutionContext`` with its allocation strategies) and refuses
 what the contract forbids: a ``USER_MANAGED`` context enqueued without device memory
 set, or with less than ``update_device_memory_size_for_shapes()`` said. The "GPU"
-computes ``output = 2 * input`` over tensors found by their data pointer.
+computes ``output = scale * input`` over tensors found by their data pointer, where
+``scale`` (2 at first) is the engine's one refittable weight: a ``Refitter`` changes it
+when the world's engine is built refittable.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine_runtime.memory import ContextBlock, ContextMechanism
@@ -88,6 +91,10 @@ class World:
     output_dtype: DataType = DataType.FLOAT
     fail_enqueue: bool = False
     fail_static_context: bool = False
+    #: Whether the plan was built with the REFIT flag.
+    refittable: bool = False
+    #: The engine's one weight ("scale"): output = scale * input.
+    scale: float = 2.0
 
     def names(self) -> list[str]:
         return [e[0] for e in self.events]
@@ -129,6 +136,10 @@ def make_module(world: World, *, with_validity: bool = True) -> types.ModuleType
     class Engine:
         num_io_tensors = 2
         num_optimization_profiles = 1
+
+        @property
+        def refittable(self) -> bool:
+            return world.refittable
         device_memory_size_v2 = MAX_BATCH * PER_SAMPLE_BYTES
 
         def get_tensor_name(self, i: int) -> str:
@@ -199,10 +210,48 @@ def make_module(world: World, *, with_validity: bool = True) -> types.ModuleType
             if world.fail_enqueue:
                 return False
             src = world.tensors[self.addresses["input"]]
-            world.tensors[self.addresses["output"]].copy_(src * 2)
+            world.tensors[self.addresses["output"]].copy_(src * world.scale)
+            return True
+
+    class Weights:
+        def __init__(self, array: Any) -> None:
+            self.array = np.asarray(array)
+
+    class Refitter:
+        """Refits the engine's one weight, ``scale``: a float32 array of one element."""
+
+        def __init__(self, engine: Any, logger: Any) -> None:
+            world.events.append(("refitter",))
+            if not world.refittable:
+                raise TypeError("Refitter: the engine is not refittable")
+            self.logger = logger
+            self.pending: dict[str, np.ndarray] = {}
+
+        def get_all_weights(self) -> list[str]:
+            return ["scale"]
+
+        def set_named_weights(self, name: str, weights: Weights) -> bool:
+            world.events.append(("set_named_weights", name))
+            if name != "scale" or weights.array.size != 1 or weights.array.dtype != np.float32:
+                self.logger.log(Severity.ERROR, f"IRefitter::setNamedWeights: Error Code 3: weights {name!r} "
+                                f"of {weights.array.size} {weights.array.dtype} elements do not match")
+                return False
+            self.pending[name] = weights.array
+            return True
+
+        def get_missing_weights(self) -> list[str]:
+            return [n for n in self.get_all_weights() if n not in self.pending]
+
+        def refit_cuda_engine(self) -> bool:
+            world.events.append(("refit_cuda_engine",))
+            if self.get_missing_weights():
+                return False
+            world.scale = float(self.pending["scale"].reshape(-1)[0])
             return True
 
     mod.Runtime = Runtime
+    mod.Weights = Weights
+    mod.Refitter = Refitter
     return mod
 
 
