@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine_runtime.errors import EbbError
+from engine_runtime.pool import DEFAULT_CHUNK_BYTES
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -130,12 +131,44 @@ class HttpConfig(_Strict):
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with HTTP 503.")
 
 
+#: CUDA VMM's allocation granularity on current NVIDIA GPUs; chunks must be multiples of it.
+_VMM_GRANULARITY_BYTES = 2 * 2**20
+
+
+class ContextPoolConfig(_Strict):
+    """One pool of context memory per GPU, lent per call to whichever replica runs one
+    (``engine_runtime.pool``). Replicas fall back to their own mechanism where it cannot run."""
+
+    enabled: bool = Field(False, description="Lease context memory from the GPU's shared pool where possible.")
+    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, gt=0,
+                             description="Size of one pool chunk; a multiple of the 2 MiB VMM granularity.")
+    initial_bytes: int = Field(0, ge=0, description="What the pool holds when it starts, before the "
+                                                    "coordinator's first target.")
+    max_bytes: int | None = Field(None, gt=0, description="The most the pool may hold: the context memory of "
+                                                          "the calls that may run at once (at least the largest "
+                                                          "one); None: no cap beyond every pooled replica "
+                                                          "calling at once.")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ContextPoolConfig:
+        if self.chunk_bytes % _VMM_GRANULARITY_BYTES:
+            raise ValueError(f"chunk_bytes must be a multiple of {_VMM_GRANULARITY_BYTES} (2 MiB), "
+                             f"got {self.chunk_bytes}")
+        if self.max_bytes is not None and self.max_bytes < self.chunk_bytes:
+            raise ValueError(f"max_bytes {self.max_bytes} is below one chunk ({self.chunk_bytes})")
+        if self.max_bytes is not None and self.initial_bytes > self.max_bytes:
+            raise ValueError(f"need initial_bytes <= max_bytes, got {self.initial_bytes} > {self.max_bytes}")
+        return self
+
+
 class AppConfig(_Strict):
     """Everything under ``args`` of Ebb's application."""
 
     models: list[ModelConfig] = Field(min_length=1, description="The models served, one deployment each.")
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig, description="Mode policy.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP limits.")
+    context_pool: ContextPoolConfig = Field(default_factory=ContextPoolConfig,
+                                            description="The per-GPU context-memory pool (off by default).")
     model_dirs: list[str] = Field(default_factory=lambda: ["."],
                                   description="Plan/ONNX paths must resolve inside one of these folders.")
     engine_cache_dir: str = Field(".engine_cache", description="Where engines built from ONNX are cached.")

@@ -35,7 +35,16 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from deployments.config import CoordinatorConfig
-from deployments.policy import Decision, GpuView, Pin, PolicyConfig, ReplicaView, admission_capacity, decide
+from deployments.policy import (
+    Decision,
+    GpuView,
+    Pin,
+    PolicyConfig,
+    ReplicaView,
+    admission_capacity,
+    decide,
+    pool_target_bytes,
+)
 from engine_runtime.memory import MemoryMode, MiB
 from engine_runtime.pressure import GpuPressure
 
@@ -71,6 +80,13 @@ class ReplicaReport:
     reading: GpuPressure | None = None
     #: Why there is no reading on a real GPU (NVML failing).
     reading_error: str | None = None
+    #: "in use" when the replica leases context memory from its GPU's pool, else why not.
+    pool: str = "not used"
+    #: What the GPU's pool holds now (its lease table), read by a replica using it; else None.
+    pool_bytes: int | None = None
+    #: The pool's chunk size, and the most it may hold (``context_pool.max_bytes``; None: no cap).
+    pool_chunk_bytes: int | None = None
+    pool_max_bytes: int | None = None
 
 
 @dataclass
@@ -80,6 +96,14 @@ class Directive:
     mode: str | None
     budget_bytes: int | None
     reason: str = ""
+    #: What the GPU's context pool should hold (``deployments.policy.pool_target_bytes``);
+    #: None where the replica has no pool or the GPU is unknown.
+    pool_target_bytes: int | None = None
+    #: Bytes another replica may take on this GPU below its high watermark (for the
+    #: autoscaling policy, ``deployments.autoscaling``); None where the GPU is unknown.
+    room_bytes: int | None = None
+    #: Static context bytes the coordinator could free here by moving unpinned replicas to dynamic.
+    reclaimable_bytes: int = 0
 
 
 @dataclass
@@ -101,6 +125,14 @@ class _Gpu:
     external_bytes: int = 0
     budget_bytes: int | None = None
     last_error: str | None = None
+    #: The context pool as last reported (bytes held, chunk size, cap) and its target.
+    pool_bytes: int | None = None
+    pool_chunk_bytes: int | None = None
+    pool_max_bytes: int | None = None
+    pool_target_bytes: int | None = None
+    #: Bytes held for replicas the autoscaler is about to add (see ``reserve_room``).
+    reserved_bytes: int = 0
+    reserved_until_s: float = 0.0
 
 
 def policy_config(cfg: CoordinatorConfig) -> PolicyConfig:
@@ -134,6 +166,7 @@ class CoordinatorState:
         # not anything looked at the view meanwhile.
         self._expire(now_s)
         rep = self.replicas.get(report.replica_id)
+        new = rep is None
         if rep is None:
             # New, or known before a coordinator restart: trust the replica's own mode.
             rep = _Replica(report, now_s, report.mode)
@@ -143,13 +176,50 @@ class CoordinatorState:
         rep.report = report
         rep.last_seen_s = now_s
         gpu = self.gpus.setdefault(report.gpu, _Gpu(report.gpu, report.virtual))
+        if gpu.reserved_bytes and (new or now_s >= gpu.reserved_until_s):
+            # The replica the room was held for has arrived, or is not coming.
+            gpu.reserved_bytes = 0
         if report.reading is not None:
             gpu.reading, gpu.read_at_s, gpu.known, gpu.last_error = report.reading, now_s, True, None
         elif not report.virtual:
             # NVML failed where the replica runs: hold modes, never go static blind.
             gpu.known, gpu.last_error = False, report.reading_error
+        if report.pool_bytes is not None:
+            gpu.pool_bytes, gpu.pool_chunk_bytes = report.pool_bytes, report.pool_chunk_bytes
+            gpu.pool_max_bytes = report.pool_max_bytes
         self._decide_gpu(report.gpu, now_s)
-        return Directive(rep.desired_mode, gpu.budget_bytes, rep.last_decision)
+        pool_target = gpu.pool_target_bytes if report.pool_bytes is not None else None
+        return Directive(rep.desired_mode, gpu.budget_bytes, rep.last_decision, pool_target,
+                         self.room_bytes(report.gpu), self.reclaimable_bytes(report.gpu))
+
+    def reserve_room(self, replica_id: str, nbytes: int, now_s: float, ttl_s: float) -> bool:
+        """Count ``nbytes`` as used on ``replica_id``'s GPU until a new replica registers
+        there or ``ttl_s`` passes: room the autoscaler holds for replicas it is about to
+        add, which the policy makes by moving static replicas to dynamic. False when
+        the replica is unknown (expired, or the coordinator restarted)."""
+        rep = self.replicas.get(replica_id)
+        if rep is None:
+            return False
+        gpu = self.gpus[rep.report.gpu]
+        gpu.reserved_bytes, gpu.reserved_until_s = max(0, int(nbytes)), now_s + ttl_s
+        logger.info("holding %.0f MiB on %s for replicas the autoscaler adds", nbytes / MiB, gpu.uuid)
+        self._decide_gpu(gpu.uuid, now_s)
+        return True
+
+    def room_bytes(self, uuid: str) -> int | None:
+        """Bytes a newcomer may take on the GPU before it passes its high watermark
+        (switches ordered counted as done, reservations not); None where unknown."""
+        view = self.gpu_view(uuid)
+        if not view.known or not view.total_bytes:
+            return None
+        used = view.used_bytes - self.gpus[uuid].reserved_bytes
+        return max(0, int(self.policy_for(uuid).high_watermark * view.total_bytes) - used)
+
+    def reclaimable_bytes(self, uuid: str) -> int:
+        """Static context the policy may free on the GPU: unpinned replicas told to be static."""
+        return sum(rep.report.context_bytes for rep in self.replicas.values()
+                   if rep.report.gpu == uuid and rep.report.pin == Pin.AUTO.value
+                   and rep.desired_mode == MemoryMode.STATIC.value)
 
     def inject_external_bytes(self, gpu_uuid: str, nbytes: int) -> None:
         """Pretend another process holds ``nbytes`` on a *virtual* GPU (tests, demos)."""
@@ -200,7 +270,7 @@ class CoordinatorState:
         view = self.measured_view(uuid)
         if not view.known:
             return view
-        pending = self.pending_bytes(uuid, count_frees=count_frees)
+        pending = self.pending_bytes(uuid, count_frees=count_frees) + self.gpus[uuid].reserved_bytes
         return replace(view, used_bytes=max(0, view.used_bytes + pending))
 
     def replica_views(self, uuid: str) -> list[ReplicaView]:
@@ -244,7 +314,27 @@ class CoordinatorState:
         capacity = admission_capacity(budget_view, self.replica_views(uuid), policy)
         if capacity is not None:
             self.gpus[uuid].budget_bytes = capacity
+        self._size_pool(uuid)
         return decisions
+
+    def _size_pool(self, uuid: str) -> None:
+        """The pool's target from the measured card (the pool's bytes are in NVML's ``used``)
+        and the modes just decided (a replica told to go dynamic gives up its standing lease)."""
+        gpu = self.gpus[uuid]
+        if gpu.pool_bytes is None or not gpu.pool_chunk_bytes:
+            return
+        pooled = {r.report.replica_id for r in self.replicas.values()
+                  if r.report.gpu == uuid and r.report.pool_bytes is not None}
+        if not pooled:
+            gpu.pool_bytes = gpu.pool_target_bytes = None  # the last replica on the pool has gone
+            return
+        target = pool_target_bytes(self.measured_view(uuid), gpu.pool_bytes, self.policy_for(uuid),
+                                   gpu.pool_max_bytes, chunk_bytes=gpu.pool_chunk_bytes,
+                                   replicas=[v for v in self.replica_views(uuid) if v.replica_id in pooled])
+        if target is not None and target != gpu.pool_target_bytes:
+            logger.info("pool on %s: target %.0f MiB (holds %.0f MiB)", uuid, target / MiB, gpu.pool_bytes / MiB)
+        if target is not None:
+            gpu.pool_target_bytes = target
 
     # -- output -----------------------------------------------------------------
 
@@ -266,6 +356,7 @@ class CoordinatorState:
                     "held_bytes": r.held_bytes, "request_rate_per_s": r.request_rate_per_s,
                     "latency_static_s": r.latency_static_s, "latency_dynamic_s": r.latency_dynamic_s,
                     "in_flight": r.in_flight, "loaded": r.loaded, "last_decision": rep.last_decision,
+                    "pool": r.pool,
                     "last_seen_s_ago": round(now_s - rep.last_seen_s, 3),
                 })
             gpus.append({
@@ -274,6 +365,8 @@ class CoordinatorState:
                 "projected_used_bytes": view.used_bytes,
                 "pressure": (measured.used_bytes / view.total_bytes) if view.known and view.total_bytes else None,
                 "external_bytes": gpu.external_bytes, "budget_bytes": gpu.budget_bytes,
+                "pool_bytes": gpu.pool_bytes, "pool_target_bytes": gpu.pool_target_bytes,
+                "pool_max_bytes": gpu.pool_max_bytes, "reserved_bytes": gpu.reserved_bytes,
                 "last_error": gpu.last_error, "replicas": sorted(replicas, key=lambda x: x["replica_id"]),
             })
         return {"policy": asdict(self.policy), "gpus": gpus, "history": list(self.history),
@@ -286,10 +379,24 @@ class Coordinator:
     def __init__(self, cfg: dict) -> None:
         self._state = CoordinatorState(CoordinatorConfig.model_validate(cfg))
         self._lock = threading.Lock()
+        from deployments.metrics import CoordinatorMetrics
+
+        self._metrics = CoordinatorMetrics()
+        self._metrics_at_s = 0.0
 
     def report(self, report: ReplicaReport) -> Directive:
         with self._lock:
-            return self._state.observe(report, time.monotonic())
+            now_s = time.monotonic()
+            directive = self._state.observe(report, now_s)
+            # Every report can decide; the per-GPU gauges need no more than one update a poll.
+            if now_s - self._metrics_at_s >= self._state.cfg.poll_interval_s:
+                self._metrics_at_s = now_s
+                self._metrics.update(self._state)
+            return directive
+
+    def reserve_room(self, replica_id: str, nbytes: int, ttl_s: float) -> bool:
+        with self._lock:
+            return self._state.reserve_room(replica_id, nbytes, time.monotonic(), ttl_s)
 
     def forget(self, replica_id: str) -> None:
         with self._lock:

@@ -1,8 +1,8 @@
 """The replica's side of the coordinator: report, then obey the directive.
 
 A daemon thread per replica sends a ``ReplicaReport`` every half poll interval and
-applies the answer: switch mode (after the call in flight) and set the GPU's shared
-admission budget. After a switch it reports again at once, so the coordinator sees
+applies the answer: switch mode (after the call in flight), set the GPU's shared
+admission budget, and resize the GPU's context pool where the replica uses one. After a switch it reports again at once, so the coordinator sees
 the bytes freed or taken (and sets the budget from them) without waiting a turn.
 If the coordinator is unreachable (restarting, killed), the replica keeps serving
 in its current mode and tries again; nothing on the request path waits for the
@@ -12,6 +12,7 @@ coordinator.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -21,7 +22,8 @@ from deployments.config import CoordinatorConfig
 from deployments.coordinator import ReplicaReport, get_or_create
 from deployments.gpu_identity import GpuIdentity
 from engine_runtime.admission import SharedBudget
-from engine_runtime.memory import MemoryMode
+from engine_runtime.memory import MemoryMode, MiB
+from engine_runtime.pool import PoolUnavailableError
 
 if TYPE_CHECKING:
     from deployments.model import ModelDeployment
@@ -49,6 +51,9 @@ class CoordinatorClient:
         self._last_ok_s: float | None = None
         self._last_error: str | None = None
         self._last_directive: Any = None
+        self._last_report: ReplicaReport | None = None
+        self._last_metrics_error: str | None = None
+        self._last_pool_error: str | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -63,12 +68,31 @@ class CoordinatorClient:
             "seconds_ago": None if self._last_ok_s is None else round(time.monotonic() - self._last_ok_s, 3),
             "error": self._last_error,
             "directive": None if self._last_directive is None else vars(self._last_directive),
+            "pool_error": self._last_pool_error,
         }
+
+    @property
+    def last_report(self) -> ReplicaReport | None:
+        return self._last_report
+
+    @property
+    def last_directive(self) -> Any:
+        return self._last_directive
 
     # -- loop -------------------------------------------------------------------
 
+    def _publish_metrics(self) -> None:
+        try:
+            self.replica.metrics.update_from(self.replica.engine)
+            self._last_metrics_error = None
+        except Exception as err:  # noqa: BLE001 - metrics must never stop the reports
+            if self._last_metrics_error != str(err):
+                logger.warning("metrics not published: %s", err)
+            self._last_metrics_error = str(err)
+
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._publish_metrics()
             switched = False
             try:
                 switched = self.report_once()
@@ -88,6 +112,7 @@ class CoordinatorClient:
         if self._handle is None:
             self._handle = get_or_create(self.cfg)
         report = self.build_report()
+        self._last_report = report
         directive = ray.get(self._handle.report.remote(report), timeout=max(5 * self.interval_s, 2.0))
         self._last_ok_s = time.monotonic()
         self._last_error = None
@@ -100,6 +125,7 @@ class CoordinatorClient:
         stats = engine.stats()
         desc = rep.desc
         reading, reading_error = self._read_gpu()
+        pool = rep.pool
         return ReplicaReport(
             replica_id=rep.replica_id, model=rep.model.name, pid=os.getpid(), node_id=rep.gpu.node_id,
             gpu=rep.gpu.uuid, virtual=rep.gpu.virtual, pin=rep.pin, mode=engine.mode.value,
@@ -108,6 +134,10 @@ class CoordinatorClient:
             held_bytes=stats.context_bytes_held, request_rate_per_s=stats.request_rate_per_s,
             latency_static_s=stats.latency_p50_s.get("static"), latency_dynamic_s=stats.latency_p50_s.get("dynamic"),
             in_flight=stats.calls_in_flight, loaded=engine.loaded, reading=reading, reading_error=reading_error,
+            pool=rep.pool_status,
+            pool_bytes=None if pool is None else pool.snapshot().pool_bytes,
+            pool_chunk_bytes=None if pool is None else pool.chunk_bytes,
+            pool_max_bytes=None if pool is None else rep.app.context_pool.max_bytes,
         )
 
     def _read_gpu(self):
@@ -129,6 +159,8 @@ class CoordinatorClient:
         rep = self.replica
         if directive.budget_bytes is not None:
             rep.admission.set_capacity(int(directive.budget_bytes))
+        # Before the switch: a replica told to go static leases from a pool sized for it.
+        self._resize_pool(directive.pool_target_bytes)
         # A pinned replica keeps its pin whatever a (possibly stale) directive says.
         target = directive.mode if rep.pin == "auto" else rep.pin
         if target and target != rep.engine.mode.value:
@@ -136,3 +168,29 @@ class CoordinatorClient:
             rep.engine.set_mode(MemoryMode(target))
             return True
         return False
+
+    def _resize_pool(self, target_bytes: int | None) -> None:
+        """Bring the GPU's pool to the coordinator's target.
+
+        Every replica on the pool gets the same target and may act on it: a resize is
+        absolute and idempotent, and asked for only when the pool's capacity differs.
+        """
+        pool = self.replica.pool
+        if pool is None or target_bytes is None:
+            return
+        nchunks = math.ceil(int(target_bytes) / pool.chunk_bytes)
+        capacity = pool.snapshot().capacity
+        if nchunks == capacity:
+            return
+        try:
+            result = pool.resize(nchunks)
+        except PoolUnavailableError as err:
+            # The owner is gone (it restarts with the next replica that joins); serve on.
+            if self._last_pool_error != str(err):
+                logger.warning("context pool: resize to %d chunk(s) failed: %s", nchunks, err)
+            self._last_pool_error = str(err)
+            return
+        self._last_pool_error = result.get("error") or None
+        logger.info("context pool: %d -> %d chunk(s) of %.0f MiB (coordinator's target %.0f MiB)%s", capacity,
+                    result["capacity"], pool.chunk_bytes / MiB, target_bytes / MiB,
+                    f"; {result['error']}" if result.get("error") else "")

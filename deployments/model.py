@@ -18,7 +18,7 @@ import numpy as np
 from ray import serve
 
 from deployments.config import AppConfig, ModelConfig
-from deployments.engine_factory import make_engine
+from deployments.engine_factory import join_context_pool, make_engine
 from deployments.gpu_identity import current_replica_gpu
 from engine_runtime.errors import InvalidInputError
 from engine_runtime.memory import MemoryMode
@@ -27,7 +27,7 @@ from engine_runtime.spec import EngineDescription, validate_inputs
 logger = logging.getLogger(__name__)
 
 #: Keys ``user_config`` may carry; anything else is refused with its name.
-USER_CONFIG_KEYS = ("mode", "max_batch_size", "batch_wait_timeout_s", "pin")
+USER_CONFIG_KEYS = ("mode", "max_batch_size", "batch_wait_timeout_s", "pin", "weights")
 
 
 def to_numpy_inputs(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -102,7 +102,9 @@ class ModelDeployment:
         from deployments.coordinator_client import CoordinatorClient, admission_for
 
         self.admission = admission_for(self.gpu)
-        self.engine = make_engine(self.model, self.app, admission=self.admission, cuda_index=self.gpu.cuda_index)
+        self.pool, self.pool_status = join_context_pool(self.model, self.app, self.gpu.cuda_index)
+        self.engine = make_engine(self.model, self.app, admission=self.admission, cuda_index=self.gpu.cuda_index,
+                                  physical_source=self.pool)
         self.desc = self.engine.describe()
         self.pin = self.model.pin
         if self.pin != "auto":
@@ -110,10 +112,15 @@ class ModelDeployment:
         self._configure_batching(self.model.batching.max_batch_size, self.model.batching.batch_wait_timeout_s)
         if not self.model.lazy:
             self.engine.warm()
+        from deployments.metrics import ReplicaMetrics
+
+        self.metrics = ReplicaMetrics(self.model.name, self.replica_id, self.gpu.uuid)
+        #: The ``user_config.weights`` update applied last (its key); None: the source's own.
+        self.weights_version: str | None = None
         self.client = CoordinatorClient(self, self.app.coordinator)
         self.client.start()
-        logger.info("replica %s of %s on %s (%s mode, %s)", self.replica_id, self.model.name, self.gpu.uuid,
-                    self.engine.mode.value, self.engine.mechanism.value)
+        logger.info("replica %s of %s on %s (%s mode, %s; context pool %s)", self.replica_id, self.model.name,
+                    self.gpu.uuid, self.engine.mode.value, self.engine.mechanism.value, self.pool_status)
 
     # -- calls ------------------------------------------------------------------
 
@@ -167,10 +174,12 @@ class ModelDeployment:
             "mode": self.engine.mode.value,
             "pin": self.pin,
             "mechanism": self.engine.mechanism.value,
+            "pool": self.pool_status,
             "loaded": self.engine.loaded,
             "closed": self.engine.closed,
             "batching": dict(self._batching),
             "stats": self.engine.stats().to_dict(),
+            "weights_version": self.weights_version,
             "coordinator": self.client.last_contact(),
         }
 
@@ -184,13 +193,27 @@ class ModelDeployment:
         # Serve's batch wrapper has no public getters: keep what was applied, for status().
         self._batching = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Figures for Ebb's memory-aware autoscaling policy (Serve ships them to its controller)."""
+        from deployments.autoscaling import replica_stats
+
+        report, directive = self.client.last_report, self.client.last_directive
+        if report is None or directive is None:
+            return {}
+        return replica_stats(self.gpu.uuid, report.weights_bytes, report.context_bytes,
+                             getattr(directive, "room_bytes", None), getattr(directive, "reclaimable_bytes", 0))
+
     def reconfigure(self, user_config: dict) -> None:
-        """Apply ``user_config``: ``mode``, ``pin``, ``max_batch_size``, ``batch_wait_timeout_s``."""
+        """Apply ``user_config``: ``mode``, ``pin``, ``max_batch_size``, ``batch_wait_timeout_s``,
+        ``weights`` (``deployments.weights``: new weights in place, between two calls)."""
         user_config = dict(user_config or {})
         unknown = sorted(set(user_config) - set(USER_CONFIG_KEYS))
         if unknown:
             raise ValueError(f"user_config of {self.model.name!r}: unknown key(s) {unknown}; "
                              f"allowed: {list(USER_CONFIG_KEYS)}")
+        if "weights" in user_config:
+            # First: a refused update raises before anything else changed.
+            self._update_weights(user_config["weights"])
         if "pin" in user_config:
             pin = str(user_config["pin"]).lower()
             if pin not in ("auto", "static", "dynamic"):
@@ -203,6 +226,18 @@ class ModelDeployment:
         batching = self.model.batching
         self._configure_batching(int(user_config.get("max_batch_size", batching.max_batch_size)),
                                  float(user_config.get("batch_wait_timeout_s", batching.batch_wait_timeout_s)))
+
+    def _update_weights(self, raw: Any) -> None:
+        from deployments.weights import load_weights, parse_weights_update
+
+        update = parse_weights_update(raw, self.model.name)
+        if update.key == self.weights_version:
+            return  # Serve passes the whole user_config on every change: apply once per version
+        weights = load_weights(update, self.model, self.app)
+        self.engine.update_weights(weights)
+        logger.info("replica %s of %s: weights %s -> %s", self.replica_id, self.model.name,
+                    self.weights_version or "initial", update.key)
+        self.weights_version = update.key
 
     def check_health(self) -> None:
         """Raise if the engine cannot answer or its GPU is unreachable (Serve restarts us)."""
@@ -225,3 +260,6 @@ class ModelDeployment:
             log = logger.warning if held else logger.info
             log("replica %s of %s shut down: engine closed, %.1f MiB (%d bytes) of context memory still held",
                 getattr(self, "replica_id", "?"), self.model.name, held / 2**20, held)
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.close()  # after the engine: its arena has unmapped and given back every lease

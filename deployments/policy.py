@@ -1,9 +1,9 @@
-"""The coordinator's decisions as pure functions: which replica changes mode, and how
-many bytes dynamic calls may hold on a card.
+"""The coordinator's decisions as pure functions: which replica changes mode, how
+many bytes dynamic calls may hold on a card, and how large its context pool should be.
 
 Plain data in, plain data out; nothing of Ray. The coordinator actor gathers
-``GpuView``/``ReplicaView`` each poll, calls :func:`decide` and
-:func:`admission_capacity`, and acts on the results.
+``GpuView``/``ReplicaView`` each poll, calls :func:`decide`,
+:func:`admission_capacity` and :func:`pool_target_bytes`, and acts on the results.
 
 The rules, per GPU (GPUs never influence each other):
 
@@ -318,3 +318,62 @@ def admission_capacity(gpu: GpuView, replicas: Sequence[ReplicaView], config: Po
         if r.alive and r.gpu_uuid == gpu.uuid and r.mode is MemoryMode.DYNAMIC
     )
     return max(0, config.usable_bytes(gpu.total_bytes) - gpu.used_bytes + held)
+
+
+def _round_up(nbytes: int, unit: int) -> int:
+    return -(-nbytes // unit) * unit
+
+
+def pool_target_bytes(
+    gpu: GpuView,
+    pool_bytes: int,
+    config: PolicyConfig,
+    max_bytes: int | None,
+    *,
+    replicas: Sequence[ReplicaView],
+    chunk_bytes: int,
+) -> int | None:
+    """Bytes the GPU's context pool should hold (a multiple of ``chunk_bytes``), or
+    ``None`` to leave it as it is (unknown GPU).
+
+    ``replicas`` are the ones leasing from this pool, in the modes the coordinator
+    wants them in; ``pool_bytes`` is what the pool holds now (NVML counts it in
+    ``used_bytes``, free chunks included). Each replica's context is rounded up to
+    whole chunks, as its leases are::
+
+        floor   = Σ contexts of static replicas (standing leases)
+                  + the largest dynamic context (one call must always fit)
+        ceiling = min(Σ every replica's context, max_bytes)
+                  (all of them calling at once: a larger pool is never used)
+        used ≤ target × total  →  grow into the room:  pool + (target − used)
+        used > high watermark  →  shrink by the excess: pool − (used − target)
+        otherwise              →  hold (hysteresis, as for modes)
+        result = min(ceiling, max(floor, that))
+
+    Pressure from other processes raises ``used`` like any other, so the pool gives
+    back free chunks to them. The floor wins over pressure (the mode policy frees
+    standing leases by sending static replicas dynamic, which lowers it); ``max_bytes``,
+    the operator's cap, wins over the floor.
+    """
+    if not gpu.known or gpu.total_bytes <= 0:
+        return None
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes: expected > 0, got {chunk_bytes}")
+    mine = [r for r in replicas if r.alive and r.gpu_uuid == gpu.uuid]
+    contexts = {r.replica_id: _round_up(max(0, r.context_bytes), chunk_bytes) for r in mine}
+    static = sum(contexts[r.replica_id] for r in mine if r.mode is MemoryMode.STATIC)
+    largest_dynamic = max((contexts[r.replica_id] for r in mine if r.mode is MemoryMode.DYNAMIC), default=0)
+    ceiling = sum(contexts.values())
+    if max_bytes is not None:
+        ceiling = min(ceiling, max_bytes // chunk_bytes * chunk_bytes)
+    floor = min(static + largest_dynamic, ceiling)
+    target = config.target_bytes(gpu.total_bytes)
+    if gpu.used_bytes <= target:
+        want = pool_bytes + (target - gpu.used_bytes)
+    elif gpu.used_bytes > config.high_watermark * gpu.total_bytes:
+        want = pool_bytes - (gpu.used_bytes - target)
+    else:
+        want = pool_bytes
+    # Rounded down: growth stays under the target, a shrink frees at least the excess.
+    want = max(0, want) // chunk_bytes * chunk_bytes
+    return min(ceiling, max(floor, want))

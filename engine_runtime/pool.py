@@ -67,7 +67,7 @@ from typing import Any
 
 from engine_runtime._lease_table import ChunkState, LeaseTable, ResizePlan, TableSnapshot
 from engine_runtime.arena import PhysicalLease
-from engine_runtime.errors import EbbError, EbbInternalError
+from engine_runtime.errors import ContextMemoryUnavailable, EbbError, EbbInternalError
 from engine_runtime.memory import ContextMechanism, MiB
 
 logger = logging.getLogger(__name__)
@@ -470,16 +470,24 @@ class PoolPhysical:
     ``acquire`` leases ``ceil(nbytes / chunk_bytes)`` chunks and returns their
     imported handles as the lease's pieces; releasing the lease (the arena does, after
     unmapping) gives them back. Static mode is a lease that is never released.
+
+    ``grow_limit_chunks``: a lease of more chunks than the pool now has could never be
+    granted (the table refuses it at once), so the client first asks the owner to grow
+    to fit it, for leases of up to this many chunks (0: never). That lets a replica's
+    first call run in a pool its coordinator sized before it knew that replica's
+    context (empty, say, while no replica had loaded).
     """
 
     mechanism = ContextMechanism.VMM_POOL
 
     def __init__(self, socket_path: str | os.PathLike[str], device_index: int, *,
-                 connect_timeout_s: float = 10.0, retire_poll_s: float | None = 0.05) -> None:
+                 connect_timeout_s: float = 10.0, retire_poll_s: float | None = 0.05,
+                 grow_limit_chunks: int = 0) -> None:
         from engine_runtime import _cuda
 
         self._cuda = _cuda
         self.device = device_index
+        self.grow_limit_chunks = int(grow_limit_chunks)
         self.socket_path = Path(socket_path)
         _ensure_context(_cuda, device_index)
         self._lock = threading.Lock()  # the socket and the handle map
@@ -612,7 +620,7 @@ class PoolPhysical:
         if table is None:
             raise EbbInternalError(f"{self.where} client is closed")
         n = self.chunks_for(nbytes)
-        indices = table.lease(n, deadline_s)
+        indices = self._lease(table, n, deadline_s)
         try:
             with self._lock:
                 self._drop_retired_locked()
@@ -625,6 +633,24 @@ class PoolPhysical:
             table.give_back(indices)
             raise
         return PhysicalLease(pieces, n * self.chunk_bytes, self._give_back, token=indices)
+
+    def _lease(self, table: LeaseTable, n: int, deadline_s: float) -> list[int]:
+        if n > self.grow_limit_chunks:
+            return table.lease(n, deadline_s)
+        deadline = time.monotonic() + deadline_s
+        while True:
+            if table.capacity < n:
+                grown = self.resize(n)
+                logger.info("%s: grew to %d chunk(s) to fit a lease of %d", self.where, grown["capacity"], n)
+                if grown["capacity"] < n:  # the card had no room: the table refuses at once, with the figures
+                    return table.lease(n, 0.0)
+            try:
+                return table.lease(n, max(0.0, deadline - time.monotonic()))
+            except ContextMemoryUnavailable:
+                # A concurrent resize (the coordinator's target) may have shrunk the pool
+                # between our growth and our lease: grow again while time remains.
+                if table.capacity >= n or time.monotonic() >= deadline:
+                    raise
 
     def _give_back(self, lease: PhysicalLease) -> None:
         table = self.table
@@ -720,7 +746,7 @@ def start_owner(gpu_uuid: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, initia
 def connect_or_start(device_index: int, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, initial_chunks: int = 0,
                      directory: str | os.PathLike[str] | None = None, start_timeout_s: float = 60.0,
                      idle_exit_s: float | None = 300.0, retire_poll_s: float | None = 0.05,
-                     max_chunks: int | None = None) -> PoolPhysical:
+                     max_chunks: int | None = None, grow_limit_chunks: int = 0) -> PoolPhysical:
     """Join ``device_index``'s pool, starting its owner if this is the first replica.
 
     ``chunk_bytes``, ``initial_chunks`` and ``max_chunks`` only matter to the process
@@ -736,7 +762,8 @@ def connect_or_start(device_index: int, *, chunk_bytes: int = DEFAULT_CHUNK_BYTE
 
     def connect() -> PoolPhysical | None:
         try:
-            return PoolPhysical(paths.socket, device_index, retire_poll_s=retire_poll_s)
+            return PoolPhysical(paths.socket, device_index, retire_poll_s=retire_poll_s,
+                                grow_limit_chunks=grow_limit_chunks)
         except (FileNotFoundError, ConnectionError):
             return None  # no owner yet, or one that died or is dying: (re)start it
 

@@ -1,6 +1,6 @@
 """The coordinator's pure policy, as tables of scenarios: rising and falling pressure,
 flapping input, pins, dead replicas, empty and unknown GPUs, two GPUs, cost ordering,
-and the admission capacity formula."""
+the admission capacity formula and the context pool's target size."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from deployments.policy import (
     ReplicaView,
     admission_capacity,
     decide,
+    pool_target_bytes,
 )
 from engine_runtime.memory import MemoryMode
 
@@ -321,3 +322,58 @@ def test_admission_capacity(g, replicas, expected):
         assert got is None
     else:
         assert got == pytest.approx(expected, abs=16)  # int() rounding of 0.85 × total
+
+
+# -- context pool target: grow into room up to every pooled replica calling at once (and
+# max_bytes), shrink by the excess over the target under pressure, never below the static
+# leases plus one dynamic call. 80 GiB card: target 68 GiB, high watermark 72 GiB.
+CHUNK = 64 * 2**20
+POOL = [
+    # (name, gpu, pool GiB, max_bytes, replicas, expected GiB or None)
+    ("room: grows, up to every replica calling at once", gpu(40), 2, None,
+     [rep("a", D, ctx_gib=1), rep("b", D, ctx_gib=1), rep("c", D, ctx_gib=1)], 3),
+    ("room, capped by max_bytes", gpu(40), 2, 2 * GiB,
+     [rep("a", D, ctx_gib=1), rep("b", D, ctx_gib=1), rep("c", D, ctx_gib=1)], 2),
+    ("growth limited by the room under the target", gpu(66), 1, None,
+     [rep(r, D, ctx_gib=2) for r in "abcd"], 3),
+    ("between the target and the high watermark: hold", gpu(70), 2, None,
+     [rep("a", D, ctx_gib=1), rep("b", D, ctx_gib=1), rep("c", D, ctx_gib=1)], 2),
+    ("pressure (another process): shrinks by the excess", gpu(73), 10, None,
+     [rep(r, D, ctx_gib=2) for r in "abcdef"], 5),
+    ("heavy pressure: down to one dynamic call", gpu(74), 3, None,
+     [rep("a", D, ctx_gib=1), rep("b", D, ctx_gib=1), rep("c", D, ctx_gib=1)], 1),
+    ("heavy pressure: static standing leases stay", gpu(78), 6, None,
+     [rep("a", S, ctx_gib=2), rep("b", S, ctx_gib=2), rep("c", D, ctx_gib=1)], 5),
+    ("max_bytes wins over the floor", gpu(78), 6, 3 * GiB,
+     [rep("a", S, ctx_gib=2), rep("b", S, ctx_gib=2)], 3),
+    ("max_bytes is rounded down to whole chunks", gpu(10), 0, 3 * GiB - 1, [rep("a", D, ctx_gib=4)],
+     3 - CHUNK / GiB),
+    ("contexts round up to whole chunks", gpu(10), 0, None,
+     [rep("a", D, ctx_gib=100 / 1024), rep("b", D, ctx_gib=100 / 1024)], 256 / 1024),
+    ("replicas gone: shrinks to what is left", gpu(30), 8, None, [rep("a", D, ctx_gib=1)], 1),
+    ("nothing loaded yet (no context known): holds nothing", gpu(30), 2, None, [rep("a", D, ctx_gib=0)], 0),
+    ("dead replicas and other GPUs' do not count", gpu(30), 0, None,
+     [rep("a", D, ctx_gib=1), rep("d", D, ctx_gib=4, alive=False), rep("o", S, ctx_gib=4, gpu_uuid="GPU-b")], 1),
+    ("unknown GPU: leave the pool as it is", gpu(0, known=False), 4, None, [rep("a", D, ctx_gib=1)], None),
+]
+
+
+@pytest.mark.parametrize("g, pool_gib, max_bytes, replicas, expected", [row[1:] for row in POOL],
+                         ids=[row[0] for row in POOL])
+def test_pool_target_bytes(g, pool_gib, max_bytes, replicas, expected):
+    got = pool_target_bytes(g, int(pool_gib * GiB), CFG, max_bytes, replicas=replicas, chunk_bytes=CHUNK)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == int(expected * GiB)
+        assert got % CHUNK == 0
+
+
+def test_pool_target_follows_pressure_from_other_processes_down_and_back_up():
+    replicas = [rep(r, D, ctx_gib=2) for r in "abcd"]  # the pool is useful up to 8 GiB
+    pool = 8 * GiB
+    # (GiB other processes hold, pool GiB expected after the step); the card sees others + pool.
+    for others_gib, expected_gib in [(52, 8), (66, 2), (68, 2), (62, 6), (55, 8)]:
+        g = gpu(others_gib + pool / GiB)
+        pool = pool_target_bytes(g, pool, CFG, None, replicas=replicas, chunk_bytes=CHUNK)
+        assert pool == expected_gib * GiB, (others_gib, pool / GiB)
