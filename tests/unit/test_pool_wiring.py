@@ -7,7 +7,6 @@ applying that target (to a fake pool, and to a real owner with memfd chunks).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -235,4 +234,24 @@ def test_a_lease_larger_than_the_pool_grows_it_up_to_the_limit(owner):  # noqa: 
     with PoolPhysical(owner.socket_path, 0) as pool:  # no limit given: never grows
         with pytest.raises(ContextMemoryUnavailable):
             pool.acquire(11 * CHUNK, deadline_s=5.0)
-        assert math.isclose(pool.snapshot().capacity, 10)
+        assert pool.snapshot().capacity == 10
+
+
+def test_reports_carry_the_pool_status_and_bytes(owner):  # noqa: F811
+    from deployments.gpu_identity import GpuIdentity
+    from engine_runtime.pool import PoolPhysical
+
+    a = app(enabled=True, max_bytes=GiB)
+    engine = make_engine(a.models[0], a)
+    try:
+        replica = SimpleNamespace(replica_id="r1", model=a.models[0], app=a, engine=engine, desc=engine.describe(),
+                                  gpu=GpuIdentity("vgpu-node0-0", None, True, "node0"), pin="auto", pool=None,
+                                  pool_status="unavailable: this replica has no CUDA device")
+        r = CoordinatorClient(replica, a.coordinator).build_report()
+        assert r.pool == "unavailable: this replica has no CUDA device" and r.pool_bytes is None
+        with PoolPhysical(owner.socket_path, 0) as pool:
+            replica.pool, replica.pool_status = pool, POOL_IN_USE
+            r = CoordinatorClient(replica, a.coordinator).build_report()
+            assert (r.pool, r.pool_bytes, r.pool_chunk_bytes, r.pool_max_bytes) == ("in use", 8 * CHUNK, CHUNK, GiB)
+    finally:
+        engine.close()
