@@ -172,3 +172,32 @@ def start_serve(http_port: int) -> Any:
     from ray.serve._private import api as serve_private_api
 
     return serve_private_api.serve_start(http_options={"host": "127.0.0.1", "port": http_port})
+
+
+#: Serve's HTTP ports for the operations tests (metrics, autoscaling, weight updates),
+#: apart from the others' so their clusters may run at the same time.
+OPS_HTTP_PORT_RANGE = range(18300, 18400)
+
+
+def metrics_options(port: int) -> dict[str, Any]:
+    """``ray.init`` arguments that export metrics on ``port`` and report them twice a second."""
+    return {"_metrics_export_port": port, "_system_config": {"metrics_report_interval_ms": 500}}
+
+
+def metric_samples(port: int, name: str) -> list[tuple[dict[str, str], float]]:
+    """``(labels, value)`` of every sample named ``name`` on the node's Prometheus endpoint.
+
+    Ray prefixes application metrics with ``ray_`` and counters end in ``_total``:
+    pass the exported name (``ray_ebb_replica_calls_total``).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return [(dict(s.labels), s.value) for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == name]
+
+
+def metric_value(port: int, name: str, **labels: str) -> float | None:
+    """The sum of the samples of ``name`` whose labels include ``labels``; None if there are none."""
+    values = [v for lab, v in metric_samples(port, name) if all(lab.get(k) == x for k, x in labels.items())]
+    return sum(values) if values else None
