@@ -56,7 +56,10 @@ class TwoNodes:
     def inject(self, gpu: str, nbytes: int) -> None:
         import ray
 
-        ray.get(self.coordinator.inject_external_bytes.remote(gpu, nbytes), timeout=10)
+        # By keyword: once (this module run after another in one pytest process) the driver's
+        # handle got Ray's stand-in signature for a class it could not load,
+        # (_ray_trace_ctx=None, **kwargs), which refuses positional arguments.
+        ray.get(self.coordinator.inject_external_bytes.remote(gpu_uuid=gpu, nbytes=int(nbytes)), timeout=10)
 
     def check_answers(self, calls: int) -> None:
         for _ in range(calls):
