@@ -7,6 +7,10 @@ fp32) and each configuration
   ``torch.inference_mode``, PyTorch's caching allocator keeps whatever a call used),
 - ``ebb-static``: Ebb's PyTorch engine, context memory held (captured CUDA graph),
 - ``ebb-dynamic``: the same engine, context memory mapped for each call only,
+- ``ebb-pool``: dynamic, with physical memory leased per call from the GPU's shared
+  context pool (``engine_runtime.pool``, 128 MiB chunks) instead of created per call;
+  the pool lives in its owner process, so this row's idle figure excludes it (the
+  pool's size is reported beside it),
 
 a fresh subprocess loads the model and reports its NVML per-process memory after
 loading, between calls (idle) and at peak (NVML sampled from a thread during calls),
@@ -53,7 +57,10 @@ IDLE_ALLOWANCE_BYTES = 64 * MiB
 OVERHEAD_TARGET_PCT = {"resnet50": 5.0, "resnet152": 2.0}
 #: Marks the one stdout line a worker returns its result on.
 RESULT_PREFIX = "EBB_BENCH_RESULT "
-CONFIGS = ("plain", "ebb-static", "ebb-dynamic")
+#: Chunk of the shared pool in the ebb-pool row: the measured trade-off (H200, 1 GiB lease:
+#: 32 MiB chunks 1.2 ms, 128 MiB 0.39 ms, 512 MiB 0.15 ms) against rounding waste.
+POOL_CHUNK_BYTES = 128 * MiB
+CONFIGS = ("plain", "ebb-static", "ebb-dynamic", "ebb-pool")
 
 
 @dataclass(frozen=True)
@@ -213,11 +220,17 @@ def measure(case: ModelCase, config: str, *, device_name: str, calls: int, warmu
         def run(x: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
                 return module(x.to(device)).cpu()  # .cpu() synchronises
-    elif config in ("ebb-static", "ebb-dynamic"):
+    elif config in ("ebb-static", "ebb-dynamic", "ebb-pool"):
+        pool = None
+        if config == "ebb-pool":
+            from engine_runtime.pool import connect_or_start
+
+            pool = connect_or_start(device.index or 0, chunk_bytes=POOL_CHUNK_BYTES, initial_chunks=0,
+                                    idle_exit_s=30.0)
         engine = PyTorchEngine.from_architecture(
             f"{case.arch}-b{case.batch}", case.arch, max_batch=case.batch, min_batch=case.batch,
             image_size=case.image_size, seq_len=case.seq_len, seed=0, device=device_name,
-            mode=config.removeprefix("ebb-"))
+            mode="static" if config == "ebb-static" else "dynamic", physical_source=pool)
         engine.warm()
         weights = engine.describe().weights_bytes
         input_name = engine.describe().input_names[0]
@@ -266,6 +279,11 @@ def measure(case: ModelCase, config: str, *, device_name: str, calls: int, warmu
         result.update(mechanism=engine.mechanism.value, context_bytes=snap.last_context_bytes or snap.peak_context_bytes,
                       acquisition_p50_s=snap.acquisition_p50_s, acquisition_p99_s=snap.acquisition_p99_s)
         engine.close()
+        if pool is not None:
+            snap_pool = pool.snapshot()
+            result["pool_bytes"] = snap_pool.capacity * snap_pool.chunk_bytes
+            pool.shutdown_owner()
+            pool.close()
     return result
 
 
@@ -347,7 +365,7 @@ def _annotate(results: list[dict]) -> None:
 def _targets(results: list[dict]) -> list[str]:
     lines = []
     for r in results:
-        if r["config"] != "ebb-dynamic":
+        if r["config"] not in ("ebb-dynamic", "ebb-pool"):
             continue
         target = OVERHEAD_TARGET_PCT.get(r["arch"])
         if target is not None and r["p50_vs_static_pct"] is not None:
@@ -453,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA device here: run on the GPU machine, or use --quick for the CPU smoke run")
     model_keys = args.models or list(QUICK_MODELS if args.quick else MODELS)
-    configs = list(CONFIGS)
+    # The shared pool needs CUDA VMM with shareable handles: GPU only.
+    configs = [c for c in CONFIGS if c != "ebb-pool" or args.device.startswith("cuda")]
     if args.serve:
         try:
             import ray  # noqa: F401

@@ -226,7 +226,11 @@ class PyTorchEngine(BaseEngine):
                                deadline_s=self.admission_deadline_s)
         with _graph_arena.capture_lock:
             # One physical backing behind every window while capturing; released right after.
-            block = self._arena.allocate(window, offsets, source=OwnedPhysical(index))
+            # Physical memory for capture: the eager peak and a margin, not the whole window,
+            # so a replica can start on a crowded card. The hook refuses (PyTorch raises
+            # out of memory) past it rather than write outside what is mapped.
+            capture_bytes = min(window, _cuda.round_up(peak * 5 // 4 + 128 * MiB, gran))
+            block = self._arena.allocate(capture_bytes, offsets, source=OwnedPhysical(index))
             try:
                 for b, offset in zip(sizes, offsets):
                     # cuBLAS keeps one workspace per (handle, stream), made on first use.
@@ -234,7 +238,7 @@ class PyTorchEngine(BaseEngine):
                     # pool (arena window), mapped whenever this graph replays; kept, it
                     # would point into the warm-up's memory or another bucket's window.
                     _clear_cublas_workspaces()
-                    lib.set_range(self._arena.base + offset, window)
+                    lib.set_range(self._arena.base + offset, block.nbytes)
                     pool = torch.cuda.MemPool(lib.allocator.allocator())
                     with torch.cuda.use_mem_pool(pool, self._device):
                         static_input = self._sample(b)
