@@ -1,8 +1,8 @@
 """Ebb's Ray floor: Serve deployments, the coordinator, the config and the HTTP protocol.
 
 Public surface: ``build_app`` (the application builder ``cluster.yaml`` names),
-``ModelDeployment`` (call ``handle.infer.remote({"input": array})``), and the config
-models. Imported lazily, so that ``deployments.policy`` and ``deployments.protocol``
+``ModelDeployment`` (call ``handle.infer.remote({"input": array})``), the config
+models, and ``MemoryAwarePolicy`` (the autoscaling policy ``cluster.yaml`` may name). Imported lazily, so that ``deployments.policy`` and ``deployments.protocol``
 stay importable (and testable) without loading Ray.
 """
 
@@ -13,6 +13,7 @@ import importlib
 _EXPORTS = {
     "build_app": "deployments.app",
     "ModelDeployment": "deployments.model",
+    "MemoryAwarePolicy": "deployments.autoscaling",
     "AppConfig": "deployments.config",
     "ConfigError": "deployments.config",
     "CoordinatorConfig": "deployments.config",
