@@ -1,0 +1,157 @@
+"""``cluster.yaml`` through Ray's own CLI: ``ray start``, then ``serve run``, in subprocesses.
+
+The config is the repository's ``cluster.yaml`` with two changes only: a free HTTP
+port (another Ray cluster may run on this machine) and a 32-pixel image, so the
+replicas build in seconds on two cores. Everything is cleaned up by process id:
+``ray stop`` cannot be used, since it stops every Ray process on the machine,
+other people's clusters included.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+
+from serve_harness import SERVE_HTTP_PORT_RANGE, free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class CliCluster:
+    address: str
+    temp_dir: Path
+    env: dict[str, str]
+
+
+def _processes_under(marker: str) -> list[int]:
+    """Ids of this user's processes whose command line names ``marker`` (the cluster's
+    own temporary folder, which every process of that cluster is started with)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop_processes(pids: list[int], timeout_s: float = 10.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def all_gone() -> bool:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        return not alive
+
+    try:
+        wait_for(all_gone, timeout_s, f"Ray processes {pids} to exit", interval_s=0.2)
+    except TimeoutError:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def cli_cluster() -> Iterator[CliCluster]:
+    """A head node started by ``ray start`` in its own temporary folder."""
+    # A short path: Ray's Unix sockets live under it, and socket paths are limited to 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="ebb-ray-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Said explicitly: with the mode unset, `ray start` turns token authentication on
+    # but a client connecting to it (`serve run --address`) sends no token. Both sides
+    # then use the token in ~/.ray/auth_token.
+    env["RAY_AUTH_MODE"] = "token"
+    try:
+        # `ray start` gives its raylet a fixed 30 s to register; on two loaded cores it
+        # can miss that, so a failed start is cleaned up and tried once more.
+        for _attempt in range(2):
+            port = free_port()
+            cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}",
+                   "--num-gpus=1", "--num-cpus=4", "--disable-usage-stats", "--include-dashboard=false",
+                   f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
+                   f"--dashboard-agent-listen-port={free_port()}"]
+            started = subprocess.run(cmd, env=env, cwd=temp_dir, capture_output=True, text=True, timeout=180)
+            if started.returncode == 0:
+                break
+            _stop_processes(_processes_under(str(temp_dir)))
+        assert started.returncode == 0, f"ray start failed twice:\n{started.stdout}\n{started.stderr}"
+        yield CliCluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir, env=env)
+    finally:
+        _stop_processes(_processes_under(str(temp_dir)))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_serve_run_cluster_yaml_serves_a_request(cli_cluster: CliCluster):
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    http_port = free_port(SERVE_HTTP_PORT_RANGE)
+    config["http_options"]["port"] = http_port
+    (app,) = config["applications"]
+    for model in app["args"]["models"]:
+        if "image_size" in model["input"]:
+            model["input"]["image_size"] = 32
+    config_path = cli_cluster.temp_dir / "cluster.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    log_path = cli_cluster.temp_dir / "serve-run.log"
+    with open(log_path, "wb") as log:
+        serve_run = subprocess.Popen(
+            [str(BIN / "serve"), "run", f"--address={cli_cluster.address}", str(config_path)],
+            env=cli_cluster.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        def ready() -> bool:
+            if serve_run.poll() is not None:
+                raise AssertionError(f"serve run exited with {serve_run.returncode}:\n{log_path.read_text()[-4000:]}")
+            return requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
+
+        try:
+            wait_for(ready, 300, f"{url}/v2/health/ready to answer 200", interval_s=0.5)
+        except (TimeoutError, AssertionError) as err:
+            raise AssertionError(f"{err}\n--- serve run log ---\n{log_path.read_text()[-4000:]}") from None
+
+        x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
+        body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+        resp = requests.post(f"{url}/v2/models/resnet18/infer", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        (out,) = resp.json()["outputs"]
+        assert out["shape"] == [1, 1000] and out["datatype"] == "FP32"
+        assert np.isfinite(np.asarray(out["data"], dtype=np.float32)).all()
+    finally:
+        # Ctrl-C is how `serve run` is meant to stop: it deletes the application.
+        if serve_run.poll() is None:
+            os.killpg(serve_run.pid, signal.SIGINT)
+            try:
+                serve_run.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(serve_run.pid, signal.SIGKILL)
+                serve_run.wait(timeout=10)
