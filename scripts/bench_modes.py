@@ -60,6 +60,8 @@ RESULT_PREFIX = "EBB_BENCH_RESULT "
 #: Chunk of the shared pool in the ebb-pool row: the measured trade-off (H200, 1 GiB lease:
 #: 32 MiB chunks 1.2 ms, 128 MiB 0.39 ms, 512 MiB 0.15 ms) against rounding waste.
 POOL_CHUNK_BYTES = 128 * MiB
+#: Enough for the largest context here (ResNet-152 b100: 1,348 MiB).
+POOL_CHUNKS = 12
 CONFIGS = ("plain", "ebb-static", "ebb-dynamic", "ebb-pool")
 
 
@@ -225,7 +227,7 @@ def measure(case: ModelCase, config: str, *, device_name: str, calls: int, warmu
         if config == "ebb-pool":
             from engine_runtime.pool import connect_or_start
 
-            pool = connect_or_start(device.index or 0, chunk_bytes=POOL_CHUNK_BYTES, initial_chunks=0,
+            pool = connect_or_start(device.index or 0, chunk_bytes=POOL_CHUNK_BYTES, initial_chunks=POOL_CHUNKS,
                                     idle_exit_s=30.0)
         engine = PyTorchEngine.from_architecture(
             f"{case.arch}-b{case.batch}", case.arch, max_batch=case.batch, min_batch=case.batch,
