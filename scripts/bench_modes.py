@@ -253,6 +253,8 @@ def measure(case: ModelCase, config: str, *, device_name: str, calls: int, warmu
         start = time.perf_counter()
         run(x)
         latencies.append(time.perf_counter() - start)
+    if engine is not None:
+        engine.settle()  # dynamic release runs off the caller's path; idle means after it
     idle = read()
     peak = None
     if on_gpu:
