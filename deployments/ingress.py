@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from deployments import protocol
 from deployments.config import HttpConfig
@@ -29,6 +30,15 @@ SERVER_VERSION = "0.1.0"
 MODEL_VERSION = "1"
 
 api = FastAPI(title="Ebb", description="Open Inference Protocol (KServe v2) for Ebb's models")
+
+
+@api.exception_handler(HTTPException)
+async def _framework_error(request: Request, exc: HTTPException) -> Response:
+    """Unknown routes and methods (404, 405) in the protocol's error body, ``{"error": ...}``,
+    instead of FastAPI's ``{"detail": ...}``: a client gets one error shape from Ebb."""
+    return Response(protocol.error_body(f"{exc.detail}: {request.method} {request.url.path}"),
+                    status_code=exc.status_code, headers=getattr(exc, "headers", None),
+                    media_type="application/json")
 
 
 def _unwrap(exc: BaseException) -> BaseException:

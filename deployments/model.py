@@ -39,8 +39,14 @@ def to_numpy_inputs(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if isinstance(value, np.ndarray):
             out[name] = value
         elif hasattr(value, "detach") and hasattr(value, "cpu"):
-            value = value.detach().cpu()
-            out[name] = value.numpy() if str(value.dtype) != "torch.bfloat16" else value.float().numpy()
+            try:
+                value = value.detach().cpu()
+                out[name] = value.numpy() if str(value.dtype) != "torch.bfloat16" else value.float().numpy()
+            except (TypeError, RuntimeError, NotImplementedError) as err:
+                # Sparse, quantized or meta tensors have no numpy view: the caller's
+                # mistake (a 4xx through the ingress), not a bug of the replica.
+                raise InvalidInputError(f"input {name!r}: a {value.layout} tensor of {value.dtype} cannot be "
+                                        f"read as an array ({err}); send a numpy array or a dense tensor with data") from err
         else:
             raise InvalidInputError(f"input {name!r}: expected a numpy array or torch tensor, "
                                     f"got {type(value).__name__}")

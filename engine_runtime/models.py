@@ -119,6 +119,8 @@ class BuiltinModel:
     sample_shape: tuple[int, ...]
     output_name: str
     output_shape: tuple[int, ...]
+    #: The values an integer input may take (token ids: below the vocabulary size); None: any.
+    input_range: tuple[int, int] | None = None
 
 
 _RESNETS = {
@@ -147,7 +149,8 @@ def build(arch: str, *, seed: int = 0, image_size: int = 224, seq_len: int = 128
         module = _torchvision(arch)
         spec = ("input", "float32", (3, image_size, image_size), "output", (1000,))
     module.eval()
-    return BuiltinModel(module, *spec)
+    input_range = (0, module.tok.num_embeddings - 1) if isinstance(module, Encoder) else None
+    return BuiltinModel(module, *spec, input_range=input_range)
 
 
 def _torchvision(arch: str) -> nn.Module:

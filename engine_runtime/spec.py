@@ -60,13 +60,24 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    #: Integer inputs only: the smallest and largest value the model accepts, both
+    #: included (token ids index an embedding; one outside it fails the call, and on a
+    #: GPU an out-of-range index is a device-side assert that poisons the CUDA context).
+    value_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"tensor {self.name!r}: dtype {self.dtype!r} not in {SUPPORTED_DTYPES}")
+        if self.value_range is not None and (np.dtype(self.dtype).kind not in "iu"
+                                             or self.value_range[0] > self.value_range[1]):
+            raise ValueError(f"tensor {self.name!r}: value_range {self.value_range} needs an integer dtype "
+                             f"and low <= high, got {self.dtype}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.value_range is not None:
+            d["value_range"] = list(self.value_range)
+        return d
 
 
 @dataclass(frozen=True)
@@ -171,6 +182,11 @@ def validate_inputs(
         if reject_non_finite and spec.dtype in ("float32", "float16", "bfloat16"):
             if not _all_finite(tensor):
                 raise InputValueError(spec.name, "contains NaN or infinity")
+        if spec.value_range is not None and math.prod(shape):
+            lo, hi = int(tensor.min()), int(tensor.max())
+            if lo < spec.value_range[0] or hi > spec.value_range[1]:
+                raise InputValueError(spec.name, f"values must lie in {spec.value_range[0]}..{spec.value_range[1]}, "
+                                                 f"got {lo}..{hi}")
         shapes[spec.name] = shape
     return shapes
 

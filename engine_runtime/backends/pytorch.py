@@ -93,6 +93,7 @@ class PyTorchEngine(BaseEngine):
         use_cuda_graphs: bool = True,
         physical_source: PhysicalSource | None = None,
         reject_non_finite: bool = True,
+        input_range: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(name, mode=mode, admission=admission, admission_deadline_s=admission_deadline_s,
                          reject_non_finite=reject_non_finite)
@@ -110,7 +111,7 @@ class PyTorchEngine(BaseEngine):
         self._mech: ContextMechanism | None = None
         self._stream: torch.cuda.ExternalStream | None = None
         self._stream_handle = 0
-        self._input = TensorSpec(input_name, input_dtype, (-1,) + tuple(profile.max[1:]))
+        self._input = TensorSpec(input_name, input_dtype, (-1,) + tuple(profile.max[1:]), value_range=input_range)
         self._output = TensorSpec(output_name, output_dtype, (-1,) + tuple(output_shape))
         self._weights_bytes = 0
 
@@ -124,7 +125,8 @@ class PyTorchEngine(BaseEngine):
         profile = ShapeProfile((min_batch, *model.sample_shape), (opt, *model.sample_shape),
                                (max_batch, *model.sample_shape))
         return cls(name, model.module, input_name=model.input_name, input_dtype=model.input_dtype,
-                   profile=profile, output_name=model.output_name, output_shape=model.output_shape, **kwargs)
+                   profile=profile, output_name=model.output_name, output_shape=model.output_shape,
+                   input_range=model.input_range, **kwargs)
 
     # -- description --------------------------------------------------------------
 

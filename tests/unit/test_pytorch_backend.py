@@ -15,7 +15,7 @@ import torch
 
 from engine_runtime import ContextMechanism, ContextMemoryUnavailable, Engine, EngineClosedError, MemoryMode
 from engine_runtime.backends.pytorch import PyTorchEngine, batch_buckets
-from engine_runtime.errors import BatchTooLargeError, InputDtypeError
+from engine_runtime.errors import BatchTooLargeError, InputDtypeError, InputValueError
 
 IMAGE = 32  # small images keep ResNet-18 fast on a 2-core machine
 MAX_BATCH = 4
@@ -122,6 +122,12 @@ def test_bert_tiny_encoder():
         torch.testing.assert_close(dynamic.infer({"input_ids": ids})["output"], out, rtol=0, atol=0)
         with pytest.raises(InputDtypeError, match="expected dtype int64, got float32"):
             static.infer({"input_ids": ids.float()})
+        # Token ids outside the vocabulary are the caller's mistake, refused before the
+        # embedding (on a GPU an out-of-range index would be a device-side assert).
+        assert desc.inputs[0].value_range == (0, 30521)
+        for bad in (-1, 30522):
+            with pytest.raises(InputValueError, match="values must lie in 0..30521"):
+                static.infer({"input_ids": torch.full((1, SEQ), bad, dtype=torch.int64)})
 
 
 def test_numpy_in_numpy_out_torch_in_torch_out():

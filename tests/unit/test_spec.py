@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -127,6 +129,25 @@ def test_valid_torch_inputs():
 def test_integer_inputs_skip_the_finite_check():
     # Integer tensors cannot hold NaN; the check must not choke on them.
     assert validate_inputs(_desc(), _with(mask=np.full((2, 8), -1, np.int64)))["mask"] == (2, 8)
+
+
+@pytest.mark.parametrize("value", [-1, 100, 2**62, -(2**63)])
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_integer_values_outside_the_range_are_refused(value, as_torch):
+    desc = _desc()
+    ranged = replace(desc, inputs=(desc.inputs[0], replace(desc.inputs[1], value_range=(0, 99))))
+    ids = np.zeros((2, 8), np.int64)
+    ids[1, 3] = value
+    inputs = _with(mask=torch.from_numpy(ids) if as_torch else ids)
+    with pytest.raises(InputValueError, match=rf"'mask': values must lie in 0\.\.99, got .*{value}"):
+        validate_inputs(ranged, inputs)
+    ids[1, 3] = 99
+    assert validate_inputs(ranged, _with(mask=ids))["mask"] == (2, 8)
+
+
+def test_value_range_needs_an_integer_dtype():
+    with pytest.raises(ValueError, match="integer dtype"):
+        TensorSpec("x", "float32", (-1, 4), value_range=(0, 1))
 
 
 @pytest.mark.parametrize(
