@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Fault injection, off unless set. A replica started with this environment variable
+#: reports its GPU as a real card whose NVML reading fails, with the variable's value
+#: as the error, so that the coordinator's "GPU unknown" rule can be exercised on a
+#: host without a GPU (tests/integration/test_faults.py sets it through the
+#: deployment's ``runtime_env``). Read once, when the replica starts; never set it in
+#: production: the coordinator then holds that GPU's modes and budget for good.
+FAULT_NVML_ERROR_ENV = "EBB_FAULT_NVML_ERROR"
+
 
 def admission_for(gpu: GpuIdentity) -> SharedBudget:
     """The node-local byte budget every replica on this GPU shares.
@@ -54,6 +62,10 @@ class CoordinatorClient:
         self._last_report: ReplicaReport | None = None
         self._last_metrics_error: str | None = None
         self._last_pool_error: str | None = None
+        self._fault_nvml_error = os.environ.get(FAULT_NVML_ERROR_ENV) or None
+        if self._fault_nvml_error is not None:
+            logger.warning("fault injection on (%s): NVML readings of %s fail with %r", FAULT_NVML_ERROR_ENV,
+                           replica.gpu.uuid, self._fault_nvml_error)
 
     def start(self) -> None:
         self._thread.start()
@@ -128,7 +140,8 @@ class CoordinatorClient:
         pool = rep.pool
         return ReplicaReport(
             replica_id=rep.replica_id, model=rep.model.name, pid=os.getpid(), node_id=rep.gpu.node_id,
-            gpu=rep.gpu.uuid, virtual=rep.gpu.virtual, pin=rep.pin, mode=engine.mode.value,
+            gpu=rep.gpu.uuid, virtual=rep.gpu.virtual and self._fault_nvml_error is None, pin=rep.pin,
+            mode=engine.mode.value,
             mechanism=engine.mechanism.value, weights_bytes=desc.weights_bytes,
             context_bytes=engine.context_bytes(desc.max_shapes()) if engine.loaded else stats.peak_context_bytes,
             held_bytes=stats.context_bytes_held, request_rate_per_s=stats.request_rate_per_s,
@@ -141,6 +154,8 @@ class CoordinatorClient:
         )
 
     def _read_gpu(self):
+        if self._fault_nvml_error is not None:
+            return None, f"injected fault ({FAULT_NVML_ERROR_ENV}): {self._fault_nvml_error}"
         if self.replica.gpu.virtual:
             return None, None
         try:
