@@ -206,8 +206,11 @@ def resolve_model_path(path: str, model_dirs: list[str]) -> Path:
         raise ConfigError(f"model path {path!r} contains a NUL byte")
     roots = [Path(d).expanduser().resolve() for d in model_dirs]
     candidate = Path(path).expanduser()
-    candidates = [candidate.resolve()] if candidate.is_absolute() else [(r / candidate).resolve() for r in roots]
-    for real in candidates:
-        if any(real == r or r in real.parents for r in roots) and real.is_file():
-            return real
+    try:
+        candidates = [candidate.resolve()] if candidate.is_absolute() else [(r / candidate).resolve() for r in roots]
+        for real in candidates:
+            if any(real == r or r in real.parents for r in roots) and real.is_file():
+                return real
+    except (OSError, RuntimeError) as err:  # a name too long, a symlink loop (RuntimeError before 3.13)
+        raise ConfigError(f"model path {path[:200]!r} cannot be resolved: {err.__class__.__name__}") from err
     raise ConfigError(f"model path {path!r} is not a file inside the model_dirs {[str(r) for r in roots]}")
