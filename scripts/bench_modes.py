@@ -227,7 +227,8 @@ def measure(case: ModelCase, config: str, *, device_name: str, calls: int, warmu
         if config == "ebb-pool":
             from engine_runtime.pool import connect_or_start
 
-            pool = connect_or_start(device.index or 0, chunk_bytes=POOL_CHUNK_BYTES, initial_chunks=POOL_CHUNKS,
+            chunk = int(os.environ.get("EBB_BENCH_POOL_CHUNK_MIB", POOL_CHUNK_BYTES // MiB)) * MiB
+            pool = connect_or_start(device.index or 0, chunk_bytes=chunk, initial_chunks=-(-POOL_CHUNKS * POOL_CHUNK_BYTES // chunk),
                                     idle_exit_s=30.0)
         engine = PyTorchEngine.from_architecture(
             f"{case.arch}-b{case.batch}", case.arch, max_batch=case.batch, min_batch=case.batch,
@@ -253,8 +254,6 @@ def measure(case: ModelCase, config: str, *, device_name: str, calls: int, warmu
         start = time.perf_counter()
         run(x)
         latencies.append(time.perf_counter() - start)
-    if engine is not None:
-        engine.settle()  # dynamic release runs off the caller's path; idle means after it
     idle = read()
     peak = None
     if on_gpu:

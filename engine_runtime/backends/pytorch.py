@@ -256,8 +256,6 @@ class PyTorchEngine(BaseEngine):
                 lib.set_range(0, 0)  # any stray allocation from the hook now fails loudly
                 block.release()
         self._mech = self._arena.mechanism
-        # Unmapping and freeing after a call costs a few hundred µs: do it off the caller's path.
-        self.defer_release = True
         # Warm-up blocks and cuBLAS workspaces live in the caching allocator: give them back
         # so an idle replica holds its weights and CUDA context only.
         _clear_cublas_workspaces()

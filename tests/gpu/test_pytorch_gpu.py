@@ -240,7 +240,6 @@ def _measure_in_this_process(case: dict, calls: int = 50, switches: int = 20) ->
         t0 = time.perf_counter()
         out = engine.infer({name: x})["output"]
         lat_dynamic.append(time.perf_counter() - t0)
-        engine.settle()  # the release after a call runs off the caller's path
         idle_dynamic.append(reader.read())
         mismatches += not torch.equal(out, ref)
     # Read NVML inside the call, right after the replay, while the context is mapped: a
