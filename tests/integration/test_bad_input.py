@@ -447,7 +447,7 @@ ROUND_REQUESTS = 150
 ROUNDS = 3
 #: Resident growth allowed from the end of the warm-up round to the end of the last
 #: round (450 requests): allocator noise (measured: under 2 MiB per process). A leak
-#: of 36 KiB per request, about a generated body's size, would pass it.
+#: of 36 KiB per request, about a generated body's size, would exceed it.
 RSS_SLACK_BYTES = 16 * 2**20
 
 
