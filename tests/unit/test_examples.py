@@ -1,0 +1,38 @@
+"""The shipped configs stay valid: cluster.yaml for Serve and Ebb, and the KubeRay
+example embeds exactly the same Serve config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from deployments.config import parse_app_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cluster() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_is_a_valid_serve_config_with_valid_ebb_args():
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = _cluster()
+    ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") else \
+        ServeDeploySchema.parse_obj(doc)
+    apps = [a for a in doc["applications"] if a["import_path"] == "deployments.app:build_app"]
+    assert apps, "cluster.yaml has no Ebb application"
+    cfg = parse_app_config(apps[0]["args"])
+    names = {d["name"] for d in apps[0]["deployments"]}
+    assert names <= {m.name for m in cfg.models} | {"EbbIngress"}, "deployment options for an unknown model"
+
+
+def test_rayservice_example_embeds_cluster_yaml():
+    manifest = yaml.safe_load((ROOT / "docs" / "examples" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert embedded == _cluster()
+    workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert sum(w["replicas"] for w in workers) >= 2, "the example is about several nodes"
