@@ -111,6 +111,18 @@ def ids_body(ids: np.ndarray) -> dict[str, Any]:
 # -- NVML failing or absent ----------------------------------------------------------------
 
 
+def _real_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.skipif(_real_gpu(), reason=(
+    "needs each replica alone on its GPU (logical GPUs): on a real card the sighted replica's "
+    "NVML reading of the same GPU is correctly used for the blind one; CoordinatorState tests cover it"))
 def test_nvml_failing_holds_modes_and_never_goes_static_blind(ebb: Ebb):
     """Two identical replicas with ``pin: auto`` start dynamic on near-empty devices.
     The one whose GPU the coordinator can see is moved to static (there is room); the
@@ -330,10 +342,14 @@ def test_a_replica_killed_under_load_fails_only_its_calls_and_is_replaced(ebb: E
     assert not late, late[:5]
     durations = [r[2] - r[1] for r in results]
 
-    # The coordinator forgets the dead replica and counts the new one: same bytes as before.
+    # The coordinator forgets the dead replica and counts the new one. On a logical GPU
+    # its figure is the replicas' own accounting, so it returns exactly to what it was;
+    # on a real card it is NVML's, which moves with every process, so only the view is checked.
+    exact = view_before.get("virtual", True)
     view = wait_for(lambda: (g := ebb.gpu_of(new["replica_id"])) and old["replica_id"] not in
-                    {r["replica_id"] for r in g["replicas"]} and g["used_bytes"] == view_before["used_bytes"] and g,
-                    30, "the coordinator's view to drop the dead replica and return to its figure")
+                    {r["replica_id"] for r in g["replicas"]}
+                    and (not exact or g["used_bytes"] == view_before["used_bytes"]) and g,
+                    30, "the coordinator's view to drop the dead replica (and return to its figure)")
     budget = SharedBudget(key=gpu)
     try:
         assert old["pid"] not in budget.snapshot().holders

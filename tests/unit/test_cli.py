@@ -1,0 +1,66 @@
+"""`ebb status`: reads the status JSON over HTTP and prints GPUs and replicas."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from deployments import cli
+
+MiB = 2**20
+STATUS = {
+    "gpus": [{
+        "gpu": "GPU-aaaa", "virtual": False, "known": True, "total_bytes": 80 * 1024 * MiB,
+        "used_bytes": 40 * 1024 * MiB, "pressure": 0.5, "external_bytes": 0, "budget_bytes": 30 * 1024 * MiB,
+        "replicas": [
+            {"replica_id": "r1", "model": "resnet50", "mode": "static", "desired_mode": "dynamic",
+             "mechanism": "vmm-arena", "held_bytes": 434 * MiB, "context_bytes": 434 * MiB,
+             "request_rate_per_s": 12.5, "last_decision": "GPU-aaaa at 93.0% is above the high watermark"},
+        ],
+    }],
+    "history": [{"time_s": 0.0, "model": "resnet50", "replica_id": "r1", "new_mode": "dynamic",
+                 "reason": "GPU-aaaa at 93.0% is above the high watermark"}],
+}
+
+
+def test_render_shows_gpu_and_replica_figures():
+    text = cli.render(STATUS)
+    assert "GPU-aaaa" in text and "pressure 50.0%" in text and "budget 30,720 MiB" in text
+    assert "resnet50" in text and "static>dynamic" in text and "434.0" in text and "12.50" in text
+    assert "above the high watermark" in text
+    assert "no replicas have reported yet" in cli.render({"gpus": []})
+
+
+@pytest.fixture()
+def server():
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            body = json.dumps(STATUS).encode() if self.path == "/ebb/status" else b"{}"
+            self.send_response(200 if self.path == "/ebb/status" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_status_command_prints_table_and_json(server, capsys):
+    assert cli.main(["status", "--url", server]) == 0
+    assert "resnet50" in capsys.readouterr().out
+    assert cli.main(["status", "--url", server, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == STATUS
+
+
+def test_status_command_says_why_when_unreachable(capsys):
+    assert cli.main(["status", "--url", "http://127.0.0.1:9"]) == 2
+    assert "cannot read the status" in capsys.readouterr().err
