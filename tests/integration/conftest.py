@@ -17,6 +17,17 @@ import pytest
 from serve_harness import SERVE_HTTP_PORT_RANGE, ServeApp, free_port, start_serve
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left_over():
+    """Each module starts without a Ray connection, whatever an earlier module left."""
+    import ray
+
+    if ray.is_initialized():
+        logging.getLogger(__name__).warning("a previous module left Ray initialised; shutting it down")
+        ray.shutdown()
+    yield
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(request):
     """A local Ray cluster in this process: 4 CPUs and one logical GPU."""
@@ -39,8 +50,12 @@ def ray_cluster(request):
                 os.environ[k] = v
         from ray import serve
 
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            serve.shutdown()
+        finally:
+            # Even when Serve's shutdown raises: a cluster left connected here makes the
+            # next module's ray.init fail ("called ray.init twice").
+            ray.shutdown()
         # The per-GPU admission budgets live in /dev/shm, named after this node's
         # logical GPUs; the node is gone, so are they.
         for path in glob.glob(f"/dev/shm/ebb-budget-*{node_id[:12]}*"):
