@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.once:
             return 0 if same else 1
         print("Ctrl-C to stop.")
-        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        # Explicit handlers: a shell that starts the demo in the background leaves SIGINT
+        # ignored, and Python then raises no KeyboardInterrupt.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.update(now=True))
         while not stop["now"]:
             time.sleep(0.5)
         return 0
