@@ -57,6 +57,41 @@ def wait_for(condition: Callable[[], T], timeout_s: float, what: str, interval_s
         time.sleep(interval_s)
 
 
+def view_summary(gpu_view: dict[str, Any] | None) -> str:
+    """One line per replica of a coordinator GPU view, for failure messages."""
+    if not gpu_view:
+        return repr(gpu_view)
+    rows = [f"{r['model']}:{r['replica_id'][-6:]} pid={r['pid']} mode={r['mode']}->{r['desired_mode']} "
+            f"w={r['weights_bytes']} held={r['held_bytes']} ctx={r['context_bytes']} "
+            f"loaded={r['loaded']} in_flight={r['in_flight']} seen={r['last_seen_s_ago']}s"
+            for r in gpu_view["replicas"]]
+    return (f"used={gpu_view['used_bytes']} external={gpu_view['external_bytes']} "
+            f"reserved={gpu_view['reserved_bytes']} [" + "; ".join(rows) + "]")
+
+
+def replica_differences(before: dict[str, Any], now: dict[str, Any], replaced: dict[str, str]) -> list[str]:
+    """How the live replicas of GPU view ``now`` differ from ``before`` in what sets the
+    GPU's figure (identity, mode, weights, static context), ``replaced`` mapping a gone
+    replica's id to its successor's (or to None where it is not replaced)."""
+    rows_now = {r["replica_id"]: r for r in now["replicas"]}
+    diffs = []
+    for r in before["replicas"]:
+        rid = r["replica_id"]
+        successor = replaced.get(rid, rid)
+        if successor is None:
+            continue
+        n = rows_now.get(successor)
+        if n is None:
+            diffs.append(f"{r['model']} replica {rid[-6:]} is gone")
+            continue
+        for key in ("mode", "weights_bytes", "loaded"):
+            if n[key] != r[key]:
+                diffs.append(f"{r['model']} {key}: {r[key]} -> {n[key]}")
+    known = {replaced.get(r["replica_id"], r["replica_id"]) for r in before["replicas"]}
+    diffs += [f"new replica {r['model']}:{rid[-6:]}" for rid, r in rows_now.items() if rid not in known]
+    return diffs
+
+
 def small_args(**coordinator: Any) -> dict[str, Any]:
     """Ebb's application ``args`` sized for two CPU cores: a ResNet-18 at 32x32 and a
     BERT-tiny at sequence length 16, both with a profile maximum batch of 4."""

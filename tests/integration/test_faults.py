@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 import requests
 
-from serve_harness import APP_NAME, ServeApp, application, model_deployment_options, small_args, wait_for
+from serve_harness import (APP_NAME, ServeApp, application, model_deployment_options, replica_differences, small_args,
+                           view_summary, wait_for)
 
 SERVE_HTTP_PORTS = range(18433, 18466)
 IMAGE = (3, 32, 32)
@@ -346,10 +347,21 @@ def test_a_replica_killed_under_load_fails_only_its_calls_and_is_replaced(ebb: E
     # its figure is the replicas' own accounting, so it returns exactly to what it was;
     # on a real card it is NVML's, which moves with every process, so only the view is checked.
     exact = view_before.get("virtual", True)
-    view = wait_for(lambda: (g := ebb.gpu_of(new["replica_id"])) and old["replica_id"] not in
-                    {r["replica_id"] for r in g["replicas"]}
-                    and (not exact or g["used_bytes"] == view_before["used_bytes"]) and g,
-                    30, "the coordinator's view to drop the dead replica (and return to its figure)")
+    def settled() -> dict[str, Any]:
+        g = ebb.gpu_of(new["replica_id"])
+        assert g and old["replica_id"] not in {r["replica_id"] for r in g["replicas"]}, view_summary(g)
+        # The figure returns exactly only where the replicas are the same ones in the same
+        # modes (the new one in its predecessor's place); a replica that Serve restarted
+        # meanwhile, or that the coordinator moved, changes it for reasons of its own.
+        diffs = replica_differences(view_before, g, {old["replica_id"]: new["replica_id"]})
+        if exact and not diffs:
+            assert g["used_bytes"] == view_before["used_bytes"], (
+                f"before: {view_summary(view_before)}; now: {view_summary(g)}")
+        elif diffs:
+            print(f"replicas differ from before the kill ({diffs}): used bytes not compared exactly")
+        return g
+
+    view = wait_for(settled, 30, "the coordinator's view to drop the dead replica (and return to its figure)")
     budget = SharedBudget(key=gpu)
     try:
         assert old["pid"] not in budget.snapshot().holders

@@ -27,7 +27,9 @@ from serve_harness import (
     ServeApp,
     application,
     model_deployment_options,
+    replica_differences,
     small_args,
+    view_summary,
     wait_for,
 )
 
@@ -409,7 +411,8 @@ def test_shutdown_gives_memory_back_to_baseline(ebb: Ebb):
     from engine_runtime.admission import SharedBudget
 
     gpu = ebb.status("encoder")["gpu"]
-    baseline = wait_for(lambda: _gpu_view(ebb, gpu), 30, "the GPU view")["used_bytes"]
+    before = wait_for(lambda: _gpu_view(ebb, gpu), 30, "the GPU view")
+    baseline = before["used_bytes"]
 
     args = copy.deepcopy(ebb.args)
     args["models"] = [dict(args["models"][0], name="doomed")]
@@ -445,8 +448,20 @@ def test_shutdown_gives_memory_back_to_baseline(ebb: Ebb):
     closed = wait_for(lambda: [ln for ln in log_path.read_text().splitlines() if "shut down: engine closed" in ln],
                       30, f"the shutdown line in {log_path}")
     assert "(0 bytes) of context memory still held" in closed[0], closed
-    view = wait_for(lambda: (v := _gpu_view(ebb, gpu))["used_bytes"] == baseline and v, 30,
-                    f"used bytes of {gpu} back to the baseline {baseline}")
+    def back() -> dict[str, Any]:
+        v = _gpu_view(ebb, gpu)
+        assert st["replica_id"] not in {r["replica_id"] for r in v["replicas"]}, view_summary(v)
+        # Exactly the baseline where the replicas that stayed are the same ones in the same
+        # modes; one Serve restarted or the coordinator moved meanwhile changes the figure
+        # for reasons of its own.
+        diffs = replica_differences(before, v, {})
+        if not diffs:
+            assert v["used_bytes"] == baseline, f"before: {view_summary(before)}; now: {view_summary(v)}"
+        else:
+            print(f"replicas differ from the baseline ({diffs}): used bytes not compared exactly")
+        return v
+
+    view = wait_for(back, 30, f"used bytes of {gpu} back to the baseline {baseline}")
     assert st["replica_id"] not in {r["replica_id"] for r in view["replicas"]}
     budget = SharedBudget(key=gpu)
     try:
