@@ -144,6 +144,9 @@ class ContextPoolConfig(_Strict):
                              description="Size of one pool chunk; a multiple of the 2 MiB VMM granularity.")
     initial_bytes: int = Field(0, ge=0, description="What the pool holds when it starts, before the "
                                                     "coordinator's first target.")
+    keep_mapped: bool = Field(True, description="Leave a call's chunks mapped in the replica after it gives "
+                                                "them back, so that its next call maps only chunks another "
+                                                "replica took meanwhile (the lease still guards every call).")
     max_bytes: int | None = Field(None, gt=0, description="The most the pool may hold: the context memory of "
                                                           "the calls that may run at once (at least the largest "
                                                           "one); None: no cap beyond every pooled replica "

@@ -70,7 +70,8 @@ def join_context_pool(model: ModelConfig, app: AppConfig, cuda_index: int | None
             max_chunks=None if cfg.max_bytes is None else cfg.max_bytes // cfg.chunk_bytes,
             # A lease the pool is too small for grows it, up to the cap; without one, up to
             # the owner's table (the whole card).
-            grow_limit_chunks=sys.maxsize if cfg.max_bytes is None else cfg.max_bytes // cfg.chunk_bytes)
+            grow_limit_chunks=sys.maxsize if cfg.max_bytes is None else cfg.max_bytes // cfg.chunk_bytes,
+            keep_mapped=cfg.keep_mapped)
     except PoolUnavailableError as err:
         logger.warning("model %s: context pool unavailable on cuda:%d, keeping the engine's own mechanism: %s",
                        model.name, cuda_index, err.reason)

@@ -374,11 +374,14 @@ class LeaseTable:
         return ContextMemoryUnavailable(nchunks * self.chunk_bytes, free * self.chunk_bytes, waited_s,
                                         self.label or str(self.path))
 
-    def _take(self, nchunks: int) -> list[int] | None:
+    def _take(self, nchunks: int, prefer: Sequence[int] = ()) -> list[int] | None:
         free = (self._state == _FREE).nonzero()[0]
         if len(free) < nchunks:
             return None
-        picked = free[:nchunks]
+        if prefer:
+            picked = self._pick_preferred(free, nchunks, prefer)
+        else:
+            picked = free[:nchunks]
         h = self._header
         lease_id = int(h[_H_NEXT_LEASE])
         h[_H_NEXT_LEASE] = lease_id + 1
@@ -388,6 +391,19 @@ class LeaseTable:
         self._start_of[picked] = self._me[1]
         self._lease_of[picked] = lease_id
         return picked.tolist()
+
+    def _pick_preferred(self, free: np.ndarray, nchunks: int, prefer: Sequence[int]) -> np.ndarray:
+        """``nchunks`` free chunks, position ``k`` holding ``prefer[k]`` wherever that one is
+        free: a replica that still has those chunks mapped at those places skips mapping them."""
+        n = self.max_chunks
+        wanted = [int(i) for i in prefer[:nchunks]]
+        keep = [i if 0 <= i < n and self._state[i] == _FREE else -1 for i in wanted]
+        keep += [-1] * (nchunks - len(keep))
+        taken = {i for i in keep if i >= 0}
+        if len(taken) != sum(i >= 0 for i in keep):  # a repeated index in ``prefer``: ignore it
+            return free[:nchunks]
+        others = iter(i for i in free.tolist() if i not in taken)
+        return np.array([i if i >= 0 else next(others) for i in keep], dtype=np.int64)
 
     def _head_ticket(self) -> int:
         if int(self._header[_H_WAITING]) == 0:
@@ -417,10 +433,12 @@ class LeaseTable:
     def _dequeue(self, ticket: int) -> None:
         self._drop_queue_entries(np.flatnonzero(self._q_ticket == ticket))
 
-    def lease(self, nchunks: int, deadline_s: float) -> list[int]:
+    def lease(self, nchunks: int, deadline_s: float, prefer: Sequence[int] = ()) -> list[int]:
         """Take ``nchunks`` chunks for this process, waiting up to ``deadline_s`` seconds.
 
-        Returns their indices (ascending). Raises ``ContextMemoryUnavailable`` with the
+        Returns their indices (ascending; with ``prefer``, position ``k`` is ``prefer[k]``
+        wherever that chunk is free, the others ascending after). ``prefer`` changes
+        which free chunks are taken, never whether or when: fairness is unchanged. Raises ``ContextMemoryUnavailable`` with the
         bytes asked for, the bytes free and the time waited when the deadline passes,
         or at once when the request exceeds the pool's capacity (it could only succeed
         after the pool grows, and meanwhile it would block every waiter behind it).
@@ -434,7 +452,7 @@ class LeaseTable:
             if int(self._header[_H_CAPACITY]) < nchunks:
                 raise self._unavailable(nchunks, 0.0)
             if self._head_ticket() == 0:
-                got = self._take(nchunks)
+                got = self._take(nchunks, prefer)
                 if got is not None:
                     return got
             if deadline_s <= 0:
@@ -463,7 +481,7 @@ class LeaseTable:
                         self._reclaim_dead_locked()
                     too_big = int(self._header[_H_CAPACITY]) < nchunks
                     if not too_big and self._head_ticket() == ticket:
-                        got = self._take(nchunks)
+                        got = self._take(nchunks, prefer)
                         if got is not None:
                             self._dequeue(ticket)
                             queued = False

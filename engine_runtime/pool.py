@@ -482,7 +482,7 @@ class PoolPhysical:
 
     def __init__(self, socket_path: str | os.PathLike[str], device_index: int, *,
                  connect_timeout_s: float = 10.0, retire_poll_s: float | None = 0.05,
-                 grow_limit_chunks: int = 0) -> None:
+                 grow_limit_chunks: int = 0, keep_mapped: bool = True) -> None:
         from engine_runtime import _cuda
 
         self._cuda = _cuda
@@ -494,6 +494,12 @@ class PoolPhysical:
         self._handles: dict[int, tuple[int, Any]] = {}  # chunk index -> (slot generation, handle)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Chunks whose imports were dropped (retired or recreated) and not yet told to the
+        # listeners: arenas that keep a chunk mapped between calls must unmap it, or its
+        # memory never returns to the driver. Told by the watcher, outside ``_lock``
+        # (an arena's lock is taken before ours on the call path).
+        self._gone_untold: set[int] = set()
+        self._retire_listeners: list[Any] = []
         self.table: LeaseTable | None = None
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -514,6 +520,9 @@ class PoolPhysical:
             self.close()
             raise
         self._sock.settimeout(None)
+        # Arenas may leave chunks mapped between calls (``VmmArena``) only where a watcher
+        # will tell them to unmap retired ones.
+        self.keep_mapped = bool(keep_mapped and retire_poll_s)
         if retire_poll_s:
             self._watcher = threading.Thread(target=self._watch, args=(retire_poll_s,),
                                              name=f"ebb-pool-watch-{device_index}", daemon=True)
@@ -594,7 +603,19 @@ class PoolPhysical:
         with self._cuda.device(self.device):
             for i in gone:
                 self._cuda.mem_release(self._handles.pop(i)[1])
+        self._gone_untold.update(gone)
         logger.debug("%s: released %d retired chunk import(s)", self.where, len(gone))
+
+    def add_retire_listener(self, fn: Any) -> None:
+        """Call ``fn(chunk_indices)`` (from the watcher thread) when chunks this process
+        imported are retired or recreated: whoever keeps them mapped must unmap them."""
+        with self._lock:
+            self._retire_listeners.append(fn)
+
+    def remove_retire_listener(self, fn: Any) -> None:
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._retire_listeners.remove(fn)
 
     def _watch(self, period_s: float) -> None:
         _bind_device(self._cuda, self.device)
@@ -604,6 +625,11 @@ class PoolPhysical:
                     if self.table is None:
                         return
                     self._drop_retired_locked()
+                    gone, self._gone_untold = self._gone_untold, set()
+                    listeners = list(self._retire_listeners)
+                if gone:
+                    for fn in listeners:
+                        fn(sorted(gone))
             except Exception:  # noqa: BLE001 - the watcher must outlive a transient failure; say so
                 logger.exception("%s: releasing retired chunk imports failed", self.where)
 
@@ -612,15 +638,16 @@ class PoolPhysical:
     def chunks_for(self, nbytes: int) -> int:
         return max(1, math.ceil(int(nbytes) / self.chunk_bytes))
 
-    def acquire(self, nbytes: int, deadline_s: float) -> PhysicalLease:
+    def acquire(self, nbytes: int, deadline_s: float, prefer: Sequence[int] = ()) -> PhysicalLease:
         """Lease whole chunks covering ``nbytes``; waits up to ``deadline_s``, then
         ``ContextMemoryUnavailable``. The pieces may cover more than ``nbytes`` (by under
-        one chunk); the arena maps only what it asked for."""
+        one chunk); the arena maps only what it asked for. ``prefer``: the chunks the
+        caller still has mapped, by position (see ``LeaseTable.lease``)."""
         table = self.table
         if table is None:
             raise EbbInternalError(f"{self.where} client is closed")
         n = self.chunks_for(nbytes)
-        indices = self._lease(table, n, deadline_s)
+        indices = self._lease(table, n, deadline_s, prefer)
         try:
             with self._lock:
                 self._drop_retired_locked()
@@ -634,9 +661,9 @@ class PoolPhysical:
             raise
         return PhysicalLease(pieces, n * self.chunk_bytes, self._give_back, token=indices)
 
-    def _lease(self, table: LeaseTable, n: int, deadline_s: float) -> list[int]:
+    def _lease(self, table: LeaseTable, n: int, deadline_s: float, prefer: Sequence[int] = ()) -> list[int]:
         if n > self.grow_limit_chunks:
-            return table.lease(n, deadline_s)
+            return table.lease(n, deadline_s, prefer)
         deadline = time.monotonic() + deadline_s
         while True:
             if table.capacity < n:
@@ -645,7 +672,7 @@ class PoolPhysical:
                 if grown["capacity"] < n:  # the card had no room: the table refuses at once, with the figures
                     return table.lease(n, 0.0)
             try:
-                return table.lease(n, max(0.0, deadline - time.monotonic()))
+                return table.lease(n, max(0.0, deadline - time.monotonic()), prefer)
             except ContextMemoryUnavailable:
                 # A concurrent resize (the coordinator's target) may have shrunk the pool
                 # between our growth and our lease: grow again while time remains.
@@ -746,7 +773,8 @@ def start_owner(gpu_uuid: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, initia
 def connect_or_start(device_index: int, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, initial_chunks: int = 0,
                      directory: str | os.PathLike[str] | None = None, start_timeout_s: float = 60.0,
                      idle_exit_s: float | None = 300.0, retire_poll_s: float | None = 0.05,
-                     max_chunks: int | None = None, grow_limit_chunks: int = 0) -> PoolPhysical:
+                     max_chunks: int | None = None, grow_limit_chunks: int = 0,
+                     keep_mapped: bool = True) -> PoolPhysical:
     """Join ``device_index``'s pool, starting its owner if this is the first replica.
 
     ``chunk_bytes``, ``initial_chunks`` and ``max_chunks`` only matter to the process
@@ -763,7 +791,7 @@ def connect_or_start(device_index: int, *, chunk_bytes: int = DEFAULT_CHUNK_BYTE
     def connect() -> PoolPhysical | None:
         try:
             return PoolPhysical(paths.socket, device_index, retire_poll_s=retire_poll_s,
-                                grow_limit_chunks=grow_limit_chunks)
+                                grow_limit_chunks=grow_limit_chunks, keep_mapped=keep_mapped)
         except (FileNotFoundError, ConnectionError):
             return None  # no owner yet, or one that died or is dying: (re)start it
 

@@ -8,6 +8,7 @@ on a 141 GB H200); both systems get the same card.
 
     python scripts/bench_density.py --system plain   # GPU
     python scripts/bench_density.py --system ebb     # GPU, with the coordinator
+    python scripts/bench_density.py --system all     # GPU: plain, ebb, and ebb with the per-GPU pool
     python scripts/bench_density.py --quick          # CPU smoke (CI): logical GPU, both systems
 """
 
@@ -25,11 +26,16 @@ import benchlib  # noqa: E402
 from benchlib import GiB, MiB  # noqa: E402
 
 
-def _ebb_app(args, n: int):
+def _ebb_app(args, n: int, pool: bool = False):
     from deployments.app import bind
     from deployments.config import parse_app_config
 
+    # ebb-pool: context memory leased per call from the GPU's shared pool, capped at
+    # --pool-mib (the calls that may run at once), instead of mapped per replica.
+    context_pool = {"enabled": True, "chunk_bytes": args.pool_chunk_mib * MiB,
+                    "max_bytes": args.pool_mib * MiB} if pool else {}
     cfg = parse_app_config({
+        "context_pool": context_pool,
         "models": [{
             "name": "m", "source": {"architecture": args.arch, "seed": 0},
             "input": {"min_batch": 1, "opt_batch": args.batch, "max_batch": args.batch,
@@ -57,7 +63,7 @@ def run_system(system: str, args, x: np.ndarray, sampler: benchlib.NvmlSampler) 
     rows = []
     baseline_p99 = None
     for n in range(1, args.max_replicas + 1):
-        app = _ebb_app(args, n) if system == "ebb" else _plain_app(args, n)
+        app = _plain_app(args, n) if system == "plain" else _ebb_app(args, n, pool=system == "ebb-pool")
         t = time.perf_counter()
         try:
             serve.run(app, name=f"density-{system}", route_prefix=f"/density-{system}")
@@ -75,14 +81,21 @@ def run_system(system: str, args, x: np.ndarray, sampler: benchlib.NvmlSampler) 
         if baseline_p99 is None:
             baseline_p99 = s["p99_ms"]
         mem = sampler.read() if sampler.available else None
+        # What the replicas really used (a pool that could not start falls back silently).
+        try:
+            st = handle.status.remote().result(timeout_s=30) if system != "plain" else {}
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            st = {"mechanism": f"status failed: {benchlib.classify(exc)}"}
         held = failed == 0 and s["p99_ms"] <= 1.25 * baseline_p99
         why = "" if held else (f"{failed} failed calls {s['outcomes']}" if failed else
                                f"p99 {s['p99_ms']:.1f} ms > 1.25 x {baseline_p99:.1f} ms")
         rows.append({"replicas": n, "held": held, "why": why, "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"],
                      "outcomes": s["outcomes"], "deploy_s": deploy_s,
+                     "mechanism": st.get("mechanism"), "pool": st.get("pool"),
                      "card_used_gib": None if mem is None else mem["used"] / GiB})
         print(f"  {system}: {n} replicas p50 {s['p50_ms']:.1f} ms p99 {s['p99_ms']:.1f} ms {s['outcomes']}"
-              + ("" if mem is None else f" card {mem['used'] / GiB:.1f} GiB") + ("" if held else f"  STOP: {why}"),
+              + ("" if mem is None else f" card {mem['used'] / GiB:.1f} GiB")
+              + (f" [{st.get('mechanism')}]" if st else "") + ("" if held else f"  STOP: {why}"),
               flush=True)
         if not held:
             break
@@ -93,7 +106,10 @@ def run_system(system: str, args, x: np.ndarray, sampler: benchlib.NvmlSampler) 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny CPU configuration (CI smoke, no claims)")
-    p.add_argument("--system", choices=["plain", "ebb", "both"], default="both")
+    p.add_argument("--system", choices=["plain", "ebb", "ebb-pool", "both", "all"], default="both",
+                   help="both: plain and ebb; all: plain, ebb and ebb-pool (GPU only)")
+    p.add_argument("--pool-mib", type=int, default=1024, help="ebb-pool: the most the pool may hold")
+    p.add_argument("--pool-chunk-mib", type=int, default=128, help="ebb-pool: chunk size")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
@@ -119,7 +135,7 @@ def main(argv=None) -> int:
         ballast = benchlib.Ballast(max(0, now["total"] - now["used"] - keep))
         ballast.take()
     x = np.random.default_rng(0).standard_normal((args.batch, 3, args.image_size, args.image_size)).astype(np.float32)
-    systems = ["plain", "ebb"] if args.system == "both" else [args.system]
+    systems = {"both": ["plain", "ebb"], "all": ["plain", "ebb", "ebb-pool"]}.get(args.system, [args.system])
     results = {}
     try:
         from ray import serve
@@ -143,8 +159,9 @@ def main(argv=None) -> int:
     print(f"\nDensity on {benchlib.card_name()} with {args.card_gib:g} GiB free: {args.arch} b{args.batch}, "
           f"{args.rate_per_replica:g} calls/s per replica")
     table = [[s, held[s], next((r["why"] for r in rows if not r.get("held")), "max tried")] for s, rows in results.items()]
-    if "plain" in held and "ebb" in held and held["plain"]:
-        table.append(["ratio ebb / plain", f"{held['ebb'] / held['plain']:.2f}x", ""])
+    for system in ("ebb", "ebb-pool"):
+        if "plain" in held and system in held and held["plain"]:
+            table.append([f"ratio {system} / plain", f"{held[system] / held['plain']:.2f}x", ""])
     print(benchlib.markdown_table(["system", "largest count held", "what stopped it"], table))
     return 0
 

@@ -221,6 +221,11 @@ class PyTorchEngine(BaseEngine):
                 self._module(self._sample(b))
         self._stream.synchronize()
         peak = torch.cuda.max_memory_allocated(self._device) - base_alloc
+        # Give the warm-up's cached blocks back before capture maps its own memory: a
+        # starting replica then needs the larger of the two at once, not their sum (on a
+        # crowded card the sum is what failed a replica's start; docs/benchmarks.md §3).
+        _clear_cublas_workspaces()
+        torch.cuda.empty_cache()
         # Windows are counted in the physical source's chunks when it has them (a pool).
         gran = max(_cuda.granularity(index), int(getattr(self._physical_source, "chunk_bytes", 0) or 0))
         window = _cuda.round_up(2 * peak + 256 * MiB, gran)

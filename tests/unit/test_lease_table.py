@@ -426,6 +426,56 @@ class FakeCuda:
     def export_fd(h: _FakeHandle) -> int:
         return os.dup(h.fd)
 
+    # Virtual memory, for VmmArena: mappings are bookkept and checked as the driver
+    # would (no overlap, unmap only of whole mappings, nothing mapped when freed).
+    mappings: dict[int, tuple[int, _FakeHandle]] = {}  # address -> (bytes, handle)
+    calls: dict[str, int] = {}
+    _next_va = 1 << 40
+
+    @staticmethod
+    def round_up(n: int, to: int) -> int:
+        return (n + to - 1) // to * to
+
+    @classmethod
+    def _count(cls, name: str) -> None:
+        cls.calls[name] = cls.calls.get(name, 0) + 1
+
+    @classmethod
+    def address_reserve(cls, nbytes: int, alignment: int) -> int:
+        ptr = cls._next_va
+        cls._next_va += cls.round_up(nbytes, alignment) + alignment
+        return ptr
+
+    @classmethod
+    def address_free(cls, ptr: int, nbytes: int) -> None:
+        inside = [a for a in cls.mappings if ptr <= a < ptr + nbytes]
+        if inside:
+            raise EbbInternalError(f"address range freed with {len(inside)} mapping(s) in it")
+
+    @classmethod
+    def mem_map(cls, ptr: int, nbytes: int, handle: _FakeHandle, offset: int = 0) -> None:
+        cls._count("map")
+        if handle.released:
+            raise EbbInternalError("mapping a released handle")
+        for a, (n, _) in cls.mappings.items():
+            if a < ptr + nbytes and ptr < a + n:
+                raise EbbInternalError(f"mapping at 0x{ptr:x} overlaps one at 0x{a:x}")
+        cls.mappings[ptr] = (nbytes, handle)
+
+    @classmethod
+    def mem_unmap(cls, ptr: int, nbytes: int) -> None:
+        cls._count("unmap")
+        inside = sorted(a for a in cls.mappings if ptr <= a < ptr + nbytes)
+        covered = sum(cls.mappings[a][0] for a in inside)
+        if not inside or covered != nbytes or inside[0] != ptr:
+            raise EbbInternalError(f"unmap of 0x{ptr:x}+{nbytes} does not cover whole mappings")
+        for a in inside:
+            del cls.mappings[a]
+
+    @classmethod
+    def set_access(cls, index: int, ptr: int, nbytes: int) -> None:
+        cls._count("set_access")
+
     @classmethod
     def import_fd(cls, fd: int) -> _FakeHandle:
         return cls._track(os.dup(fd))
@@ -434,7 +484,7 @@ class FakeCuda:
 def fake_cuda(monkeypatch=None) -> None:
     import engine_runtime
 
-    FakeCuda.live = {}
+    FakeCuda.live, FakeCuda.mappings, FakeCuda.calls = {}, {}, {}
     if monkeypatch is not None:
         monkeypatch.setattr(engine_runtime, "_cuda", FakeCuda, raising=False)
         monkeypatch.setitem(sys.modules, "engine_runtime._cuda", FakeCuda)

@@ -1,0 +1,165 @@
+"""A replica's arena leaving pool chunks mapped between calls (``VmmArena(keep_mapped)``),
+on the CPU: the pool's owner and client run for real over the shared-memory table, CUDA
+is faked by memfd handles and bookkept mappings (``test_lease_table.FakeCuda``).
+
+What must hold: a call maps only the chunks it did not get back; the lease, not the
+mapping, guards each call (a chunk left mapped here is lent to others); a chunk the
+pool retires is unmapped without another call, so its memory can go back to the driver;
+nothing stays mapped after close.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from engine_runtime._lease_table import ChunkState
+from test_lease_table import CHUNK, FakeCuda, owner, wait_for  # noqa: F401 - the memfd-backed owner fixture
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool needs Linux")
+
+
+@pytest.fixture
+def client(owner, monkeypatch):  # noqa: F811
+    from engine_runtime import arena
+    from engine_runtime.pool import PoolPhysical
+
+    # The arena module bound the real wrappers when it was first imported.
+    monkeypatch.setattr(arena, "_cuda", FakeCuda)
+
+    with PoolPhysical(owner.socket_path, 0, retire_poll_s=0.01) as c:
+        yield c
+
+
+def arena_on(client, nchunks: int = 8, keep_mapped: bool = True):
+    from engine_runtime.arena import VmmArena
+
+    return VmmArena(0, nchunks * CHUNK, source=client, deadline_s=1.0, keep_mapped=keep_mapped)
+
+
+def mapped_chunks() -> int:
+    return sum(n for n, _ in FakeCuda.mappings.values()) // CHUNK
+
+
+def test_lease_table_prefers_the_chunks_asked_for_by_position(owner):  # noqa: F811
+    table = owner.table
+    assert table.lease(3, 1.0, prefer=[5, 2, 7]) == [5, 2, 7]
+    other = table.lease(1, 1.0, prefer=[2])  # taken: the first free one instead
+    assert other == [0]
+    mixed = table.lease(3, 1.0, prefer=[0, 6, 99])  # 0 is held, 99 does not exist
+    assert mixed[1] == 6 and len(set(mixed)) == 3 and 0 not in mixed
+    for got in ([5, 2, 7], mixed):
+        table.give_back(got)
+    assert table.lease(2, 1.0, prefer=[3, 3]) == [1, 2]  # a repeated index: preference ignored
+    for got in (other, [1, 2]):
+        table.give_back(got)
+    assert table.snapshot().states["FREE"] == 8
+
+
+def test_a_call_after_a_call_maps_nothing(client):
+    arena = arena_on(client)
+    try:
+        block = arena.allocate(3 * CHUNK)
+        assert FakeCuda.calls == {"map": 3, "set_access": 1} and mapped_chunks() == 3
+        block.release()
+        # Given back but still mapped here: the table has them free, the card no more memory.
+        assert client.snapshot().states["FREE"] == 8 and mapped_chunks() == 3
+        for _ in range(5):
+            arena.allocate(3 * CHUNK).release()
+        assert FakeCuda.calls == {"map": 3, "set_access": 1}
+    finally:
+        arena.close()
+    assert FakeCuda.mappings == {}
+
+
+def test_only_chunks_taken_meanwhile_are_remapped(client, owner):  # noqa: F811
+    arena = arena_on(client)
+    try:
+        first = arena.allocate(3 * CHUNK)
+        first.release()
+        mine = [int(t) for t in arena._resident[0].tokens]
+        # Another replica takes the middle one (same table; any process would do).
+        taken = owner.table.lease(1, 1.0, prefer=[mine[1]])
+        assert taken == [mine[1]]
+        block = arena.allocate(3 * CHUNK)
+        # Exactly one position unmapped and mapped again, access set once.
+        assert FakeCuda.calls == {"map": 4, "unmap": 1, "set_access": 2}
+        now = [int(t) for t in arena._resident[0].tokens]
+        assert now[0] == mine[0] and now[2] == mine[2] and now[1] != mine[1]
+        # The lease guards the call: this process holds its three, the other its one.
+        assert owner.table.held_by(os.getpid()) == sorted(now + taken)
+        block.release()
+        owner.table.give_back(taken)
+    finally:
+        arena.close()
+    assert FakeCuda.mappings == {}
+
+
+def test_a_larger_or_smaller_call_reuses_what_lines_up(client):
+    arena = arena_on(client)
+    try:
+        arena.allocate(2 * CHUNK).release()
+        arena.allocate(4 * CHUNK).release()  # two kept, two more mapped
+        assert FakeCuda.calls["map"] == 4 and mapped_chunks() == 4
+        arena.allocate(1 * CHUNK).release()  # one kept, three unmapped
+        assert FakeCuda.calls["map"] == 4 and FakeCuda.calls["unmap"] == 3 and mapped_chunks() == 1
+    finally:
+        arena.close()
+
+
+def test_retired_chunks_are_unmapped_without_another_call(client, owner):  # noqa: F811
+    arena = arena_on(client)
+    try:
+        arena.allocate(3 * CHUNK).release()
+        kept = [int(t) for t in arena._resident[0].tokens]
+        assert mapped_chunks() == 3
+        client.resize(1)  # the pool shrinks: free chunks retire, ours among them
+        wait_for(lambda: mapped_chunks() == 0, what="the watcher to unmap the retired chunks")
+        wait_for(lambda: all(owner.table.chunk_state(i) in (ChunkState.RETIRED, ChunkState.ABSENT)
+                             or i == 0 for i in kept), what="the retirement")
+        # Every handle to a retired chunk is gone in this process: its memory can return.
+        wait_for(lambda: len(FakeCuda.live) == 2, what="imports and the owner's retired chunks released")
+        client.resize(4)
+        arena.allocate(2 * CHUNK).release()  # and the arena maps afresh
+        assert mapped_chunks() == 2
+    finally:
+        arena.close()
+    assert FakeCuda.mappings == {}
+
+
+def test_a_chunk_retired_during_a_call_is_unmapped_when_it_ends(client, owner):  # noqa: F811
+    arena = arena_on(client)
+    try:
+        block = arena.allocate(2 * CHUNK)
+        client.resize(1)  # ours drain: still ours until given back
+        assert mapped_chunks() == 2
+        block.release()  # given back: they retire, and the mapping must not outlive them
+        wait_for(lambda: mapped_chunks() == 0, what="the drained chunks to be unmapped")
+    finally:
+        arena.close()
+
+
+def test_a_mapping_of_all_windows_drops_what_was_left_mapped(client):
+    arena = arena_on(client)
+    try:
+        arena.allocate(2 * CHUNK, offsets=(4 * CHUNK,)).release()
+        assert arena.resident_windows == 1
+        static = arena.allocate(2 * CHUNK, offsets=(0, 2 * CHUNK, 4 * CHUNK))  # static mode: every window
+        assert arena.resident_windows == 0 and mapped_chunks() == 6
+        static.release()
+        assert mapped_chunks() == 0  # static memory is not kept after its release
+    finally:
+        arena.close()
+
+
+def test_keep_mapped_off_unmaps_after_every_call(client):
+    arena = arena_on(client, keep_mapped=False)
+    try:
+        for _ in range(3):
+            arena.allocate(2 * CHUNK).release()
+            assert mapped_chunks() == 0
+        assert FakeCuda.calls["map"] == 6
+    finally:
+        arena.close()
