@@ -208,6 +208,12 @@ class VmmArena:
                     f"arena window at +{offset / MiB:.0f} MiB of {span / MiB:.0f} MiB does not fit the "
                     f"{self.reserved_bytes / MiB:.0f} MiB reserved (granularity {self.granularity})")
             with self._lock:
+                # Windows never overlap when sized as the backends size them; should one
+                # reach into another's, the other's leftover mapping goes first.
+                for off, res in list(self._resident.items()):
+                    if off != offset and off < offset + span and offset < off + res.span:
+                        del self._resident[off]
+                        self._unmap_resident(off, res)
                 self._remap_locked(offset, lease)
                 block = ContextBlock(self.base + offset, span,
                                      lambda b, lease=lease, off=offset: self._give_back_mapped(b, lease, off))

@@ -163,3 +163,16 @@ def test_keep_mapped_off_unmaps_after_every_call(client):
         assert FakeCuda.calls["map"] == 6
     finally:
         arena.close()
+
+
+def test_overlapping_windows_never_map_twice(client):
+    arena = arena_on(client)
+    try:
+        arena.allocate(3 * CHUNK, offsets=(0,)).release()
+        arena.allocate(2 * CHUNK, offsets=(2 * CHUNK,)).release()  # reaches into the first: it goes
+        assert arena.resident_windows == 1 and mapped_chunks() == 2
+        arena.allocate(2 * CHUNK, offsets=(4 * CHUNK,)).release()  # disjoint: both stay
+        assert arena.resident_windows == 2 and mapped_chunks() == 4
+    finally:
+        arena.close()
+    assert FakeCuda.mappings == {}
