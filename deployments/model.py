@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +21,7 @@ from ray import serve
 from deployments.config import AppConfig, ModelConfig
 from deployments.engine_factory import join_context_pool, make_engine
 from deployments.gpu_identity import current_replica_gpu
-from engine_runtime.errors import InvalidInputError
+from engine_runtime.errors import ContextMemoryUnavailable, InvalidInputError
 from engine_runtime.memory import MemoryMode
 from engine_runtime.spec import EngineDescription, validate_inputs
 
@@ -136,20 +137,47 @@ class ModelDeployment:
         Raises an ``engine_runtime`` ``InvalidInputError`` subclass for bad input and
         ``ContextMemoryUnavailable`` when no context memory could be had in time.
         """
+        arrived = time.monotonic()
         arrays = to_numpy_inputs(inputs)
         # Checked alone before batching, so one bad request fails alone.
         validate_inputs(self.desc, arrays, reject_non_finite=self.model.reject_non_finite)
-        return await self._batched(arrays)
+        result = await self._batched((arrays, arrived))
+        if isinstance(result, BaseException):
+            raise result  # this request's group failed; the batch's other groups did not
+        return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batched(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        results: list[dict[str, np.ndarray] | None] = [None] * len(requests)
+    async def _batched(self, queued: list[tuple[dict[str, np.ndarray], float]]
+                       ) -> list[dict[str, np.ndarray] | Exception]:
+        """One engine call per group of compatible requests. A group's failure is handed
+        to its own requests only (as the item, raised by ``infer``): raised from here,
+        Serve would fail every request of the batch."""
+        requests = [arrays for arrays, _ in queued]
+        results: list[dict[str, np.ndarray] | Exception | None] = [None] * len(requests)
         for group in _group_for_engine(requests, self.desc.max_batch):
             if len(group) == 1:
                 merged = requests[group[0]]
             else:
                 merged = {n: np.concatenate([requests[i][n] for i in group]) for n in requests[group[0]]}
-            out = await asyncio.to_thread(self.engine.infer, merged)
+            # The admission deadline is a request's, from its arrival: time spent queued
+            # for the batch, or behind earlier groups, counts against it (a request
+            # behind a refused call does not wait a second full deadline).
+            oldest = min(queued[i][1] for i in group)
+            deadline_s = self.engine.admission_deadline_s - (time.monotonic() - oldest)
+            try:
+                out = await asyncio.to_thread(self.engine.infer, merged, deadline_s=deadline_s)
+            except ContextMemoryUnavailable as err:
+                # Say how long the request waited in all, not only this call's share.
+                failed = ContextMemoryUnavailable(err.requested_bytes, err.free_bytes, time.monotonic() - oldest,
+                                                  err.where)
+                failed.__cause__ = err
+                for i in group:
+                    results[i] = failed
+                continue
+            except Exception as err:  # noqa: BLE001 - handed to this group's requests, raised there
+                for i in group:
+                    results[i] = err
+                continue
             start = 0
             for i in group:
                 b = next(iter(requests[i].values())).shape[0]

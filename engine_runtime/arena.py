@@ -143,7 +143,7 @@ class VmmArena:
         return 0 if block is None or block.released else block.nbytes
 
     def allocate(self, nbytes: int, offsets: Sequence[int] = (0,),
-                 source: PhysicalSource | None = None) -> ContextBlock:
+                 source: PhysicalSource | None = None, deadline_s: float | None = None) -> ContextBlock:
         """Map ``nbytes`` (rounded up to the granularity) of one physical allocation at
         ``base + offset`` for every offset.
 
@@ -154,18 +154,20 @@ class VmmArena:
         refuses to map part of an allocation: CUDA_ERROR_NOT_SUPPORTED, seen on an
         H200), so a pooled lease of whole chunks may map a little more than asked.
         ``source`` overrides the arena's own for this mapping (graph capture maps memory
-        of its own rather than draining the shared pool).
+        of its own rather than draining the shared pool). ``deadline_s`` bounds the wait
+        for physical memory (default the arena's).
         """
         n = _cuda.round_up(max(int(nbytes), 1), self.granularity)
         src = source or self.source
+        deadline = self.deadline_s if deadline_s is None else max(0.0, float(deadline_s))
         if self.keep_mapped and src is self.source and len(offsets) == 1:
-            return self._allocate_reusing(n, int(offsets[0]))
+            return self._allocate_reusing(n, int(offsets[0]), deadline)
         with self._lock:
             if self._busy or (self._mapped is not None and not self._mapped.released):
                 raise EbbInternalError("arena is already mapped; a second mapping would alias the first")
             # Windows mapped now must not overlap mappings left from earlier calls.
             self._drop_resident_locked()
-            lease = src.acquire(n, self.deadline_s)
+            lease = src.acquire(n, deadline)
             span = sum(size for _, size in lease.pieces)
             done: list[int] = []
             try:
@@ -189,7 +191,7 @@ class VmmArena:
             self._mapped = block
             return block
 
-    def _allocate_reusing(self, n: int, offset: int) -> ContextBlock:
+    def _allocate_reusing(self, n: int, offset: int, deadline_s: float) -> ContextBlock:
         """``allocate`` of one window from a pool, reusing what is still mapped there."""
         with self._lock:
             if self._busy or (self._mapped is not None and not self._mapped.released):
@@ -201,7 +203,7 @@ class VmmArena:
         try:
             # Leasing may wait for the admission deadline: not under the lock, which the
             # pool's watcher takes to unmap retired chunks.
-            lease = self.source.acquire(n, self.deadline_s, prefer=prefer)
+            lease = self.source.acquire(n, deadline_s, prefer=prefer)
             span = sum(size for _, size in lease.pieces)
             if offset % self.granularity or offset < 0 or offset + span > self.reserved_bytes:
                 raise EbbInternalError(

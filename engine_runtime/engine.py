@@ -52,8 +52,12 @@ class Engine(Protocol):
         """Bytes of context memory a call with these input shapes needs."""
         ...
 
-    def infer(self, inputs: Tensors) -> dict[str, Any]:
-        """Named tensors in (numpy or torch), named tensors out (numpy for numpy input)."""
+    def infer(self, inputs: Tensors, *, deadline_s: float | None = None) -> dict[str, Any]:
+        """Named tensors in (numpy or torch), named tensors out (numpy for numpy input).
+
+        ``deadline_s``: how long this call may wait for context memory (and for a call
+        in flight on this engine) before ``ContextMemoryUnavailable``; default the
+        engine's admission deadline."""
         ...
 
     @property
@@ -111,6 +115,8 @@ class BaseEngine(ABC):
         self._static_block: ContextBlock | None = None
         self._static_held = False
         self._stats = EngineStats()
+        # When the call in flight must have its context memory by (monotonic seconds).
+        self._call_deadline: float | None = None
 
     # -- public surface ---------------------------------------------------------
 
@@ -187,7 +193,10 @@ class BaseEngine(ABC):
             if not self._closed:
                 self.set_mode(previous)
 
-    def infer(self, inputs: Tensors) -> dict[str, Any]:
+    def infer(self, inputs: Tensors, *, deadline_s: float | None = None) -> dict[str, Any]:
+        # The deadline runs from now: waiting behind a call in flight on this engine
+        # counts against it, as it does for the request that is waiting.
+        deadline_at = time.monotonic() + (self.admission_deadline_s if deadline_s is None else max(0.0, deadline_s))
         self._check_open()
         self._stats.call_started()
         started = time.perf_counter()
@@ -204,7 +213,11 @@ class BaseEngine(ABC):
                 mode = self._mode
                 if mode is MemoryMode.STATIC:
                     self._enter_static()
-                outputs = self._execute_impl(dict(inputs), shapes, mode)
+                self._call_deadline = deadline_at
+                try:
+                    outputs = self._execute_impl(dict(inputs), shapes, mode)
+                finally:
+                    self._call_deadline = None
             result = {k: _to_numpy(v) if want_numpy else v for k, v in outputs.items()}
             outcome = "ok"
             return result
@@ -237,6 +250,13 @@ class BaseEngine(ABC):
 
     # -- helpers for backends ---------------------------------------------------
 
+    @property
+    def call_deadline_s(self) -> float:
+        """Seconds the call in flight may still wait for context memory (the engine's
+        admission deadline outside a call). Backends pass it to their allocators."""
+        at = self._call_deadline
+        return self.admission_deadline_s if at is None else max(0.0, at - time.monotonic())
+
     @contextlib.contextmanager
     def dynamic_context(self, nbytes: int, allocate) -> Iterator[ContextBlock]:
         """Admission, then memory, for one call; both released in ``finally``.
@@ -249,7 +269,7 @@ class BaseEngine(ABC):
         instead of +2.5 ms), the helper contending for the GIL with the next call.
         """
         t_admit = time.perf_counter()
-        with self.admission.reserve(nbytes, self.admission_deadline_s):
+        with self.admission.reserve(nbytes, self.call_deadline_s):
             t0 = time.perf_counter()
             if t0 - t_admit > ADMISSION_WAIT_S:
                 self._stats.admission_waited()

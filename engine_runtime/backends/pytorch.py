@@ -12,7 +12,6 @@ the host memory.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -344,7 +343,10 @@ class PyTorchEngine(BaseEngine):
         if self._buckets:
             bucket = self._bucket_for(batch)
             if mode is MemoryMode.DYNAMIC:
-                allocate = functools.partial(self._arena.allocate, offsets=(bucket.offset,))
+                def allocate(nbytes: int, offset: int = bucket.offset) -> ContextBlock:
+                    # Read when memory is wanted: what is left of this call's deadline.
+                    return self._arena.allocate(nbytes, (offset,), deadline_s=self.call_deadline_s)
+
                 with self.dynamic_context(bucket.context_bytes, allocate):
                     return {self._output.name: self._replay(bucket, x)}
             return {self._output.name: self._replay(bucket, x)}

@@ -415,6 +415,14 @@ class TensorRTEngine(BaseEngine):
                 raise InputShapeError(tname, profile.describe(), shape,
                                       "TensorRT refused it: " + _join(self._logger.take_errors()))
 
+    def _allocate_dynamic(self, nbytes: int) -> ContextBlock:
+        """The call's context memory, waiting no longer than what is left of its deadline."""
+        from engine_runtime.arena import VmmArena
+
+        if isinstance(self._allocator, VmmArena):
+            return self._allocator.allocate(nbytes, deadline_s=self.call_deadline_s)
+        return self._allocator.allocate(nbytes)
+
     def _execute_impl(self, inputs: dict[str, Any], shapes: dict[str, tuple[int, ...]],
                       mode: MemoryMode) -> dict[str, Any]:
         desc = self.describe()
@@ -433,7 +441,7 @@ class TensorRTEngine(BaseEngine):
             bound[spec.name] = self._device.empty(shape, spec.dtype, stream)
         if mode is MemoryMode.DYNAMIC:
             nbytes = int(ctx.update_device_memory_size_for_shapes())
-            with self.dynamic_context(nbytes, self._allocator.allocate) as block:
+            with self.dynamic_context(nbytes, self._allocate_dynamic) as block:
                 try:
                     if nbytes:
                         ctx.set_device_memory(block.ptr, nbytes)

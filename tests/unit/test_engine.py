@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -396,6 +397,41 @@ def test_weights_bytes_are_accounted_after_load(engine):
 # -- admission ---------------------------------------------------------------------------
 
 
+class DeadlineRecordingAdmission:
+    """Admits every reservation and records the deadline each was given."""
+
+    def __init__(self) -> None:
+        self.deadlines: list[float] = []
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes, deadline_s):
+        self.deadlines.append(deadline_s)
+        yield
+
+
+def test_a_call_s_deadline_bounds_its_wait_including_behind_a_call_in_flight():
+    admission = DeadlineRecordingAdmission()
+    engine = RecordingEngine(admission=admission, admission_deadline_s=5.0)
+    try:
+        engine.infer({"x": _x(2)})
+        assert 4.9 < admission.deadlines[-1] <= 5.0  # the engine's own by default
+        engine.infer({"x": _x(2)}, deadline_s=0.3)
+        assert 0.2 < admission.deadlines[-1] <= 0.3
+        engine.infer({"x": _x(2)}, deadline_s=-1.0)  # already past: one try, no wait
+        assert admission.deadlines[-1] == 0.0
+        # Waiting for the call lock (a call in flight) counts against the deadline.
+        with engine._call_lock:
+            done = threading.Event()
+            worker = threading.Thread(target=lambda: (engine.infer({"x": _x(2)}, deadline_s=0.5), done.set()))
+            worker.start()
+            time.sleep(0.3)
+        worker.join(5)
+        assert done.is_set() and admission.deadlines[-1] <= 0.25
+        assert engine.call_deadline_s == 5.0  # outside a call: the engine's deadline
+    finally:
+        engine.close()
+
+
 def test_refused_admission_propagates_and_is_counted():
     admission = RefusingAdmission()
     engine = RecordingEngine(admission=admission, admission_deadline_s=0.25)
@@ -403,7 +439,9 @@ def test_refused_admission_propagates_and_is_counted():
         with pytest.raises(ContextMemoryUnavailable) as info:
             engine.infer({"x": _x(3)})
         err = info.value
-        assert (err.requested_bytes, err.free_bytes, err.waited_s) == (3 * PER_SAMPLE_BYTES, 123, 0.25)
+        # The fake reports the deadline it was given: what was left of the call's 0.25 s.
+        assert (err.requested_bytes, err.free_bytes) == (3 * PER_SAMPLE_BYTES, 123)
+        assert 0.2 < err.waited_s <= 0.25
         assert "requested" in str(err) and "free" in str(err) and "test budget" in str(err)
         assert admission.requests == [3 * PER_SAMPLE_BYTES]
         snap = engine.stats()

@@ -1,0 +1,137 @@
+"""The replica's batching, without Ray running: ``ModelDeployment.infer`` and its
+``@serve.batch`` handler on a stand-in engine (Serve's batching runs in plain asyncio).
+
+What must hold: requests that cannot share an engine call are split into groups; a
+group that fails (no context memory, a bug) fails its own requests only; and the
+admission deadline is each request's, counted from its arrival, so a request queued
+behind a slow or refused call does not wait a second full deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from deployments.model import ModelDeployment
+from engine_runtime.errors import ContextMemoryUnavailable
+
+DEADLINE_S = 0.5
+
+
+class StandInEngine:
+    """Doubles its input; refuses calls whose batch has a row of -1; records deadlines."""
+
+    admission_deadline_s = DEADLINE_S
+
+    def __init__(self, call_s: float = 0.0) -> None:
+        self.call_s = call_s
+        self.calls: list[tuple[int, float]] = []  # (batch, deadline given)
+        self.lock = threading.Lock()
+
+    def infer(self, inputs, *, deadline_s=None):
+        x = inputs["x"]
+        with self.lock:  # one call at a time, as the engine's call lock
+            self.calls.append((x.shape[0], deadline_s))
+            time.sleep(self.call_s)
+            if (x == -1).all(axis=1).any():
+                raise ContextMemoryUnavailable(123, 45, waited_s=max(deadline_s, 0.0), where="stand-in")
+            if (x == -2).all(axis=1).any():
+                raise RuntimeError("engine bug")
+            return {"y": x * 2}
+
+    def close(self) -> None:  # the replica's __del__ closes its engine
+        pass
+
+    def stats(self):
+        return SimpleNamespace(context_bytes_held=0)
+
+
+def replica(engine: StandInEngine, max_batch: int = 4):
+    obj = object.__new__(ModelDeployment.func_or_class)
+    obj.engine = engine
+    obj.desc = SimpleNamespace(max_batch=max_batch)
+    obj.model = SimpleNamespace(reject_non_finite=False, name="stand-in")
+    return obj
+
+
+@pytest.fixture(autouse=True)
+def _outside_a_replica(monkeypatch):
+    # Validation against a real description is covered elsewhere; here only batching.
+    monkeypatch.setattr("deployments.model.validate_inputs", lambda *a, **k: None)
+    # Serve's batch queue reads the replica's max_ongoing_requests (for a warning) from
+    # the replica context, which exists only inside a running replica.
+    from ray.serve import batching
+
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
+    monkeypatch.setattr(batching.serve, "get_replica_context", lambda: context)
+
+
+def rows(value: float, n: int = 1, width: int = 3) -> dict[str, np.ndarray]:
+    return {"x": np.full((n, width), value, dtype=np.float32)}
+
+
+# Serve keeps one batch queue per decorated method (one replica per process), bound to
+# the event loop it first ran on: every test runs on this one loop.
+LOOP = asyncio.new_event_loop()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _forget_the_batch_queue():
+    """After these tests, leave ``_batched`` as it was: the queue they made (and its task
+    on LOOP) would otherwise travel with the class when a later test serialises it."""
+    yield
+    lazy = ModelDeployment.func_or_class._batched._get_curr_iteration_start_times.__self__
+    queue, lazy._queue = lazy._queue, None
+    task = getattr(queue, "_handle_batch_task", None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            LOOP.run_until_complete(task)
+    LOOP.close()
+
+
+def call_all(obj, requests):
+    async def gather():
+        return await asyncio.gather(*(obj.infer(r) for r in requests), return_exceptions=True)
+
+    return LOOP.run_until_complete(gather())
+
+
+def test_a_failing_group_fails_only_its_own_requests():
+    engine = StandInEngine()
+    obj = replica(engine)
+    # Three groups in one batch: other per-sample shapes split them.
+    requests = [rows(1.0), rows(2.0), rows(-1.0, width=5), rows(-2.0, width=7), rows(3.0)]
+    got = call_all(obj, requests)
+    assert isinstance(got[2], ContextMemoryUnavailable) and got[2].requested_bytes == 123
+    assert isinstance(got[3], RuntimeError) and "engine bug" in str(got[3])
+    for i, value in ((0, 1.0), (1, 2.0), (4, 3.0)):
+        assert not isinstance(got[i], BaseException), got[i]
+        np.testing.assert_array_equal(got[i]["y"], rows(value)["x"] * 2)
+
+
+def test_the_deadline_runs_from_each_request_s_arrival():
+    engine = StandInEngine(call_s=0.3)
+    obj = replica(engine)
+    # Two groups queued together: the second waits 0.3 s behind the first, and its
+    # deadline is what is left of its own 0.5 s, not a fresh 0.5 s.
+    call_all(obj, [rows(1.0), rows(1.0, width=5)])
+    (b1, d1), (b2, d2) = engine.calls
+    assert DEADLINE_S - 0.1 < d1 <= DEADLINE_S
+    assert d2 <= DEADLINE_S - 0.25, engine.calls
+
+
+def test_a_refusal_says_how_long_the_request_waited_in_all():
+    engine = StandInEngine(call_s=0.3)
+    obj = replica(engine)
+    got = call_all(obj, [rows(1.0), rows(-1.0, width=5)])
+    err = got[1]
+    assert isinstance(err, ContextMemoryUnavailable)
+    assert err.waited_s >= 0.3  # queued behind the first call, then refused
+    assert isinstance(err.__cause__, ContextMemoryUnavailable)
