@@ -92,8 +92,12 @@ class ReplicaMetrics:
                                           tag_keys=_REPLICA_TAGS)
         self.calls = metrics.Counter("ebb_replica_calls", "Engine calls by outcome.",
                                      tag_keys=_REPLICA_TAGS + ("outcome",))
+        self.pieces = metrics.Counter("ebb_replica_arena_pieces",
+                                      "Physical pieces (pool chunks) a call mapped, or found still mapped "
+                                      "from the replica's last call (context_pool.keep_mapped).",
+                                      tag_keys=_REPLICA_TAGS + ("how",))
         for m in (self.mode, self.held, self.weights, self.acquisitions, self.acquisition_s, self.waits,
-                  self.rejections, self.calls):
+                  self.rejections, self.calls, self.pieces):
             m.set_default_tags(tags)
         self._deltas = CounterDeltas()
         self._acquisitions_seen = 0
@@ -103,6 +107,13 @@ class ReplicaMetrics:
         stats = engine.stats()
         self._acquisitions_seen, durations = engine.acquisition_durations_since(self._acquisitions_seen)
         self.update(engine.mode, stats, durations)
+        counts = engine.mapping_counts()
+        if counts:
+            self.update_mapping(counts)
+
+    def update_mapping(self, counts: Mapping[str, int | bool]) -> None:
+        _inc(self.pieces, self._deltas.delta("pieces.mapped", counts["pieces_mapped"]), {"how": "mapped"})
+        _inc(self.pieces, self._deltas.delta("pieces.reused", counts["pieces_reused"]), {"how": "reused"})
 
     def update(self, mode: MemoryMode, stats: StatsSnapshot, new_acquisition_s: Iterable[float]) -> None:
         for m in MemoryMode:

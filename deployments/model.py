@@ -209,6 +209,9 @@ class ModelDeployment:
             "pin": self.pin,
             "mechanism": self.engine.mechanism.value,
             "pool": self.pool_status,
+            # Where the arena maps memory: pieces mapped, and pieces a call found still
+            # mapped from its last one (context_pool.keep_mapped); None without an arena.
+            "mapping": self.engine.mapping_counts(),
             "loaded": self.engine.loaded,
             "closed": self.engine.closed,
             "batching": dict(self._batching),

@@ -124,6 +124,10 @@ class VmmArena:
         # were retired while a call ran (unmapped when it ends).
         self._resident: dict[int, _Resident] = {}
         self._stale: set[int] = set()
+        # Pieces (pool chunks, or whole allocations) mapped, and found still mapped from an
+        # earlier call: how much keep_mapped saves on this card's traffic.
+        self._pieces_mapped = 0
+        self._pieces_reused = 0
         # The source says whether it allows it (a pool client whose watcher reports retirements).
         self.keep_mapped = bool(keep_mapped) and bool(getattr(self.source, "keep_mapped", False))
         with _cuda.device(device):
@@ -254,12 +258,14 @@ class VmmArena:
                     cur = mapped.get(k)
                     if cur is not None and cur[0] is handle and old.tokens[k] == tokens[k] \
                             and tokens[k] not in self._stale:
+                        self._pieces_reused += 1
                         continue
                     if cur is not None:
                         _cuda.mem_unmap(addr + cur[2], cur[1])
                         del mapped[k]
                     _cuda.mem_map(addr + starts[k], size, handle)
                     mapped[k] = (handle, size, starts[k])
+                    self._pieces_mapped += 1
                     changed = True
                 for k in [k for k in mapped if k >= len(sizes)]:  # the old lease was longer
                     _, size, start = mapped.pop(k)
@@ -322,6 +328,11 @@ class VmmArena:
     def resident_windows(self) -> int:
         return len(self._resident)
 
+    def mapping_counts(self) -> dict[str, int | bool]:
+        """Pieces mapped and pieces found still mapped (``keep_mapped``), since the arena was made."""
+        return {"keep_mapped": self.keep_mapped, "pieces_mapped": self._pieces_mapped,
+                "pieces_reused": self._pieces_reused}
+
     def _map_window(self, offset: int, span: int, lease: PhysicalLease) -> None:
         addr = self.base + offset
         mapped = 0
@@ -329,6 +340,7 @@ class VmmArena:
             for handle, size in lease.pieces:
                 _cuda.mem_map(addr + mapped, size, handle)
                 mapped += size
+                self._pieces_mapped += 1
             # One access call over the whole window: cheaper than one per piece.
             _cuda.set_access(self.device, addr, span)
         except BaseException:

@@ -250,6 +250,10 @@ class BaseEngine(ABC):
 
     # -- helpers for backends ---------------------------------------------------
 
+    def mapping_counts(self) -> dict[str, int | bool] | None:
+        """The arena's mapping counters (``VmmArena.mapping_counts``); None without an arena."""
+        return None
+
     @property
     def call_deadline_s(self) -> float:
         """Seconds the call in flight may still wait for context memory (the engine's

@@ -391,6 +391,10 @@ class PyTorchEngine(BaseEngine):
                 raise InputValueError(self._input.name, "contains NaN or infinity")
         return out
 
+    def mapping_counts(self) -> dict[str, int | bool] | None:
+        arena = self._arena
+        return None if arena is None else arena.mapping_counts()
+
     def _checks_finite_on_device(self) -> bool:
         return bool(self._buckets)
 

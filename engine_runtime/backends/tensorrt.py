@@ -415,6 +415,10 @@ class TensorRTEngine(BaseEngine):
                 raise InputShapeError(tname, profile.describe(), shape,
                                       "TensorRT refused it: " + _join(self._logger.take_errors()))
 
+    def mapping_counts(self) -> dict[str, int | bool] | None:
+        counts = getattr(self._allocator, "mapping_counts", None)
+        return None if counts is None else counts()
+
     def _allocate_dynamic(self, nbytes: int) -> ContextBlock:
         """The call's context memory, waiting no longer than what is left of its deadline."""
         from engine_runtime.arena import VmmArena

@@ -69,6 +69,7 @@ def test_a_call_after_a_call_maps_nothing(client):
         for _ in range(5):
             arena.allocate(3 * CHUNK).release()
         assert FakeCuda.calls == {"map": 3, "set_access": 1}
+        assert arena.mapping_counts() == {"keep_mapped": True, "pieces_mapped": 3, "pieces_reused": 15}
     finally:
         arena.close()
     assert FakeCuda.mappings == {}
@@ -161,6 +162,7 @@ def test_keep_mapped_off_unmaps_after_every_call(client):
             arena.allocate(2 * CHUNK).release()
             assert mapped_chunks() == 0
         assert FakeCuda.calls["map"] == 6
+        assert arena.mapping_counts() == {"keep_mapped": False, "pieces_mapped": 6, "pieces_reused": 0}
     finally:
         arena.close()
 
@@ -176,3 +178,23 @@ def test_overlapping_windows_never_map_twice(client):
     finally:
         arena.close()
     assert FakeCuda.mappings == {}
+
+
+def test_replica_metrics_count_pieces_mapped_and_reused_by_their_deltas():
+    from deployments.metrics import ReplicaMetrics
+
+    class FakeCounter:
+        def __init__(self) -> None:
+            self.total: dict[str, float] = {}
+
+        def inc(self, value, tags=None):
+            key = (tags or {}).get("how", "")
+            self.total[key] = self.total.get(key, 0) + value
+
+    m = object.__new__(ReplicaMetrics)
+    from deployments.metrics import CounterDeltas
+
+    m.pieces, m._deltas = FakeCounter(), CounterDeltas()
+    m.update_mapping({"keep_mapped": True, "pieces_mapped": 3, "pieces_reused": 0})
+    m.update_mapping({"keep_mapped": True, "pieces_mapped": 4, "pieces_reused": 12})
+    assert m.pieces.total == {"mapped": 4, "reused": 12}
