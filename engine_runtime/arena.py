@@ -169,31 +169,39 @@ class VmmArena:
         with self._lock:
             if self._busy or (self._mapped is not None and not self._mapped.released):
                 raise EbbInternalError("arena is already mapped; a second mapping would alias the first")
+            self._busy = True
             # Windows mapped now must not overlap mappings left from earlier calls.
             self._drop_resident_locked()
+        try:
+            # Not under the lock: leasing may wait, and the pool's watcher takes the lock.
             lease = src.acquire(n, deadline)
-            span = sum(size for _, size in lease.pieces)
-            done: list[int] = []
-            try:
-                for off in offsets:
-                    if off % self.granularity or off < 0 or off + span > self.reserved_bytes:
-                        raise EbbInternalError(
-                            f"arena window at +{off / MiB:.0f} MiB of {span / MiB:.0f} MiB does not fit the "
-                            f"{self.reserved_bytes / MiB:.0f} MiB reserved (granularity {self.granularity})")
-                with _cuda.device(self.device):
+            with self._lock:
+                self._drop_resident_locked()  # none can have come meanwhile; kept as the invariant
+                span = sum(size for _, size in lease.pieces)
+                done: list[int] = []
+                try:
                     for off in offsets:
-                        self._map_window(off, span, lease)
-                        done.append(off)
-            except BaseException:
-                with _cuda.device(self.device):
-                    for off in done:
-                        _cuda.mem_unmap(self.base + off, span)
-                lease.release()
-                raise
-            block = ContextBlock(self.base + offsets[0], span,
-                                 lambda b, lease=lease, offs=tuple(offsets): self._unmap(b, lease, offs))
-            self._mapped = block
-            return block
+                        if off % self.granularity or off < 0 or off + span > self.reserved_bytes:
+                            raise EbbInternalError(
+                                f"arena window at +{off / MiB:.0f} MiB of {span / MiB:.0f} MiB does not fit the "
+                                f"{self.reserved_bytes / MiB:.0f} MiB reserved (granularity {self.granularity})")
+                    with _cuda.device(self.device):
+                        for off in offsets:
+                            self._map_window(off, span, lease)
+                            done.append(off)
+                except BaseException:
+                    with _cuda.device(self.device):
+                        for off in done:
+                            _cuda.mem_unmap(self.base + off, span)
+                    lease.release()
+                    raise
+                block = ContextBlock(self.base + offsets[0], span,
+                                     lambda b, lease=lease, offs=tuple(offsets): self._unmap(b, lease, offs))
+                self._mapped = block
+                return block
+        finally:
+            with self._lock:
+                self._busy = False
 
     def _allocate_reusing(self, n: int, offset: int, deadline_s: float) -> ContextBlock:
         """``allocate`` of one window from a pool, reusing what is still mapped there."""
