@@ -139,22 +139,27 @@ class ModelDeployment:
         """
         arrived = time.monotonic()
         arrays = to_numpy_inputs(inputs)
-        # Checked alone before batching, so one bad request fails alone.
-        validate_inputs(self.desc, arrays, reject_non_finite=self.model.reject_non_finite)
-        result = await self._batched((arrays, arrived))
+        # Checked alone before batching, so one bad request fails alone. Where the engine
+        # refuses NaN/inf on the device (one reduction), the host pass over the values is
+        # skipped here (~10 ms for a 60 MB batch) and done only for a batch that failed it.
+        host_finite = self.model.reject_non_finite and not self.engine.checks_finite_on_device
+        validate_inputs(self.desc, arrays, reject_non_finite=host_finite)
+        result = await self._batched((arrays, arrived, host_finite))
         if isinstance(result, BaseException):
             raise result  # this request's group failed; the batch's other groups did not
         return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batched(self, queued: list[tuple[dict[str, np.ndarray], float]]
+    async def _batched(self, queued: list[tuple[dict[str, np.ndarray], float, bool]]
                        ) -> list[dict[str, np.ndarray] | Exception]:
         """One engine call per group of compatible requests. A group's failure is handed
         to its own requests only (as the item, raised by ``infer``): raised from here,
         Serve would fail every request of the batch."""
-        requests = [arrays for arrays, _ in queued]
+        requests = [arrays for arrays, _, _ in queued]
         results: list[dict[str, np.ndarray] | Exception | None] = [None] * len(requests)
-        for group in _group_for_engine(requests, self.desc.max_batch):
+        groups = _group_for_engine(requests, self.desc.max_batch)
+        while groups:
+            group = groups.pop(0)
             if len(group) == 1:
                 merged = requests[group[0]]
             else:
@@ -164,8 +169,29 @@ class ModelDeployment:
             # behind a refused call does not wait a second full deadline).
             oldest = min(queued[i][1] for i in group)
             deadline_s = self.engine.admission_deadline_s - (time.monotonic() - oldest)
+            checked = all(queued[i][2] for i in group)
             try:
-                out = await asyncio.to_thread(self.engine.infer, merged, deadline_s=deadline_s)
+                out = await asyncio.to_thread(self.engine.infer, merged, deadline_s=deadline_s,
+                                              finite_checked=checked)
+            except InvalidInputError as err:
+                if len(group) == 1:
+                    results[group[0]] = err
+                    continue
+                # The merged batch was refused on the device (NaN/inf): find the request(s)
+                # on the host, fail those alone, and run the others again.
+                good = []
+                for i in group:
+                    try:
+                        validate_inputs(self.desc, requests[i], reject_non_finite=True)
+                        good.append(i)
+                    except InvalidInputError as own:
+                        results[i] = own
+                if len(good) == len(group):  # none to blame alone: the group shares the error
+                    for i in group:
+                        results[i] = err
+                elif good:
+                    groups.insert(0, good)
+                continue
             except ContextMemoryUnavailable as err:
                 # Say how long the request waited in all, not only this call's share.
                 failed = ContextMemoryUnavailable(err.requested_bytes, err.free_bytes, time.monotonic() - oldest,

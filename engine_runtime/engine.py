@@ -52,12 +52,14 @@ class Engine(Protocol):
         """Bytes of context memory a call with these input shapes needs."""
         ...
 
-    def infer(self, inputs: Tensors, *, deadline_s: float | None = None) -> dict[str, Any]:
+    def infer(self, inputs: Tensors, *, deadline_s: float | None = None,
+              finite_checked: bool = False) -> dict[str, Any]:
         """Named tensors in (numpy or torch), named tensors out (numpy for numpy input).
 
         ``deadline_s``: how long this call may wait for context memory (and for a call
         in flight on this engine) before ``ContextMemoryUnavailable``; default the
-        engine's admission deadline."""
+        engine's admission deadline. ``finite_checked``: the caller has already refused
+        NaN and infinity in these inputs, so the engine skips its own host pass."""
         ...
 
     @property
@@ -193,7 +195,8 @@ class BaseEngine(ABC):
             if not self._closed:
                 self.set_mode(previous)
 
-    def infer(self, inputs: Tensors, *, deadline_s: float | None = None) -> dict[str, Any]:
+    def infer(self, inputs: Tensors, *, deadline_s: float | None = None,
+              finite_checked: bool = False) -> dict[str, Any]:
         # The deadline runs from now: waiting behind a call in flight on this engine
         # counts against it, as it does for the request that is waiting.
         deadline_at = time.monotonic() + (self.admission_deadline_s if deadline_s is None else max(0.0, deadline_s))
@@ -204,8 +207,8 @@ class BaseEngine(ABC):
         outcome = "failed"
         try:
             desc = self.describe()
-            shapes = validate_inputs(desc, inputs,
-                                     reject_non_finite=self.reject_non_finite and not self._checks_finite_on_device())
+            shapes = validate_inputs(desc, inputs, reject_non_finite=self.reject_non_finite and not finite_checked
+                                     and not self._checks_finite_on_device())
             self._ensure_loaded()
             want_numpy = any(isinstance(v, np.ndarray) for v in inputs.values())
             with self._call_lock:
@@ -253,6 +256,12 @@ class BaseEngine(ABC):
     def mapping_counts(self) -> dict[str, int | bool] | None:
         """The arena's mapping counters (``VmmArena.mapping_counts``); None without an arena."""
         return None
+
+    @property
+    def checks_finite_on_device(self) -> bool:
+        """Whether calls refuse NaN/inf with a reduction on the device (no host pass over
+        the inputs) now; False before the engine has loaded."""
+        return self.reject_non_finite and self._loaded and self._checks_finite_on_device()
 
     @property
     def call_deadline_s(self) -> float:

@@ -26,7 +26,7 @@ from engine_runtime import (
     ShapeProfile,
     TensorSpec,
 )
-from engine_runtime.errors import BatchTooLargeError, UnknownInputError
+from engine_runtime.errors import BatchTooLargeError, InputValueError, InvalidInputError, UnknownInputError
 from engine_runtime.memory import HostAccountingAllocator
 
 FEATURES = 4
@@ -551,3 +551,20 @@ def test_batch_over_profile_is_refused_before_loading(engine):
         engine.infer({"x": _x(MAX_BATCH + 1)})
     assert info.value.max_batch == MAX_BATCH
     assert engine.log == []
+
+
+def test_finite_checked_skips_only_the_engine_s_host_pass_over_values():
+    engine = RecordingEngine()
+    try:
+        x = _x(2)
+        x[0, 0] = np.nan
+        with pytest.raises(InputValueError, match="NaN"):
+            engine.infer({"x": x})
+        # The caller says it already refused NaN/inf: no second pass (here it lied, and
+        # the NaN goes through, which is what a skipped check means).
+        assert np.isnan(engine.infer({"x": x}, finite_checked=True)["y"][0, 0])
+        # Shapes are still checked.
+        with pytest.raises(InvalidInputError):
+            engine.infer({"x": np.zeros((2, 99), np.float32)}, finite_checked=True)
+    finally:
+        engine.close()

@@ -19,26 +19,34 @@ import numpy as np
 import pytest
 
 from deployments.model import ModelDeployment
-from engine_runtime.errors import ContextMemoryUnavailable
+from engine_runtime.errors import ContextMemoryUnavailable, InputValueError
 
 DEADLINE_S = 0.5
 
 
 class StandInEngine:
-    """Doubles its input; refuses calls whose batch has a row of -1; records deadlines."""
+    """Doubles its input; refuses calls whose batch has a row of -1; records deadlines.
+
+    ``on_device``: refuses NaN itself, for the whole batch, as an engine checking on
+    the device does (the replica then skips its host pass)."""
 
     admission_deadline_s = DEADLINE_S
 
-    def __init__(self, call_s: float = 0.0) -> None:
+    def __init__(self, call_s: float = 0.0, on_device: bool = False) -> None:
         self.call_s = call_s
+        self.checks_finite_on_device = on_device
         self.calls: list[tuple[int, float]] = []  # (batch, deadline given)
+        self.finite_checked: list[bool] = []
         self.lock = threading.Lock()
 
-    def infer(self, inputs, *, deadline_s=None):
+    def infer(self, inputs, *, deadline_s=None, finite_checked=False):
         x = inputs["x"]
         with self.lock:  # one call at a time, as the engine's call lock
             self.calls.append((x.shape[0], deadline_s))
+            self.finite_checked.append(finite_checked)
             time.sleep(self.call_s)
+            if self.checks_finite_on_device and not np.isfinite(x).all():
+                raise InputValueError("x", "contains NaN or infinity")
             if (x == -1).all(axis=1).any():
                 raise ContextMemoryUnavailable(123, 45, waited_s=max(deadline_s, 0.0), where="stand-in")
             if (x == -2).all(axis=1).any():
@@ -56,14 +64,14 @@ def replica(engine: StandInEngine, max_batch: int = 4):
     obj = object.__new__(ModelDeployment.func_or_class)
     obj.engine = engine
     obj.desc = SimpleNamespace(max_batch=max_batch)
-    obj.model = SimpleNamespace(reject_non_finite=False, name="stand-in")
+    obj.model = SimpleNamespace(reject_non_finite=True, name="stand-in")
     return obj
 
 
 @pytest.fixture(autouse=True)
 def _outside_a_replica(monkeypatch):
     # Validation against a real description is covered elsewhere; here only batching.
-    monkeypatch.setattr("deployments.model.validate_inputs", lambda *a, **k: None)
+    monkeypatch.setattr("deployments.model.validate_inputs", validate_finite_only)
     # Serve's batch queue reads the replica's max_ongoing_requests (for a warning) from
     # the replica context, which exists only inside a running replica.
     from ray.serve import batching
@@ -79,6 +87,13 @@ def rows(value: float, n: int = 1, width: int = 3) -> dict[str, np.ndarray]:
 # Serve keeps one batch queue per decorated method (one replica per process), bound to
 # the event loop it first ran on: every test runs on this one loop.
 LOOP = asyncio.new_event_loop()
+
+
+def validate_finite_only(desc, inputs, *, reject_non_finite=True):
+    """Stands in for validate_inputs: refuses NaN/inf when asked, nothing else."""
+    if reject_non_finite and not all(np.isfinite(v).all() for v in inputs.values()):
+        raise InputValueError("x", "contains NaN or infinity")
+    return {}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -135,3 +150,24 @@ def test_a_refusal_says_how_long_the_request_waited_in_all():
     assert isinstance(err, ContextMemoryUnavailable)
     assert err.waited_s >= 0.3  # queued behind the first call, then refused
     assert isinstance(err.__cause__, ContextMemoryUnavailable)
+
+
+def test_a_nan_request_fails_alone_where_the_engine_checks_on_the_device():
+    engine = StandInEngine(on_device=True)
+    obj = replica(engine)
+    bad = rows(float("nan"))
+    got = call_all(obj, [rows(1.0), bad, rows(2.0)])
+    assert isinstance(got[1], InputValueError) and "NaN" in str(got[1])
+    np.testing.assert_array_equal(got[0]["y"], rows(1.0)["x"] * 2)
+    np.testing.assert_array_equal(got[2]["y"], rows(2.0)["x"] * 2)
+    # No host pass on the way in: the merged batch went to the engine, was refused
+    # there, and the two good requests ran again without the bad one.
+    assert [b for b, _ in engine.calls] == [3, 2] and engine.finite_checked == [False, False]
+
+
+def test_where_the_engine_checks_on_the_host_the_replica_checks_and_says_so():
+    engine = StandInEngine(on_device=False)
+    obj = replica(engine)
+    got = call_all(obj, [rows(1.0), rows(float("inf")), rows(2.0)])
+    assert isinstance(got[1], InputValueError)  # refused on the way in, alone
+    assert [b for b, _ in engine.calls] == [2] and engine.finite_checked == [True]
