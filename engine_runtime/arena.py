@@ -41,6 +41,13 @@ class PhysicalLease:
 
 
 class PhysicalSource(Protocol):
+    """Where an arena's physical memory comes from.
+
+    A source whose ``keep_mapped`` attribute is true (the pool's client) also takes
+    ``acquire(..., prefer=[chunk index by position])``, returns the chunk indices as the
+    lease's ``token``, and offers ``add_retire_listener`` / ``remove_retire_listener``.
+    """
+
     mechanism: ContextMechanism
 
     def acquire(self, nbytes: int, deadline_s: float) -> PhysicalLease:
