@@ -11,6 +11,7 @@ or leased from the GPU's shared pool (``engine_runtime.pool``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -174,7 +175,7 @@ class VmmArena:
         if self.keep_mapped and src is self.source and len(offsets) == 1:
             return self._allocate_reusing(n, int(offsets[0]), deadline)
         with self._lock:
-            if self._busy or (self._mapped is not None and not self._mapped.released):
+            if self._busy or self._in_call_locked():
                 raise EbbInternalError("arena is already mapped; a second mapping would alias the first")
             self._busy = True
             # Windows mapped now must not overlap mappings left from earlier calls.
@@ -183,15 +184,11 @@ class VmmArena:
             # Not under the lock: leasing may wait, and the pool's watcher takes the lock.
             lease = src.acquire(n, deadline)
             with self._lock:
-                self._drop_resident_locked()  # none can have come meanwhile; kept as the invariant
                 span = sum(size for _, size in lease.pieces)
                 done: list[int] = []
                 try:
                     for off in offsets:
-                        if off % self.granularity or off < 0 or off + span > self.reserved_bytes:
-                            raise EbbInternalError(
-                                f"arena window at +{off / MiB:.0f} MiB of {span / MiB:.0f} MiB does not fit the "
-                                f"{self.reserved_bytes / MiB:.0f} MiB reserved (granularity {self.granularity})")
+                        self._check_window(off, span)
                     with _cuda.device(self.device):
                         for off in offsets:
                             self._map_window(off, span, lease)
@@ -210,10 +207,19 @@ class VmmArena:
             with self._lock:
                 self._busy = False
 
+    def _in_call_locked(self) -> bool:
+        return self._mapped is not None and not self._mapped.released
+
+    def _check_window(self, offset: int, span: int) -> None:
+        if offset % self.granularity or offset < 0 or offset + span > self.reserved_bytes:
+            raise EbbInternalError(
+                f"arena window at +{offset / MiB:.0f} MiB of {span / MiB:.0f} MiB does not fit the "
+                f"{self.reserved_bytes / MiB:.0f} MiB reserved (granularity {self.granularity})")
+
     def _allocate_reusing(self, n: int, offset: int, deadline_s: float) -> ContextBlock:
         """``allocate`` of one window from a pool, reusing what is still mapped there."""
         with self._lock:
-            if self._busy or (self._mapped is not None and not self._mapped.released):
+            if self._busy or self._in_call_locked():
                 raise EbbInternalError("arena is already mapped; a second mapping would alias the first")
             self._busy = True
             res = self._resident.get(offset)
@@ -224,10 +230,7 @@ class VmmArena:
             # pool's watcher takes to unmap retired chunks.
             lease = self.source.acquire(n, deadline_s, prefer=prefer)
             span = sum(size for _, size in lease.pieces)
-            if offset % self.granularity or offset < 0 or offset + span > self.reserved_bytes:
-                raise EbbInternalError(
-                    f"arena window at +{offset / MiB:.0f} MiB of {span / MiB:.0f} MiB does not fit the "
-                    f"{self.reserved_bytes / MiB:.0f} MiB reserved (granularity {self.granularity})")
+            self._check_window(offset, span)
             with self._lock:
                 # Windows never overlap when sized as the backends size them; should one
                 # reach into another's, the other's leftover mapping goes first.
@@ -255,17 +258,17 @@ class VmmArena:
         old = self._resident.pop(offset, None)
         tokens = [int(t) for t in lease.token]
         sizes = [size for _, size in lease.pieces]
-        if old is not None and ([s for _, s in old.pieces][:len(sizes)] != sizes[:len(old.pieces)]):
-            self._unmap_resident(offset, old)  # other piece sizes: nothing lines up
-            old = None
+        starts = [0, *itertools.accumulate(sizes)][:-1]
         # Positions mapped now, with their (handle, size, start).
         mapped: dict[int, tuple[Any, int, int]] = {}
-        starts = [sum(sizes[:k]) for k in range(len(sizes))]
         if old is not None:
-            start = 0
-            for k, (handle, size) in enumerate(old.pieces):
-                mapped[k] = (handle, size, start)
-                start += size
+            old_sizes = [size for _, size in old.pieces]
+            if any(a != b for a, b in zip(old_sizes, sizes)):
+                self._unmap_resident(offset, old)  # other piece sizes: nothing lines up
+                old = None
+            else:
+                old_starts = [0, *itertools.accumulate(old_sizes)][:-1]
+                mapped = {k: (h, size, st) for k, ((h, size), st) in enumerate(zip(old.pieces, old_starts))}
         changed = False
         try:
             with _cuda.device(self.device):
@@ -313,12 +316,12 @@ class VmmArena:
         """The pool's watcher: chunks retired or recreated. Unmap them wherever left mapped."""
         told = set(indices)
         with self._lock:
-            if self._busy or (self._mapped is not None and not self._mapped.released):
+            if self._busy or self._in_call_locked():
                 # A call holds its chunks, which cannot retire under it: what was told is
                 # about other chunks or earlier incarnations; settled when the call ends.
                 self._stale |= told
             for off, res in list(self._resident.items()):
-                if told.intersection(res.tokens) and not (self._mapped is not None and not self._mapped.released
+                if told.intersection(res.tokens) and not (self._in_call_locked()
                                                           and self._mapped.ptr == self.base + off):
                     del self._resident[off]
                     self._unmap_resident(off, res)
