@@ -69,6 +69,14 @@ def view_summary(gpu_view: dict[str, Any] | None) -> str:
             f"reserved={gpu_view['reserved_bytes']} [" + "; ".join(rows) + "]")
 
 
+def idle(gpu_view: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The view if no replica on it has a call in flight (a dynamic call's held bytes are
+    in the GPU's figure while it runs), else None: a baseline must be read when idle."""
+    if gpu_view and all(r["in_flight"] == 0 for r in gpu_view["replicas"]):
+        return gpu_view
+    return None
+
+
 def replica_differences(before: dict[str, Any], now: dict[str, Any], replaced: dict[str, str]) -> list[str]:
     """How the live replicas of GPU view ``now`` differ from ``before`` in what sets the
     GPU's figure (identity, mode, weights, static context), ``replaced`` mapping a gone

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 import requests
 
-from serve_harness import (APP_NAME, ServeApp, application, model_deployment_options, replica_differences, small_args,
-                           view_summary, wait_for)
+from serve_harness import (APP_NAME, ServeApp, application, idle, model_deployment_options, replica_differences,
+                           small_args, view_summary, wait_for)
 
 SERVE_HTTP_PORTS = range(18433, 18466)
 IMAGE = (3, 32, 32)
@@ -301,7 +301,8 @@ def test_a_replica_killed_under_load_fails_only_its_calls_and_is_replaced(ebb: E
 
     old = ebb.status("resnet18")
     gpu = old["gpu"]
-    view_before = wait_for(lambda: ebb.gpu_of(old["replica_id"]), 30, "resnet18 in the coordinator's view")
+    view_before = wait_for(lambda: idle(ebb.gpu_of(old["replica_id"])), 30,
+                           "resnet18 in the coordinator's view, no call in flight")
     (row,) = [r for r in view_before["replicas"] if r["replica_id"] == old["replica_id"]]
     assert row["pid"] == old["pid"]
 
@@ -354,6 +355,7 @@ def test_a_replica_killed_under_load_fails_only_its_calls_and_is_replaced(ebb: E
         # modes (the new one in its predecessor's place); a replica that Serve restarted
         # meanwhile, or that the coordinator moved, changes it for reasons of its own.
         diffs = replica_differences(view_before, g, {old["replica_id"]: new["replica_id"]})
+        assert idle(g), f"a call in flight: {view_summary(g)}"
         if exact and not diffs:
             assert g["used_bytes"] == view_before["used_bytes"], (
                 f"before: {view_summary(view_before)}; now: {view_summary(g)}")

@@ -26,6 +26,7 @@ from serve_harness import (
     APP_NAME,
     ServeApp,
     application,
+    idle,
     model_deployment_options,
     replica_differences,
     small_args,
@@ -411,7 +412,7 @@ def test_shutdown_gives_memory_back_to_baseline(ebb: Ebb):
     from engine_runtime.admission import SharedBudget
 
     gpu = ebb.status("encoder")["gpu"]
-    before = wait_for(lambda: _gpu_view(ebb, gpu), 30, "the GPU view")
+    before = wait_for(lambda: idle(_gpu_view(ebb, gpu)), 30, "the GPU view, no call in flight")
     baseline = before["used_bytes"]
 
     args = copy.deepcopy(ebb.args)
@@ -455,6 +456,7 @@ def test_shutdown_gives_memory_back_to_baseline(ebb: Ebb):
         # modes; one Serve restarted or the coordinator moved meanwhile changes the figure
         # for reasons of its own.
         diffs = replica_differences(before, v, {})
+        assert idle(v), f"a call in flight: {view_summary(v)}"
         if not diffs:
             assert v["used_bytes"] == baseline, f"before: {view_summary(before)}; now: {view_summary(v)}"
         else:
