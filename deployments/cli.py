@@ -15,8 +15,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from engine_runtime.units import MiB
 
-MiB = 2**20
 
 
 def fetch_status(url: str | None, ray_address: str | None, namespace: str) -> dict:

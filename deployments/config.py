@@ -17,7 +17,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine_runtime.errors import EbbError
-from engine_runtime.pool import DEFAULT_CHUNK_BYTES
+from engine_runtime.memory.pool import DEFAULT_CHUNK_BYTES
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -137,7 +137,7 @@ _VMM_GRANULARITY_BYTES = 2 * 2**20
 
 class ContextPoolConfig(_Strict):
     """One pool of context memory per GPU, lent per call to whichever replica runs one
-    (``engine_runtime.pool``). Replicas fall back to their own mechanism where it cannot run."""
+    (``engine_runtime.memory.pool``). Replicas fall back to their own mechanism where it cannot run."""
 
     enabled: bool = Field(False, description="Lease context memory from the GPU's shared pool where possible.")
     chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, gt=0,

@@ -45,7 +45,8 @@ from deployments.policy import (
     decide,
     pool_target_bytes,
 )
-from engine_runtime.memory import MemoryMode, MiB
+from engine_runtime.memory import MemoryMode
+from engine_runtime.units import MiB
 from engine_runtime.pressure import GpuPressure
 
 logger = logging.getLogger(__name__)

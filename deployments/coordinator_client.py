@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 from deployments.config import CoordinatorConfig
 from deployments.coordinator import ReplicaReport, get_or_create
 from deployments.gpu_identity import GpuIdentity
-from engine_runtime.admission import SharedBudget
-from engine_runtime.memory import MemoryMode, MiB
-from engine_runtime.pool import PoolUnavailableError
+from engine_runtime.memory import MemoryMode, SharedBudget
+from engine_runtime.units import MiB
+from engine_runtime.memory.pool import PoolUnavailableError
 
 if TYPE_CHECKING:
     from deployments.model import ModelDeployment

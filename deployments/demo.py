@@ -20,8 +20,8 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+from engine_runtime.units import MiB
 
-MiB = 2**20
 
 
 def _gpu_count() -> int:

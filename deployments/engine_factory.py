@@ -15,10 +15,10 @@ import sys
 
 from deployments.config import AppConfig, ArchitectureSource, ConfigError, ModelConfig, OnnxSource, PlanSource, \
     resolve_model_path
-from engine_runtime.admission import Admission, UnboundedAdmission
-from engine_runtime.arena import PhysicalSource
+from engine_runtime.device import graph_arena_available
 from engine_runtime.engine import BaseEngine
-from engine_runtime.pool import PoolPhysical, PoolUnavailableError, connect_or_start, pool_available
+from engine_runtime.memory import Admission, PhysicalSource, UnboundedAdmission
+from engine_runtime.memory.pool import PoolPhysical, PoolUnavailableError, connect_or_start, pool_available
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,7 @@ def join_context_pool(model: ModelConfig, app: AppConfig, cuda_index: int | None
     if choose_backend(model) == "pytorch":
         if model.device not in ("auto", "cuda", f"cuda:{cuda_index}"):
             return None, f"unavailable: the model runs on {model.device!r}, not on the replica's cuda:{cuda_index}"
-        from engine_runtime import _graph_arena
-
-        if _graph_arena.load() is None:
+        if not graph_arena_available():
             # Without its arena the PyTorch backend runs eagerly and would never lease.
             return None, "unavailable: the PyTorch backend's CUDA-graph arena needs a C compiler"
     try:

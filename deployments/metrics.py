@@ -2,7 +2,7 @@
 
 They appear on every node's Prometheus endpoint (``ray_`` prefixed, counters with
 ``_total``), so a Grafana board built for Ray Serve picks them up. Nothing here runs
-on the request path: engines keep cheap local counters (``engine_runtime.accounting``);
+on the request path: engines keep cheap local counters (``engine_runtime.stats``);
 each replica's report loop turns them into metric updates (counters by their deltas,
 each new acquisition observed once), and the coordinator publishes its per-GPU view
 and its decisions after the reports it decides on.
@@ -26,7 +26,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from engine_runtime.accounting import StatsSnapshot
+from engine_runtime.stats import StatsSnapshot
 from engine_runtime.memory import MemoryMode
 
 if TYPE_CHECKING:

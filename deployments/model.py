@@ -21,6 +21,7 @@ from ray import serve
 from deployments.config import AppConfig, ModelConfig
 from deployments.engine_factory import join_context_pool, make_engine
 from deployments.gpu_identity import current_replica_gpu
+from engine_runtime.device import check_reachable
 from engine_runtime.errors import ContextMemoryUnavailable, InvalidInputError
 from engine_runtime.memory import MemoryMode
 from engine_runtime.spec import EngineDescription, validate_inputs
@@ -307,9 +308,7 @@ class ModelDeployment:
         if self.engine.closed:
             raise RuntimeError(f"engine {self.model.name!r} is closed")
         if self.gpu.cuda_index is not None and self.engine.loaded:
-            from engine_runtime import _cuda
-
-            _cuda.mem_get_info(self.gpu.cuda_index)
+            check_reachable(self.gpu.cuda_index)
 
     def __del__(self) -> None:
         # Serve's graceful shutdown calls __del__: give back every byte this replica held.

@@ -43,9 +43,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine_runtime.memory import MemoryMode
+from engine_runtime.units import MiB, GiB
 
-GiB = 2**30
-MiB = 2**20
 
 
 class Pin(str, enum.Enum):

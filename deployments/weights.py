@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deployments.config import AppConfig, ArchitectureSource, ConfigError, ModelConfig, resolve_model_path
-from engine_runtime.memory import MiB
+from engine_runtime.units import MiB
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def load_weights(update: WeightsUpdate, model: ModelConfig, app: AppConfig) -> d
         if not isinstance(model.source, ArchitectureSource):
             raise ConfigError(f"user_config.weights.seed of {model.name!r}: seeds make weights for built-in "
                               f"architectures only; give weights.path for a {type(model.source).__name__}")
-        from engine_runtime.models import build
+        from engine_runtime.architectures import build
 
         built = build(model.source.architecture, seed=update.seed, image_size=model.input.image_size,
                       seq_len=model.input.seq_len)

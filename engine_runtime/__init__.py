@@ -4,8 +4,7 @@ Knows nothing of Ray: engines, memory modes, allocators, admission and pressure
 probes work in any Python process.
 """
 
-from engine_runtime.accounting import EngineStats, StatsSnapshot
-from engine_runtime.admission import Admission, SharedBudget, UnboundedAdmission
+from engine_runtime.stats import EngineStats, StatsSnapshot
 from engine_runtime.engine import BaseEngine, Engine
 from engine_runtime.errors import (
     BatchTooLargeError,
@@ -22,7 +21,7 @@ from engine_runtime.errors import (
     PlanIncompatibleError,
     UnknownInputError,
 )
-from engine_runtime.memory import ContextBlock, ContextMechanism, MemoryMode
+from engine_runtime.memory import Admission, ContextBlock, ContextMechanism, MemoryMode, SharedBudget, UnboundedAdmission
 from engine_runtime.pressure import GpuPressure, NvmlProbe, PressureProbe, ProbeUnavailable, StaticProbe, VirtualProbe
 from engine_runtime.spec import EngineDescription, ShapeProfile, TensorSpec
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine_runtime import _trt
+from engine_runtime.backends import _trt
 from engine_runtime.errors import EbbError, EngineBuildError
-from engine_runtime.memory import MiB
+from engine_runtime.units import MiB
 from engine_runtime.spec import ShapeProfile
 
 logger = logging.getLogger(__name__)
@@ -519,7 +519,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Build a TensorRT engine from ONNX or a built-in architecture.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--onnx", type=Path, help="an ONNX model file")
-    src.add_argument("--arch", help="a built-in architecture (engine_runtime.models), e.g. resnet18")
+    src.add_argument("--arch", help="a built-in architecture (engine_runtime.architectures), e.g. resnet18")
     p.add_argument("--min-batch", type=int, default=1, help="smallest batch of the profile")
     p.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default: max)")
     p.add_argument("--max-batch", type=int, default=32, help="largest batch of the profile")
@@ -556,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = build_from_onnx(args.onnx, profiles=profiles, precision=args.precision, target=args.target,
                                      cache_dir=args.cache_dir, progress=progress, refittable=args.refittable)
         else:
-            from engine_runtime.models import build as build_model
+            from engine_runtime.architectures import build as build_model
 
             model = build_model(args.arch, seed=args.seed, image_size=args.image_size, seq_len=args.seq_len)
             profile = shapes.get(model.input_name) or ShapeProfile(

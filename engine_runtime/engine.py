@@ -19,8 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from engine_runtime.accounting import EngineStats, StatsSnapshot
-from engine_runtime.admission import Admission, UnboundedAdmission
+from engine_runtime.stats import EngineStats, StatsSnapshot
+from engine_runtime.memory.admission import Admission, UnboundedAdmission
 from engine_runtime.errors import (
     ContextMemoryUnavailable,
     EbbInternalError,
@@ -28,7 +28,8 @@ from engine_runtime.errors import (
     InvalidInputError,
     WeightsUpdateError,
 )
-from engine_runtime.memory import ContextBlock, ContextMechanism, MemoryMode, MiB
+from engine_runtime.memory import ContextBlock, ContextMechanism, MemoryMode
+from engine_runtime.units import MiB
 from engine_runtime.spec import EngineDescription, validate_inputs
 
 logger = logging.getLogger(__name__)

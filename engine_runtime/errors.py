@@ -138,3 +138,12 @@ class WeightsUpdateError(EbbError):
                 shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
                 parts.append(f"{label}: {shown}")
         super().__init__(f"engine {engine!r}: weights update refused: " + "; ".join(parts))
+
+
+class PoolUnavailableError(EbbError):
+    """The pool cannot be used here or its owner cannot be reached; use another mechanism."""
+
+    def __init__(self, reason: str, where: str = "") -> None:
+        self.reason = reason
+        self.where = where
+        super().__init__(f"context pool unavailable{f' on {where}' if where else ''}: {reason}")

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 from engine_runtime.errors import EbbError
+from engine_runtime.units import GiB
 
 logger = logging.getLogger(__name__)
 
-GiB = 2**30
 
 #: ``process_bytes`` key under which ``VirtualProbe`` reports injected external bytes
 #: (no real process owns them; pid 0 is never a user process).

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine_runtime.admission import SharedBudget  # noqa: E402
+from engine_runtime.memory.admission import SharedBudget  # noqa: E402
+from engine_runtime.units import MiB
 
-MiB = 2**20
 TARGET_US = 50.0
 CALL_BYTES = 64 * MiB
 

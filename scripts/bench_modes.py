@@ -8,7 +8,7 @@ fp32) and each configuration
 - ``ebb-static``: Ebb's PyTorch engine, context memory held (captured CUDA graph),
 - ``ebb-dynamic``: the same engine, context memory mapped for each call only,
 - ``ebb-pool``: dynamic, with physical memory leased per call from the GPU's shared
-  context pool (``engine_runtime.pool``, 128 MiB chunks) instead of created per call;
+  context pool (``engine_runtime.memory.pool``, 128 MiB chunks) instead of created per call;
   the pool lives in its owner process, so this row's idle figure excludes it (the
   pool's size is reported beside it). The replica leaves its chunks mapped between
   calls (``keep_mapped``, the default) and, alone on the pool, gets the same ones back:
@@ -53,8 +53,8 @@ sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from engine_runtime.units import MiB
 
-MiB = 2**20
 #: Issue 5's allowance for an idle dynamic replica above CUDA context + weights.
 IDLE_ALLOWANCE_BYTES = 64 * MiB
 #: Issue 5's dynamic-over-static p50 overhead targets, by architecture.
@@ -207,7 +207,7 @@ def _sample_input(case: ModelCase, seed: int = 0) -> torch.Tensor:
 def measure(case: ModelCase, config: str, *, device_name: str, calls: int, warmup: int, peak_calls: int) -> dict:
     """Load one model in one configuration in this process and measure it."""
     from engine_runtime.backends.pytorch import PyTorchEngine
-    from engine_runtime.models import build
+    from engine_runtime.architectures import build
 
     device = torch.device(device_name)
     on_gpu = device.type == "cuda"
@@ -230,7 +230,7 @@ def measure(case: ModelCase, config: str, *, device_name: str, calls: int, warmu
     elif config in ("ebb-static", "ebb-dynamic", *POOL_CONFIGS):
         pool = None
         if config in POOL_CONFIGS:
-            from engine_runtime.pool import connect_or_start
+            from engine_runtime.memory.pool import connect_or_start
 
             chunk = int(os.environ.get("EBB_BENCH_POOL_CHUNK_MIB", POOL_CHUNK_BYTES // MiB)) * MiB
             pool = connect_or_start(device.index or 0, chunk_bytes=chunk,

@@ -23,10 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_runtime._lease_table import LeaseTable  # noqa: E402
+from engine_runtime.memory.pool._lease_table import LeaseTable  # noqa: E402
+from engine_runtime.units import MiB, GiB
 
-MiB = 2**20
-GiB = 2**30
 
 
 def summarize(times_s: list[float]) -> tuple[float, float]:
@@ -126,8 +125,8 @@ def quick(args: argparse.Namespace) -> None:
 
 def gpu(args: argparse.Namespace) -> None:
     from engine_runtime import _cuda
-    from engine_runtime.arena import VmmArena
-    from engine_runtime.pool import connect_or_start, pool_available
+    from engine_runtime.memory.arena import VmmArena
+    from engine_runtime.memory.pool import connect_or_start, pool_available
 
     rt = _cuda.runtime()
     _cuda._check("cudaSetDevice", rt.cudaSetDevice(args.device)[0])

@@ -36,7 +36,7 @@ def measure(arch: str, batch: int, calls: int, rounds: int) -> list[dict]:
     import torch
 
     from engine_runtime import _cuda
-    from engine_runtime.arena import OwnedPhysical, PhysicalLease
+    from engine_runtime.memory.arena import OwnedPhysical, PhysicalLease
     from engine_runtime.backends.pytorch import PyTorchEngine
 
     engine = PyTorchEngine.from_architecture("remap", arch, max_batch=batch, min_batch=batch, device="cuda",

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from engine_runtime.units import MiB, GiB
 
-MiB = 2**20
-GiB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -194,7 +193,7 @@ def plain_deployment():
         def __init__(self, arch: str, image_size: int = 224, seq_len: int = 128) -> None:
             import torch
 
-            from engine_runtime.models import build
+            from engine_runtime.architectures import build
 
             self.torch = torch
             m = build(arch, image_size=image_size, seq_len=seq_len)

@@ -155,7 +155,7 @@ class Soak:
             time.sleep(0.1)
 
     def memory(self, statuses: dict[str, dict]) -> dict[str, Any]:
-        from engine_runtime.admission import SharedBudget
+        from engine_runtime.memory.admission import SharedBudget
 
         budget = SharedBudget(key=self.gpu)
         try:

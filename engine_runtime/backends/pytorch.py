@@ -2,7 +2,7 @@
 
 On a GPU with CUDA VMM and a C compiler, each batch-size bucket is captured once as
 a CUDA graph whose private memory pool lives in a stable-address arena
-(``engine_runtime.arena``). STATIC keeps the arena's physical memory mapped; DYNAMIC
+(``engine_runtime.memory.arena``). STATIC keeps the arena's physical memory mapped; DYNAMIC
 maps it for a call and unmaps it (back to the driver, or to the GPU's pool) after.
 Without the arena it runs eagerly and DYNAMIC empties PyTorch's cache after each
 call. On a CPU it runs eagerly for real; "context memory" there is an accounted
@@ -24,13 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine_runtime import _cuda, _graph_arena
-from engine_runtime.admission import Admission
-from engine_runtime.arena import OwnedPhysical, PhysicalSource, VmmArena
+from engine_runtime import _cuda
+from engine_runtime.backends import _graph_alloc
+from engine_runtime.memory.admission import Admission
+from engine_runtime.memory.arena import OwnedPhysical, PhysicalSource, VmmArena
 from engine_runtime.engine import BaseEngine
 from engine_runtime.errors import EngineLoadError, InputValueError, WeightsUpdateError
-from engine_runtime.memory import ContextBlock, ContextMechanism, HostAccountingAllocator, MemoryMode, MiB
-from engine_runtime.models import build
+from engine_runtime.memory import ContextBlock, ContextMechanism, HostAccountingAllocator, MemoryMode
+from engine_runtime.units import MiB
+from engine_runtime.architectures import build
 from engine_runtime.spec import EngineDescription, ShapeProfile, TensorSpec, batch_of
 
 logger = logging.getLogger(__name__)
@@ -184,7 +186,7 @@ class PyTorchEngine(BaseEngine):
         self._stream_handle = _cuda.create_stream(index)
         self._stream = torch.cuda.ExternalStream(self._stream_handle, device=self._device)
         self._module = module.to(self._device)
-        lib = _graph_arena.load() if self._use_cuda_graphs else None
+        lib = _graph_alloc.load() if self._use_cuda_graphs else None
         if lib is None or not _cuda.vmm_supported(index):
             self._mech = ContextMechanism.TORCH_EMPTY_CACHE
             self._measure_eager()
@@ -208,7 +210,7 @@ class PyTorchEngine(BaseEngine):
             self._eager_bytes[b] = torch.cuda.max_memory_allocated(self._device) - base
         torch.cuda.empty_cache()
 
-    def _capture_graphs(self, lib: _graph_arena.ArenaAllocatorLib, index: int) -> None:
+    def _capture_graphs(self, lib: _graph_alloc.ArenaAllocatorLib, index: int) -> None:
         sizes = batch_buckets(self._profile.min[0], self._profile.max[0])
         # Warm up eagerly (cuDNN picks algorithms, lazy modules load) and size the arena
         # from the eager peak; the graph needs less, never more in practice, and the
@@ -231,7 +233,7 @@ class PyTorchEngine(BaseEngine):
         offsets = [i * window for i in range(len(sizes))]
         self._arena = VmmArena(index, window * len(sizes), self._physical_source,
                                deadline_s=self.admission_deadline_s)
-        with _graph_arena.capture_lock:
+        with _graph_alloc.capture_lock:
             # One physical backing behind every window while capturing; released right after.
             # Physical memory for capture: the eager peak and a margin, not the whole window,
             # so a replica can start on a crowded card. The hook refuses (PyTorch raises

@@ -13,7 +13,7 @@ its physical memory leased from the GPU's pool when a ``physical_source`` is giv
 this engine's own (non-default) stream, synchronise that stream, then release. Nothing
 is held between calls.
 
-Works with ``tensorrt`` and ``tensorrt_rtx`` alike (see ``engine_runtime._trt``).
+Works with ``tensorrt`` and ``tensorrt_rtx`` alike (see ``engine_runtime.backends._trt``).
 Everything touching CUDA goes through a :class:`CudaDevice`, which tests replace.
 """
 
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from engine_runtime import _trt
-from engine_runtime.admission import Admission
-from engine_runtime.arena import PhysicalSource
+from engine_runtime.backends import _trt
+from engine_runtime.memory.admission import Admission
+from engine_runtime.memory.arena import PhysicalSource
 from engine_runtime.engine import BaseEngine
 from engine_runtime.errors import (
     ContextMemoryUnavailable,
@@ -45,9 +45,9 @@ from engine_runtime.memory import (
     ContextMechanism,
     CudaMallocAllocator,
     MemoryMode,
-    MiB,
 )
 from engine_runtime.spec import EngineDescription, ShapeProfile, TensorSpec
+from engine_runtime.units import MiB
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class CudaDevice:
         from engine_runtime import _cuda
 
         if source is not None or _cuda.vmm_supported(self.index):
-            from engine_runtime.arena import VmmArena
+            from engine_runtime.memory.arena import VmmArena
 
             return VmmArena(self.index, max_bytes, source, deadline_s=deadline_s)
         return CudaMallocAllocator(self.index)
@@ -421,7 +421,7 @@ class TensorRTEngine(BaseEngine):
 
     def _allocate_dynamic(self, nbytes: int) -> ContextBlock:
         """The call's context memory, waiting no longer than what is left of its deadline."""
-        from engine_runtime.arena import VmmArena
+        from engine_runtime.memory.arena import VmmArena
 
         if isinstance(self._allocator, VmmArena):
             return self._allocator.allocate(nbytes, deadline_s=self.call_deadline_s)

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from engine_runtime.units import MiB
 
 pytestmark = pytest.mark.gpu
 
-MiB = 2**20
 SPAWN = mp.get_context("spawn")  # CUDA contexts do not survive fork
 WAIT_S = 120.0
 CHUNK_BYTES = 64 * MiB
@@ -59,8 +59,8 @@ def _replica(socket_path: str, seed: int, commands, out) -> None:
     import torch
 
     from engine_runtime.backends.pytorch import PyTorchEngine
-    from engine_runtime.models import build
-    from engine_runtime.pool import PoolPhysical
+    from engine_runtime.architectures import build
+    from engine_runtime.memory.pool import PoolPhysical
 
     x = _input(seed)
     pool = PoolPhysical(socket_path, 0, grow_limit_chunks=64)
@@ -159,7 +159,7 @@ def _gather(out, n: int, key: str) -> list[dict]:
 
 
 def test_two_engines_share_one_pool_and_the_card_holds_only_the_pool(pool_dir):
-    from engine_runtime.pool import connect_or_start
+    from engine_runtime.memory.pool import connect_or_start
 
     nvml = _Nvml()
     pool = connect_or_start(0, chunk_bytes=CHUNK_BYTES, initial_chunks=0, directory=pool_dir, idle_exit_s=30.0)

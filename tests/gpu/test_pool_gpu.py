@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from engine_runtime.units import MiB, GiB
 
 pytestmark = pytest.mark.gpu
 
-MiB = 2**20
-GiB = 2**30
 SPAWN = mp.get_context("spawn")  # CUDA contexts do not survive fork
 WAIT_S = 120.0
 
@@ -63,7 +62,7 @@ def pool_dir():
 
 def _start(pool_dir: Path, chunk_bytes: int, initial_chunks: int):
     """Start a detached owner for GPU 0 in ``pool_dir`` and join it from this process."""
-    from engine_runtime.pool import connect_or_start, pool_available
+    from engine_runtime.memory.pool import connect_or_start, pool_available
 
     _init_cuda()
     support = pool_available(0, pool_dir)
@@ -84,8 +83,8 @@ def _stop(client) -> None:
 def _pattern_worker(socket_path: str, chunk_bytes: int, iterations: int, seed: int, start, out) -> None:
     from cuda.bindings import driver as drv
 
-    from engine_runtime.arena import VmmArena
-    from engine_runtime.pool import PoolPhysical
+    from engine_runtime.memory.arena import VmmArena
+    from engine_runtime.memory.pool import PoolPhysical
 
     cuda = _init_cuda()
     gran = cuda.granularity(0)
@@ -117,8 +116,8 @@ def _pattern_worker(socket_path: str, chunk_bytes: int, iterations: int, seed: i
 def _holding_worker(socket_path: str, nbytes: int, barrier, out) -> None:
     from cuda.bindings import driver as drv
 
-    from engine_runtime.arena import VmmArena
-    from engine_runtime.pool import PoolPhysical
+    from engine_runtime.memory.arena import VmmArena
+    from engine_runtime.memory.pool import PoolPhysical
 
     cuda = _init_cuda()
     with PoolPhysical(socket_path, 0) as client:
@@ -206,7 +205,7 @@ def test_card_context_memory_is_the_pool_not_the_sum_of_replicas(pool_dir: Path)
 
 @pytest.mark.parametrize("chunk_mib", [32, 128, 512, 1024])
 def test_lease_map_unmap_return_timing_for_1_gib(pool_dir: Path, chunk_mib: int) -> None:
-    from engine_runtime.arena import VmmArena
+    from engine_runtime.memory.arena import VmmArena
 
     chunk = chunk_mib * MiB
     client = _start(pool_dir, chunk, initial_chunks=GiB // chunk)

@@ -30,12 +30,12 @@ import torch
 
 from engine_runtime import ContextMechanism
 from engine_runtime.backends.pytorch import PyTorchEngine
-from engine_runtime.models import build
+from engine_runtime.architectures import build
+from engine_runtime.units import MiB
 
 pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[2]
-MiB = 2**20
 IDLE_ALLOWANCE_BYTES = 64 * MiB
 RESULT_PREFIX = "EBB_GPU_RESULT "
 WAIT_S = 60.0
@@ -205,7 +205,7 @@ def _load_model_kernels(case: dict) -> None:
     is reported too).
     """
     from engine_runtime.backends.pytorch import batch_buckets
-    from engine_runtime.models import build
+    from engine_runtime.architectures import build
 
     model = build(case["arch"], seed=0, image_size=case.get("image_size", 224),
                   seq_len=case.get("seq_len", 128)).module.to("cuda")

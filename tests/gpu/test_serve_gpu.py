@@ -13,11 +13,11 @@ import time
 
 import numpy as np
 import pytest
+from engine_runtime.units import MiB
 
 pytestmark = pytest.mark.gpu
 
 ray = pytest.importorskip("ray")
-MiB = 2**20
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_four_replicas_share_one_card_and_stay_small_between_calls(app):
     import pynvml
     import torch
 
-    from engine_runtime.models import build
+    from engine_runtime.architectures import build
 
     x = np.random.default_rng(0).standard_normal((32, 3, 224, 224)).astype(np.float32)
     outs = [app.infer.remote({"input": x}) for _ in range(16)]

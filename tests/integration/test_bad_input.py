@@ -452,7 +452,7 @@ RSS_SLACK_BYTES = 16 * 2**20
 
 
 def test_replicas_healthy_and_no_memory_left_behind(ebb: Ebb):
-    from engine_runtime.admission import SharedBudget
+    from engine_runtime.memory.admission import SharedBudget
 
     pids = {m: ebb.replicas[m][1] for m in MODELS}
     pids["EbbIngress"] = _ingress_pid()

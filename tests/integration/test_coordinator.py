@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from serve_harness import ServeApp, application, free_port, start_serve, wait_for
+from engine_runtime.units import MiB
 
-MiB = 2**20
 MAX_BATCH = 8
 HTTP_PORTS = range(18200, 18300)
 #: Watermarks at their defaults (75 / 85 / 90 %).
@@ -300,7 +300,7 @@ def test_admission_more_concurrent_dynamic_calls_than_the_budget_allows(ebb, gpu
     """Q's two replicas dynamic, a budget smaller than a batch-8 ResNet call: calls
     from many threads each complete correctly or get ContextMemoryUnavailable, and the
     budget never holds more than its capacity."""
-    from engine_runtime.admission import SharedBudget
+    from engine_runtime.memory.admission import SharedBudget
     from engine_runtime.errors import ContextMemoryUnavailable
 
     p, q = gpus

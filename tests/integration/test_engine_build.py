@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine_runtime import _cuda, _trt
+from engine_runtime import _cuda
+from engine_runtime.backends import _trt
 from engine_runtime.backends.tensorrt import CudaDevice, TensorRTEngine
 from engine_runtime.build import (
     Precision,

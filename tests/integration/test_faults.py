@@ -160,7 +160,7 @@ def test_nvml_failing_holds_modes_and_never_goes_static_blind(ebb: Ebb):
 @pytest.fixture
 def held_budget(ebb: Ebb):
     """The encoder's GPU budget, all of it held by this process, as another replica might."""
-    from engine_runtime.admission import SharedBudget
+    from engine_runtime.memory.admission import SharedBudget
 
     wait_for(lambda: ebb.status("sighted")["mode"] == "static", 30, "modes to settle")
     gpu = ebb.status("encoder")["gpu"]
@@ -297,7 +297,7 @@ def _clean_failure(outcome: str) -> bool:
 
 
 def test_a_replica_killed_under_load_fails_only_its_calls_and_is_replaced(ebb: Ebb):
-    from engine_runtime.admission import SharedBudget
+    from engine_runtime.memory.admission import SharedBudget
 
     old = ebb.status("resnet18")
     gpu = old["gpu"]

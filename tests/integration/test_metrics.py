@@ -25,11 +25,11 @@ from serve_harness import (
     small_args,
     wait_for,
 )
+from engine_runtime.units import GiB
 
 METRICS_PORT = free_port()
 RAY_INIT_OPTIONS = metrics_options(METRICS_PORT)
 SERVE_HTTP_PORTS = OPS_HTTP_PORT_RANGE
-GiB = 2**30
 SEQ_LEN = 16
 
 

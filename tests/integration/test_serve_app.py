@@ -335,7 +335,7 @@ def test_503_with_retry_after_when_no_context_memory(ebb: Ebb):
     import ray
 
     from deployments.coordinator import get_existing
-    from engine_runtime.admission import SharedBudget
+    from engine_runtime.memory.admission import SharedBudget
 
     gpu = ebb.status("encoder")["gpu"]
     view = wait_for(lambda: next((g for g in requests.get(f"{ebb.url}/ebb/status", timeout=10).json()["gpus"]
@@ -409,7 +409,7 @@ def test_shutdown_gives_memory_back_to_baseline(ebb: Ebb):
     memory, since there is none; on the CPU the engine only accounts for context
     bytes, so "0 bytes held" is the engine's bookkeeping, not a driver's reading.
     """
-    from engine_runtime.admission import SharedBudget
+    from engine_runtime.memory.admission import SharedBudget
 
     gpu = ebb.status("encoder")["gpu"]
     before = wait_for(lambda: idle(_gpu_view(ebb, gpu)), 30, "the GPU view, no call in flight")

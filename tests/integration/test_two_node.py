@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from serve_harness import ServeApp, application, free_port, start_serve, wait_for
+from engine_runtime.units import MiB
 
-MiB = 2**20
 HTTP_PORTS = range(18200, 18300)
 TOTAL = 256 * MiB
 ARGS = {

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from engine_runtime.backends.pytorch import PyTorchEngine
-from engine_runtime.models import build
+from engine_runtime.architectures import build
 from serve_harness import APP_NAME, OPS_HTTP_PORT_RANGE, application, model_deployment_options, small_args, wait_for
 
 SERVE_HTTP_PORTS = OPS_HTTP_PORT_RANGE

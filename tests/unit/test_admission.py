@@ -12,10 +12,10 @@ import uuid
 
 import pytest
 
-from engine_runtime.admission import Admission, SharedBudget, UnboundedAdmission, budget_path
+from engine_runtime.memory.admission import Admission, SharedBudget, UnboundedAdmission, budget_path
 from engine_runtime.errors import ContextMemoryUnavailable, EbbInternalError
+from engine_runtime.units import MiB
 
-MiB = 2**20
 CTX = mp.get_context("spawn")
 
 
@@ -342,7 +342,7 @@ def test_threads_of_one_process_share_the_budget(key):
 def test_stale_file_is_refused(key):
     with open(budget_path(key), "wb") as f:
         f.write(b"x" * 100)
-    from engine_runtime.admission import SharedBudgetError
+    from engine_runtime.memory.admission import SharedBudgetError
 
     with pytest.raises(SharedBudgetError, match="size 100 bytes"):
         SharedBudget(key)

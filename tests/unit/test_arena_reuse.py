@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from engine_runtime._lease_table import ChunkState
+from engine_runtime.memory.pool._lease_table import ChunkState
 from test_lease_table import CHUNK, FakeCuda, owner, wait_for  # noqa: F401 - the memfd-backed owner fixture
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool needs Linux")
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 
 @pytest.fixture
 def client(owner, monkeypatch):  # noqa: F811
-    from engine_runtime import arena
-    from engine_runtime.pool import PoolPhysical
+    from engine_runtime.memory import arena
+    from engine_runtime.memory.pool import PoolPhysical
 
     # The arena module bound the real wrappers when it was first imported.
     monkeypatch.setattr(arena, "_cuda", FakeCuda)
@@ -34,7 +34,7 @@ def client(owner, monkeypatch):  # noqa: F811
 
 
 def arena_on(client, nchunks: int = 8, keep_mapped: bool = True):
-    from engine_runtime.arena import VmmArena
+    from engine_runtime.memory.arena import VmmArena
 
     return VmmArena(0, nchunks * CHUNK, source=client, deadline_s=1.0, keep_mapped=keep_mapped)
 

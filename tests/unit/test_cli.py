@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from deployments import cli
+from engine_runtime.units import MiB
 
-MiB = 2**20
 STATUS = {
     "gpus": [{
         "gpu": "GPU-aaaa", "virtual": False, "known": True, "total_bytes": 80 * 1024 * MiB,

@@ -12,9 +12,8 @@ from deployments.config import CoordinatorConfig
 from deployments.coordinator import CoordinatorState, Directive, ReplicaReport
 from deployments.policy import admission_capacity
 from engine_runtime.pressure import GpuPressure
+from engine_runtime.units import MiB, GiB
 
-GiB = 2**30
-MiB = 2**20
 REAL = "GPU-11111111-2222-3333-4444-555555555555"
 OTHER = "GPU-99999999-8888-7777-6666-555555555555"
 VGPU = "vgpu-node0-0"

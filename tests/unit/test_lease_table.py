@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_runtime._lease_table import ChunkState, LeaseTable, process_alive, process_start
+from engine_runtime.memory.pool._lease_table import ChunkState, LeaseTable, process_alive, process_start
 from engine_runtime.errors import ContextMemoryUnavailable, EbbInternalError
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the lease table needs Linux")
@@ -497,7 +497,7 @@ def fake_cuda(monkeypatch=None) -> None:
 def owner(tmp_path: Path, monkeypatch):
     import threading
 
-    from engine_runtime.pool import ContextPool
+    from engine_runtime.memory.pool import ContextPool
 
     fake_cuda(monkeypatch)
     sock = Path(f"/tmp/ebb-test-{os.getpid()}-{time.monotonic_ns()}.sock")  # AF_UNIX paths are short
@@ -511,7 +511,7 @@ def owner(tmp_path: Path, monkeypatch):
 
 
 def _lease_in_child(socket_path: str, nbytes: int, out) -> None:
-    from engine_runtime.pool import PoolPhysical
+    from engine_runtime.memory.pool import PoolPhysical
 
     fake_cuda()
     client = PoolPhysical(socket_path, 0)
@@ -521,7 +521,7 @@ def _lease_in_child(socket_path: str, nbytes: int, out) -> None:
 
 
 def test_pool_client_imports_leases_and_gives_back(owner) -> None:
-    from engine_runtime.pool import PoolPhysical
+    from engine_runtime.memory.pool import PoolPhysical
 
     with PoolPhysical(owner.socket_path, 0) as client:
         assert client.imported_chunks == list(range(8))
@@ -539,7 +539,7 @@ def test_pool_client_imports_leases_and_gives_back(owner) -> None:
 
 
 def test_pool_growth_is_learnt_on_lease_and_shrink_drops_imports(owner) -> None:
-    from engine_runtime.pool import PoolPhysical
+    from engine_runtime.memory.pool import PoolPhysical
 
     with PoolPhysical(owner.socket_path, 0, retire_poll_s=0.01) as client:
         held = client.acquire(2 * CHUNK, deadline_s=1.0)  # chunks 0 and 1
@@ -580,7 +580,7 @@ def test_pool_reclaims_a_dead_client_s_lease(owner) -> None:
 
 
 def test_pool_is_unavailable_without_cuda_and_says_why() -> None:
-    from engine_runtime.pool import pool_available
+    from engine_runtime.memory.pool import pool_available
 
     support = pool_available(0)
     if support:

@@ -19,8 +19,8 @@ from deployments.policy import (
     pool_target_bytes,
 )
 from engine_runtime.memory import MemoryMode
+from engine_runtime.units import GiB
 
-GiB = 2**30
 S, D = MemoryMode.STATIC, MemoryMode.DYNAMIC
 CFG = PolicyConfig()  # 0.75 / 0.85 / 0.90, dwell 5 s, headroom 512 MiB
 NOW = 1000.0

@@ -17,15 +17,14 @@ from deployments.config import AppConfig, ConfigError, CoordinatorConfig, parse_
 from deployments.coordinator import CoordinatorState, Directive, ReplicaReport
 from deployments.coordinator_client import CoordinatorClient
 from deployments.engine_factory import POOL_IN_USE, join_context_pool, make_engine
-from engine_runtime.admission import SharedBudget, UnboundedAdmission
+from engine_runtime.memory.admission import SharedBudget, UnboundedAdmission
 from engine_runtime.errors import ContextMemoryUnavailable
 from engine_runtime.memory import ContextMechanism
-from engine_runtime.pool import DEFAULT_CHUNK_BYTES, PoolUnavailableError
+from engine_runtime.memory.pool import DEFAULT_CHUNK_BYTES, PoolUnavailableError
 from engine_runtime.pressure import GpuPressure
 from test_lease_table import CHUNK, owner  # noqa: F401 - the memfd-backed owner fixture
+from engine_runtime.units import MiB, GiB
 
-MiB = 2**20
-GiB = 2**30
 REAL = "GPU-11111111-2222-3333-4444-555555555555"
 MODEL = {"name": "r18", "source": {"architecture": "resnet18"},
          "input": {"max_batch": 2, "image_size": 32}, "device": "cpu"}
@@ -78,7 +77,7 @@ def test_no_cuda_device_falls_back_and_says_why():
 
 
 def test_pool_unavailable_on_this_host_falls_back_and_the_engine_works(tmp_path, monkeypatch):
-    from engine_runtime.pool import pool_available
+    from engine_runtime.memory.pool import pool_available
 
     if pool_available(0):
         pytest.skip("this host can pool (a GPU is visible)")
@@ -209,7 +208,7 @@ def test_without_a_pool_the_target_is_ignored():
 
 
 def test_the_client_resizes_a_real_owner_and_the_report_carries_its_bytes(owner):  # noqa: F811
-    from engine_runtime.pool import PoolPhysical
+    from engine_runtime.memory.pool import PoolPhysical
 
     with PoolPhysical(owner.socket_path, 0) as pool:
         replica = fake_replica(pool)
@@ -221,7 +220,7 @@ def test_the_client_resizes_a_real_owner_and_the_report_carries_its_bytes(owner)
 
 
 def test_a_lease_larger_than_the_pool_grows_it_up_to_the_limit(owner):  # noqa: F811
-    from engine_runtime.pool import PoolPhysical
+    from engine_runtime.memory.pool import PoolPhysical
 
     with PoolPhysical(owner.socket_path, 0, grow_limit_chunks=10) as pool:
         assert pool.snapshot().capacity == 8
@@ -239,7 +238,7 @@ def test_a_lease_larger_than_the_pool_grows_it_up_to_the_limit(owner):  # noqa: 
 
 def test_reports_carry_the_pool_status_and_bytes(owner):  # noqa: F811
     from deployments.gpu_identity import GpuIdentity
-    from engine_runtime.pool import PoolPhysical
+    from engine_runtime.memory.pool import PoolPhysical
 
     a = app(enabled=True, max_bytes=GiB)
     engine = make_engine(a.models[0], a)

@@ -19,8 +19,8 @@ from engine_runtime.pressure import (
     VirtualProbe,
     cuda_visible_to_nvml_uuids,
 )
+from engine_runtime.units import GiB
 
-GiB = 2**30
 U0 = "GPU-1a2b3c4d-0000-1111-2222-333333333333"
 U1 = "GPU-1a2b9999-0000-1111-2222-444444444444"
 U2 = "GPU-77777777-0000-1111-2222-555555555555"

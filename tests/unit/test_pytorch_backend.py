@@ -199,7 +199,7 @@ def test_batch_over_max_and_close():
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_update_weights_switches_answers_in_place(mode):
-    from engine_runtime.models import build
+    from engine_runtime.architectures import build
 
     old, reference = _bert(mode, seed=0), _bert(mode, seed=1)
     tokens = _tokens(2)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import trt_fake
-from engine_runtime import _trt
+from engine_runtime.backends import _trt
 from engine_runtime.backends.tensorrt import TensorRTEngine
 from engine_runtime.errors import (
     BatchTooLargeError,

@@ -1,56 +1,22 @@
-"""Memory modes and the allocators that back an engine's context memory.
+"""Allocators that back an engine's context memory with blocks released to the driver.
 
-``MemoryMode`` says *when* context memory is held (always, or only during a call);
-a ``ContextAllocator`` says *how* it is obtained and, crucially, that it goes back to
-the GPU driver on release — not into PyTorch's caching allocator, where neighbours
-on the card could not use it (the flaw of Torch-TensorRT's per-call allocation).
+A ``ContextAllocator`` says *how* context memory is obtained and, crucially, that it
+goes back to the GPU driver on release — not into PyTorch's caching allocator, where
+neighbours on the card could not use it (the flaw of Torch-TensorRT's per-call
+allocation).
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 from typing import Protocol, runtime_checkable
 
 from engine_runtime.errors import ContextMemoryUnavailable, EbbInternalError
+from engine_runtime.memory.modes import ContextMechanism
+from engine_runtime.units import MiB
 
 logger = logging.getLogger(__name__)
-
-MiB = 2**20
-
-
-class MemoryMode(str, enum.Enum):
-    """When an engine holds its execution-context memory."""
-
-    #: Held between calls: fastest, largest.
-    STATIC = "static"
-    #: Held only while a call runs, returned to the driver afterwards.
-    DYNAMIC = "dynamic"
-
-    @classmethod
-    def parse(cls, value: MemoryMode | str) -> MemoryMode:
-        if isinstance(value, MemoryMode):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            raise ValueError(f"unknown memory mode {value!r}; expected one of {[m.value for m in cls]}") from None
-
-
-class ContextMechanism(str, enum.Enum):
-    """How context memory is obtained; the status view reports it per replica."""
-
-    #: No device: bytes are accounted (for the budget and the coordinator), host memory is PyTorch's.
-    HOST_ACCOUNTING = "host-accounting"
-    #: ``cudaMalloc``/``cudaFree`` per acquisition: simple, returns memory to the driver.
-    CUDA_MALLOC = "cuda-malloc"
-    #: Eager PyTorch, ``torch.cuda.empty_cache()`` after each dynamic call (fallback without the arena).
-    TORCH_EMPTY_CACHE = "torch-empty-cache"
-    #: A stable virtual range whose physical memory is created and mapped per call (CUDA VMM).
-    VMM_ARENA = "vmm-arena"
-    #: Like ``VMM_ARENA`` but the physical memory is leased from the GPU's shared pool.
-    VMM_POOL = "vmm-pool"
 
 
 class ContextBlock:
@@ -117,7 +83,7 @@ class CudaMallocAllocator:
     """``cudaMalloc`` per acquisition, ``cudaFree`` on release: memory goes back to the driver.
 
     The address changes from call to call, so it suits TensorRT's ``set_device_memory``
-    but not a captured CUDA graph; :class:`engine_runtime.arena.VmmArena` is for that.
+    but not a captured CUDA graph; :class:`engine_runtime.memory.arena.VmmArena` is for that.
     """
 
     mechanism = ContextMechanism.CUDA_MALLOC

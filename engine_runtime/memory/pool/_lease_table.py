@@ -3,7 +3,7 @@
 One file per GPU per node (under ``/dev/shm``, keyed by the GPU's UUID), mapped by the
 pool's owner and by every replica process on that GPU. A lease is a choice of chunk
 indices made under a lock, so no descriptor traffic and no owner round trip happens
-per call. This module is the CPU-testable core of :mod:`engine_runtime.pool`: it
+per call. This module is the CPU-testable core of :mod:`engine_runtime.memory.pool`: it
 knows nothing of CUDA; the owner turns its plans (chunks to create, chunks retired)
 into driver calls.
 
@@ -49,10 +49,10 @@ from pathlib import Path
 import numpy as np
 
 from engine_runtime.errors import ContextMemoryUnavailable, EbbInternalError
+from engine_runtime.units import MiB
 
 logger = logging.getLogger(__name__)
 
-MiB = 2**20
 
 _MAGIC = 0x45424250_4F4F4C31  # "EBBPOOL1"
 _VERSION = 1
@@ -151,7 +151,7 @@ class TableSnapshot:
         return held * self.chunk_bytes
 
 
-# --- process identity ------------------------------------------------------------
+# --- process identity ---------------------------------------------------------
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -190,7 +190,7 @@ def process_alive(pid: int, start: int) -> bool:
     return start == 0 or started == start
 
 
-# --- the table -------------------------------------------------------------------
+# --- the table ----------------------------------------------------------------
 
 
 class LeaseTable:

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from engine_runtime.errors import ContextMemoryUnavailable, EbbError, EbbInternalError
+from engine_runtime.units import MiB
 
 logger = logging.getLogger(__name__)
 
-MiB = 2**20
 
 
 @runtime_checkable

@@ -2,7 +2,7 @@
  * CUDAPluggableAllocator so that a CUDA graph's private memory pool lives at known,
  * stable addresses. Python sets the range before each capture (under a lock) and
  * reads the high-water mark after; freeing is a no-op because the range's physical
- * memory is mapped and unmapped as a whole by engine_runtime.arena.
+ * memory is mapped and unmapped as a whole by engine_runtime.memory.arena.
  * No CUDA headers are needed: addresses are plain integers here. */
 #include <stddef.h>
 #include <stdint.h>

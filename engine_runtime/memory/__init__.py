@@ -1,0 +1,44 @@
+"""Context memory: when it is held (``modes``), how it is obtained (``allocators``,
+``physical``, ``arena``), who may take how much (``admission``), and the per-GPU pool
+that lends it across processes (``pool``, a subpackage imported on its own).
+
+``deployments/`` and the backends use the names below; the modules behind them are
+free to move.
+"""
+
+from engine_runtime.memory.admission import (
+    Admission,
+    BudgetSnapshot,
+    SharedBudget,
+    SharedBudgetError,
+    UnboundedAdmission,
+    budget_path,
+)
+from engine_runtime.memory.allocators import (
+    ContextAllocator,
+    ContextBlock,
+    CudaMallocAllocator,
+    HostAccountingAllocator,
+)
+from engine_runtime.memory.arena import VmmArena
+from engine_runtime.memory.modes import ContextMechanism, MemoryMode
+from engine_runtime.memory.physical import OwnedPhysical, PhysicalLease, PhysicalSource
+
+__all__ = [
+    "Admission",
+    "BudgetSnapshot",
+    "ContextAllocator",
+    "ContextBlock",
+    "ContextMechanism",
+    "CudaMallocAllocator",
+    "HostAccountingAllocator",
+    "MemoryMode",
+    "OwnedPhysical",
+    "PhysicalLease",
+    "PhysicalSource",
+    "SharedBudget",
+    "SharedBudgetError",
+    "UnboundedAdmission",
+    "VmmArena",
+    "budget_path",
+]
