@@ -37,14 +37,12 @@ def report(result: dict) -> str:
         t = scenario.first_sample_all(result, result["pressed"], mode, since)
         return "not reached" if t is None else f"{(t - since) * 1e3:.0f} ms (sampled every {cfg['sample_period_s']:g} s)"
 
-    calls = result["calls"]
-    failed = scenario.failed_calls(result)
     lines = [
-        f"Two-GPU run on {where}: {cfg['replicas_per_model']} replicas each of resnet18 and bert-tiny at "
-        f"num_gpus {cfg['num_gpus']}, context pool on; pressure on {result['pressed']} in steps "
-        f"{', '.join(f'{s:.0%}' for s in cfg['fill_steps'])} "
-        f"({'coordinator injection' if cfg['logical'] else 'a separate process, torch.empty on that card only'}), "
-        f"full from {on:.1f} s, freed at {off:.1f} s.",
+        (f"Two-GPU run on {where}: {cfg['replicas_per_model']} replicas each of resnet18 and bert-tiny at "
+         f"num_gpus {cfg['num_gpus']}, context pool on; pressure on {result['pressed']} in steps "
+         f"{', '.join(f'{s:.0%}' for s in cfg['fill_steps'])} "
+         f"({'coordinator injection' if cfg['logical'] else 'a separate process, torch.empty on that card only'}), "
+         f"full from {on:.1f} s, freed at {off:.1f} s."),
         "",
         markdown_table(["card", "replicas", "modes over time (sampled from /ebb/status)", "peak use",
                         "failed requests (models on it)"], scenario.card_rows(result)),
@@ -54,8 +52,10 @@ def report(result: dict) -> str:
             [f"second card: pressure gone -> all static (dwell {cfg['min_dwell_s']:g} s)",
              after("static", off)],
             ["decisions on the first card", sum(1 for h in result["history"] if h["gpu"] == result["cards"][0])],
-            ["requests sent (both models)", len(calls)],
-            ["failed requests", len(failed)],
+            *[[f"{m}: requests sent / failed / p50 / p99", (f"{t['sent']} / {t['failed']} / "
+               f"{t['p50_ms'] or float('nan'):.1f} ms / {t['p99_ms'] or float('nan'):.1f} ms")]
+              for m, t in result["traffic"].items()],
+            ["failed requests, all models", sum(t["failed"] for t in result["traffic"].values())],
             ["status samples (missed)", f"{len(result['samples'])} ({result['sample_errors']})"],
         ]),
     ]
@@ -89,7 +89,7 @@ def plot(path: Path, result: dict) -> None:
         ax.set_title(f"{uuid[:28]}{' (pressed)' if uuid == result['pressed'] else ''}", fontsize=9)
         ax.legend(loc="center left", fontsize=7)
         ax = axes[1][col]
-        for i, (rid, runs) in enumerate(sorted(scenario.mode_segments(result["samples"], uuid).items())):
+        for i, rid in enumerate(sorted(scenario.mode_segments(result["samples"], uuid))):
             model = next((s["gpus"][uuid]["replicas"][rid]["model"] for s in result["samples"]
                           if rid in s["gpus"].get(uuid, {}).get("replicas", {})), "?")
             ts, ys = [], []
@@ -106,9 +106,9 @@ def plot(path: Path, result: dict) -> None:
         for a in (axes[0][col], axes[1][col]):
             a.axvline(result["t_pressure_on_s"], color="red", linewidth=0.8)
             a.axvline(result["t_pressure_off_s"], color="green", linewidth=0.8)
-    failed = len(scenario.failed_calls(result))
+    failed = sum(t["failed"] for t in result["traffic"].values())
     fig.suptitle(f"Pressure on the second card only ({'logical GPUs' if result['config']['logical'] else 'real cards'}"
-                 f"): {len(result['calls'])} requests, {failed} failed")
+                 f"): {scenario.calls_sent(result)} requests, {failed} failed")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or ("two-gpu-logical" if args.logical else "two-gpu-h200x2")
     text = report(result)
-    (out_dir / f"{stem}.json").write_text(json.dumps({**result, "report": text}, indent=1, default=str))
+    (out_dir / f"{stem}.json").write_text(json.dumps({**result, "report": text}, separators=(",", ":"), default=str))
     plot(out_dir / f"{stem}.png", result)
     print(text)
     print(f"\nwrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.png')}")

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +145,22 @@ def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.1):
 # -- NVML: which process is on which card -------------------------------------------------
 
 
+_nvml_lock = threading.Lock()
+_nvml_ready = False
+
+
 def nvml_cards() -> dict[str, dict[str, Any]]:
-    """Every card NVML sees: UUID -> index, total and used bytes, pids with their bytes."""
+    """Every card NVML sees: UUID -> index, total and used bytes, pids with their bytes.
+
+    NVML is initialised once per process and never shut down here: the sampler thread
+    and the identity check read it at the same time."""
+    global _nvml_ready
     import pynvml
 
-    pynvml.nvmlInit()
-    try:
+    with _nvml_lock:
+        if not _nvml_ready:
+            pynvml.nvmlInit()
+            _nvml_ready = True
         out = {}
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
@@ -160,8 +170,6 @@ def nvml_cards() -> dict[str, dict[str, Any]]:
             out[raw.decode() if isinstance(raw, bytes) else str(raw)] = {
                 "index": i, "total_bytes": int(mem.total), "used_bytes": int(mem.used), "pids": procs}
         return out
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def pool_owner_pids(gpu_uuid: str, directory: str) -> list[int]:
@@ -416,6 +424,9 @@ def _all_in(gpu_view: dict | None, mode: str) -> bool:
 def start_cluster(cfg: ScenarioConfig) -> None:
     import ray
 
+    if ray.is_initialized():
+        logging.getLogger(__name__).warning("Ray was left initialised (an earlier test?); shutting it down")
+        ray.shutdown()
     os.environ.update(NO_MULTICAST_ENV)
     env_vars = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
                 **NO_MULTICAST_ENV}
@@ -508,7 +519,7 @@ def run(cfg: ScenarioConfig, *, strict: bool) -> dict[str, Any]:
         else:
             nvml = nvml_cards()
             cards = sorted(first, key=lambda u: nvml[u]["index"] if u in nvml else 1 << 30)
-        card_a, card_b = cards
+        card_b = cards[1]  # the second card by NVML index (logical: by Ray's GPU id) is pressed
         result.update(cards=cards, pressed=card_b, virtual=[first[u]["virtual"] for u in cards],
                       placement={u: sorted(f"{r['model']}:{r['replica_id']}" for r in first[u]["replicas"])
                                  for u in cards},
@@ -570,7 +581,9 @@ def run(cfg: ScenarioConfig, *, strict: bool) -> dict[str, Any]:
         last = {g["gpu"]: g for g in st["gpus"] if g["replicas"]}
         result["final_replica_ids"] = {u: sorted(r["replica_id"] for r in last.get(u, {"replicas": []})["replicas"])
                                        for u in cards}
-        result["calls"] = [asdict(c) for c in calls]
+        result["traffic"] = traffic_summary(calls, result["t_pressure_on_s"], result["t_pressure_off_s"])
+        # Every failure is kept (a real-card run makes tens of thousands of calls: not those).
+        result["failures"] = [asdict(c) for c in calls if not c.ok]
         return result
     finally:
         if traffic is not None:
@@ -607,8 +620,25 @@ def first_sample_all(result: dict, uuid: str, mode: str, after_s: float) -> floa
     return None
 
 
+def traffic_summary(calls: list[Call], on_s: float, off_s: float) -> dict[str, dict]:
+    """Per model: calls sent, failed, sent while the pressure was on, latency p50/p99."""
+    out = {}
+    for model in sorted({c.model for c in calls}):
+        mine = [c for c in calls if c.model == model]
+        ok = [c.latency_s for c in mine if c.ok]
+        out[model] = {"sent": len(mine), "failed": sum(1 for c in mine if not c.ok),
+                      "during_pressure": sum(1 for c in mine if on_s <= c.t_s <= off_s),
+                      "p50_ms": float(np.percentile(ok, 50) * 1e3) if ok else None,
+                      "p99_ms": float(np.percentile(ok, 99) * 1e3) if ok else None}
+    return out
+
+
 def failed_calls(result: dict) -> list[dict]:
-    return [c for c in result["calls"] if not c["ok"]]
+    return result["failures"]
+
+
+def calls_sent(result: dict, models: list[str] | None = None) -> int:
+    return sum(t["sent"] for m, t in result["traffic"].items() if models is None or m in models)
 
 
 def models_on(result: dict, uuid: str) -> list[str]:
@@ -654,12 +684,12 @@ def problems(result: dict) -> list[str]:
         if mine != [DYNAMIC, STATIC]:
             out.append(f"{card_b} replica {rid}: decisions {mine}, expected dynamic then static")
     # Traffic: both models answered throughout, nothing failed.
-    bad = failed_calls(result)
-    if bad:
-        out.append(f"{len(bad)} failed requests of {len(result['calls'])}: {[c['error'] for c in bad[:5]]}")
+    failed = sum(t["failed"] for t in result["traffic"].values())
+    if failed or result["failures"]:
+        out.append(f"{failed} failed requests of {calls_sent(result)}: "
+                   f"{[c['error'] for c in result['failures'][:5]]}")
     for model in ("resnet18", "encoder"):
-        during = [c for c in result["calls"] if c["model"] == model and on <= c["t_s"] <= off]
-        if not during:
+        if not result["traffic"].get(model, {}).get("during_pressure"):
             out.append(f"no call to {model} while the pressure was on")
     fills = [e for e in result["events"] if e["what"] == "fill"]
     if fills and fills[-1]["share"] < 0.92:
@@ -703,7 +733,6 @@ def _identity_problems(result: dict) -> list[str]:
 def card_rows(result: dict) -> list[list]:
     """One table row per card: replicas, modes over time, pressure, failed requests."""
     rows = []
-    bad = failed_calls(result)
     for uuid in result["cards"]:
         segs = mode_segments(result["samples"], uuid)
         modes = "; ".join(f"{rid[-6:]}: " + ", ".join(f"{m} {a:.1f}-{b:.1f} s" for m, a, b in runs)
@@ -711,8 +740,8 @@ def card_rows(result: dict) -> list[list]:
         models = models_on(result, uuid)
         shares = [s["gpus"][uuid]["used_bytes"] / s["gpus"][uuid]["total_bytes"] for s in result["samples"]
                   if uuid in s["gpus"] and s["gpus"][uuid]["total_bytes"]]
-        failed = sum(1 for c in bad if c["model"] in models)
-        calls = sum(1 for c in result["calls"] if c["model"] in models)
+        failed = sum(t["failed"] for m, t in result["traffic"].items() if m in models)
+        calls = calls_sent(result, models)
         rows.append([f"{uuid}{' (pressed)' if uuid == result['pressed'] else ''}",
                      ", ".join(f"{p.split(':')[0]}:{p.split(':')[1][-6:]}" for p in result["placement"][uuid]),
                      modes, f"{max(shares, default=0):.1%}", f"{failed} of {calls}"])

@@ -53,7 +53,7 @@ def test_logical_run_passes_the_checks_of_the_gpu_test(result):
     assert result["virtual"] == [True, True]
     assert scenario.problems(result) == []
     # Not vacuous: traffic reached both models and the pressed GPU's replicas were sampled dynamic.
-    assert {c["model"] for c in result["calls"]} == {"resnet18", "encoder"}
+    assert {m for m, t in result["traffic"].items() if t["sent"]} == {"resnet18", "encoder"}
     assert all(any(m == "dynamic" for m, _, _ in runs)
                for runs in scenario.mode_segments(result["samples"], result["pressed"]).values())
 
@@ -77,8 +77,9 @@ def test_the_checks_catch_each_broken_property(result):
     assert any("expected static, dynamic, static" in p for p in scenario.problems(stuck))
 
     failed = copy.deepcopy(result)
-    failed["calls"].append({"model": "encoder", "t_s": 1.0, "latency_s": 0.1, "ok": False,
-                            "error": "ContextMemoryUnavailable: ..."})
+    failed["traffic"]["encoder"]["failed"] += 1
+    failed["failures"].append({"model": "encoder", "t_s": 1.0, "latency_s": 0.1, "ok": False,
+                               "error": "ContextMemoryUnavailable: ..."})
     assert any("1 failed requests" in p for p in scenario.problems(failed))
 
     restarted = copy.deepcopy(result)
@@ -136,3 +137,108 @@ def test_pool_owners_are_found_by_card_and_directory(tmp_path):
         for p in (mine, other):
             p.stdin.close()
             p.wait(timeout=10)
+
+
+# -- the real-card pieces, run against stand-ins for torch.cuda and NVML ----------------------
+
+FAKE_TORCH = '''
+"""A stand-in for the part of torch the ballast uses: one card of 100 GiB, 10 GiB taken by others."""
+import os
+GiB = 1 << 30
+_total, _others, _held = 100 * GiB, 10 * GiB, []
+class _Cuda:
+    class OutOfMemoryError(RuntimeError):
+        pass
+    def init(self): pass
+    def get_device_name(self, i): return "fake card " + os.environ.get("CUDA_VISIBLE_DEVICES", "?")
+    def mem_get_info(self, i): return _total - _others - sum(_held), _total
+    def synchronize(self): pass
+    def empty_cache(self): pass
+cuda = _Cuda()
+uint8 = "uint8"
+class _T:
+    def __init__(self, n): self.n = n
+    def numel(self): return self.n
+    def __del__(self): _held.remove(self.n)
+def empty(n, dtype=None, device=None):
+    assert device == "cuda:0", device
+    if n > _total - _others - sum(_held): raise cuda.OutOfMemoryError("fake OOM")
+    _held.append(n)
+    return _T(n)
+'''
+
+
+def test_the_ballast_fills_its_card_in_steps_keeps_a_floor_and_frees(tmp_path, monkeypatch):
+    (tmp_path / "torch.py").write_text(FAKE_TORCH)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    ballast = scenario.GpuBallast("GPU-fake-second", min_free_bytes=2 * scenario.GiB)
+    try:
+        assert ballast.device == "fake card GPU-fake-second"  # it saw only the card it was given
+        half = ballast.fill(0.5)
+        assert half["error"] is None and abs(half["share"] - 0.5) < 0.001, half
+        assert half["held_bytes"] == 40 * scenario.GiB  # 50% of 100 GiB, less the 10 GiB of others
+        full = ballast.fill(0.96)
+        assert full["error"] is None and abs(full["share"] - 0.96) < 0.001, full
+        beyond = ballast.fill(0.999)  # would leave under 2 GiB free: stops there, says so
+        assert beyond["error"] and "short" in beyond["error"], beyond
+        assert abs(beyond["share"] - 0.98) < 0.001, beyond
+        freed = ballast.free()
+        assert freed["held_bytes"] == 0 and abs(freed["share"] - 0.10) < 0.001, freed
+    finally:
+        ballast.close()
+    assert ballast.proc.returncode == 0
+
+
+class _FakeNvml:
+    """Two cards; pids per card as given."""
+
+    def __init__(self, pids_by_uuid: dict[str, dict[int, int]]) -> None:
+        self.pids = pids_by_uuid
+        self.uuids = list(pids_by_uuid)
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return len(self.uuids)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetUUID(self, h):
+        return self.uuids[h].encode()
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return type("Mem", (), {"total": 100 * scenario.GiB, "used": sum(self.pids[self.uuids[h]].values())})()
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return [type("P", (), {"pid": p, "usedGpuMemory": n})() for p, n in self.pids[self.uuids[h]].items()]
+
+
+def test_identity_snapshot_reads_where_nvml_sees_replicas_and_pool_owners(tmp_path, monkeypatch):
+    a, b = "GPU-aaaa", "GPU-bbbb"
+    monkeypatch.setenv("EBB_POOL_DIR", str(tmp_path))
+    from engine_runtime.memory.pool import PoolPaths
+
+    PoolPaths.for_gpu(a).table.write_bytes(b"")
+    sleeper = [sys.executable, "-c", "import sys; sys.stdin.read()", "engine_runtime.memory.pool"]
+    owners = {u: subprocess.Popen([*sleeper, "--gpu-uuid", u, "--directory", str(tmp_path)], stdin=subprocess.PIPE)
+              for u in (a, b)}
+    try:
+        # Replica 11 is where it says (card a); replica 12 says card b but NVML has it on both.
+        fake = _FakeNvml({a: {11: 700, 12: 600, owners[a].pid: 900}, b: {12: 600, owners[b].pid: 900}})
+        monkeypatch.setitem(sys.modules, "pynvml", fake)
+        monkeypatch.setattr(scenario, "_nvml_ready", False)
+        view = {a: {"pool_bytes": 64, "replicas": [{"replica_id": "r1", "model": "m", "pid": 11, "pool": "in use"}]},
+                b: {"pool_bytes": 0, "replicas": [{"replica_id": "r2", "model": "m", "pid": 12, "pool": "in use"}]}}
+        snap = scenario.identity_snapshot(view)
+    finally:
+        for p in owners.values():
+            p.stdin.close()
+            p.wait(timeout=10)
+    by_id = {r["replica_id"]: r for r in snap["replicas"]}
+    assert by_id["r1"]["nvml_cards"] == [a] and by_id["r1"]["nvml_bytes"] == 700
+    assert by_id["r2"]["nvml_cards"] == [a, b]
+    assert snap["pools"][a] == {"pool_bytes": 64, "table_exists": True,
+                                "owners": [{"pid": owners[a].pid, "nvml_cards": [a], "nvml_bytes": 900}]}
+    assert snap["pools"][b]["table_exists"] is False and snap["pools"][b]["owners"][0]["nvml_cards"] == [b]
