@@ -549,7 +549,22 @@ def run(cfg: ScenarioConfig, *, strict: bool) -> dict[str, Any]:
         event("traffic on")
         time.sleep(cfg.baseline_s)  # pacing: steady traffic before any pressure
         if not cfg.logical:
-            result["identity"] = identity_snapshot(view())
+            # NVML's process list and the pool's size are read at slightly different
+            # moments: wait (with a deadline) for a snapshot in which every check holds.
+            snap: dict[str, Any] = {}
+
+            def consistent() -> bool:
+                snap.clear()
+                snap.update(identity_snapshot(view()))
+                return not identity_problems(snap)
+
+            try:
+                wait_until(consistent, cfg.switch_timeout_s, "NVML to show each replica and pool owner on its card")
+            except DeadlinePassed as err:
+                if strict:
+                    raise DeadlinePassed(f"{err}; problems: {identity_problems(snap)}") from None
+                result["not_reached"].append(str(err))
+            result["identity"] = snap
         if cfg.logical:
             pressure = LogicalPressure(coordinator, card_b, lambda: gpu(card_b))
         else:
@@ -700,10 +715,17 @@ def problems(result: dict) -> list[str]:
 
 
 def _identity_problems(result: dict) -> list[str]:
-    out = []
     ident = result.get("identity")
-    if not ident:
-        return ["no NVML identity snapshot"]
+    out = identity_problems(ident) if ident else ["no NVML identity snapshot"]
+    if result.get("ballast_nvml_cards") != [result["pressed"]]:
+        out.append(f"the ballast is on cards {result.get('ballast_nvml_cards')}, expected only {result['pressed']}")
+    return out
+
+
+def identity_problems(ident: dict) -> list[str]:
+    """What an ``identity_snapshot`` shows wrong: a replica or pool owner seen on another
+    card than its own, a replica off its GPU's pool, a pool without chunks or owner."""
+    out = []
     for r in ident["replicas"]:
         if r["nvml_cards"] != [r["reported_gpu"]]:
             out.append(f"replica {r['model']}:{r['replica_id']} pid {r['pid']} reports {r['reported_gpu']}, "
@@ -725,8 +747,6 @@ def _identity_problems(result: dict) -> list[str]:
                 out.append(f"pool owner of {uuid} (pid {o['pid']}) is on cards {o['nvml_cards']}")
     if len(set(owners)) != len(owners):
         out.append(f"one owner process for two cards' pools: {owners}")
-    if result.get("ballast_nvml_cards") != [result["pressed"]]:
-        out.append(f"the ballast is on cards {result.get('ballast_nvml_cards')}, expected only {result['pressed']}")
     return out
 
 
