@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from deployments.config import CoordinatorConfig
 from deployments.coordinator import ReplicaReport, get_or_create
 from deployments.gpu_identity import GpuIdentity
-from engine_runtime.memory import MemoryMode, SharedBudget
+from engine_runtime.memory import MemoryMode, SharedBudget, remove_unused_budgets
 from engine_runtime.units import MiB
 from engine_runtime.memory.pool import PoolUnavailableError
 
@@ -43,7 +43,10 @@ def admission_for(gpu: GpuIdentity) -> SharedBudget:
     """The node-local byte budget every replica on this GPU shares.
 
     Unbounded until the coordinator sets a capacity from what the card has free.
+    First removes the budget files nobody alive uses (a cluster stopped by ``ray stop``
+    leaves its virtual GPUs' files behind; see ``SharedBudget``).
     """
+    remove_unused_budgets()
     return SharedBudget(key=gpu.uuid)
 
 

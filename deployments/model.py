@@ -325,3 +325,6 @@ class ModelDeployment:
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.close()  # after the engine: its arena has unmapped and given back every lease
+        admission = getattr(self, "admission", None)
+        if admission is not None:
+            admission.close()  # the last replica on the GPU removes the budget's file

@@ -13,6 +13,7 @@ from engine_runtime.memory.admission import (
     SharedBudgetError,
     UnboundedAdmission,
     budget_path,
+    remove_unused_budgets,
 )
 from engine_runtime.memory.allocators import (
     ContextAllocator,
@@ -41,4 +42,5 @@ __all__ = [
     "UnboundedAdmission",
     "VmmArena",
     "budget_path",
+    "remove_unused_budgets",
 ]
