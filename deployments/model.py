@@ -19,7 +19,7 @@ import numpy as np
 from ray import serve
 
 from deployments.config import AppConfig, ModelConfig
-from deployments.engine_factory import join_context_pool, make_engine
+from deployments.engine_factory import make_engine, plan_replica_context
 from deployments.gpu_identity import current_replica_gpu
 from engine_runtime.device import check_reachable
 from engine_runtime.errors import ContextMemoryUnavailable, InvalidInputError
@@ -110,9 +110,10 @@ class ModelDeployment:
         from deployments.coordinator_client import CoordinatorClient, admission_for
 
         self.admission = admission_for(self.gpu)
-        self.pool, self.pool_status = join_context_pool(self.model, self.app, self.gpu.cuda_index)
+        self.pool, plan = plan_replica_context(self.model, self.app, self.gpu.cuda_index)
+        self.pool_status = plan.pool_status
         self.engine = make_engine(self.model, self.app, admission=self.admission, cuda_index=self.gpu.cuda_index,
-                                  physical_source=self.pool)
+                                  physical_source=self.pool, context_plan=plan)
         self.desc = self.engine.describe()
         self.pin = self.model.pin
         if self.pin != "auto":

@@ -20,3 +20,10 @@ def graph_arena_available() -> bool:
     from engine_runtime.backends import _graph_alloc
 
     return _graph_alloc.load() is not None
+
+
+def vmm_supported(index: int) -> bool:
+    """Whether ``cuda:index`` supports CUDA virtual memory management (False without a driver)."""
+    from engine_runtime import _cuda
+
+    return _cuda.vmm_supported(index)

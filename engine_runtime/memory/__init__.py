@@ -22,15 +22,20 @@ from engine_runtime.memory.allocators import (
     HostAccountingAllocator,
 )
 from engine_runtime.memory.arena import VmmArena
+from engine_runtime.memory.mechanism import POOL_IN_USE, BackendKind, ContextFacts, ContextPlan, plan_context
 from engine_runtime.memory.modes import ContextMechanism, MemoryMode
 from engine_runtime.memory.physical import OwnedPhysical, PhysicalLease, PhysicalSource
 
 __all__ = [
+    "POOL_IN_USE",
     "Admission",
+    "BackendKind",
     "BudgetSnapshot",
     "ContextAllocator",
     "ContextBlock",
+    "ContextFacts",
     "ContextMechanism",
+    "ContextPlan",
     "CudaMallocAllocator",
     "HostAccountingAllocator",
     "MemoryMode",
@@ -42,5 +47,6 @@ __all__ = [
     "UnboundedAdmission",
     "VmmArena",
     "budget_path",
+    "plan_context",
     "remove_unused_budgets",
 ]
