@@ -16,7 +16,7 @@ import sys
 from deployments.config import AppConfig, ArchitectureSource, ConfigError, ModelConfig, OnnxSource, PlanSource, \
     resolve_model_path
 from engine_runtime.device import graph_arena_available, vmm_supported
-from engine_runtime.engine import BaseEngine
+from engine_runtime import BaseEngine
 from engine_runtime.memory import (
     POOL_IN_USE,
     Admission,
@@ -141,7 +141,7 @@ def make_engine(model: ModelConfig, app: AppConfig, *, admission: Admission | No
         if not isinstance(model.source, ArchitectureSource):
             raise ConfigError(f"model {model.name!r}: the pytorch backend serves architectures only; "
                               f"{type(model.source).__name__} needs backend 'tensorrt'")
-        from engine_runtime.backends.pytorch import PyTorchEngine
+        from engine_runtime.backends import PyTorchEngine
 
         device = model.device
         if device == "auto":
@@ -154,7 +154,7 @@ def make_engine(model: ModelConfig, app: AppConfig, *, admission: Admission | No
     if not tensorrt_installed():
         raise ConfigError(f"model {model.name!r}: backend 'tensorrt' needs the tensorrt or tensorrt_rtx "
                           f"package (pip install 'ebb[tensorrt]')")
-    from engine_runtime.backends.tensorrt import TensorRTEngine
+    from engine_runtime.backends import TensorRTEngine
 
     device_index = cuda_index if cuda_index is not None else 0
     if physical_source is not None:

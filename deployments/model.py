@@ -107,7 +107,8 @@ class ModelDeployment:
         self.gpu = current_replica_gpu()
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id if ctx else f"local-{os.getpid()}"
-        from deployments.coordinator_client import CoordinatorClient, admission_for
+        from deployments.coordinator_client import CoordinatorClient, ReplicaPorts, admission_for
+        from deployments.reporting import ReplicaIdentity
 
         self.admission = admission_for(self.gpu)
         self.pool, plan = plan_replica_context(self.model, self.app, self.gpu.cuda_index)
@@ -126,7 +127,12 @@ class ModelDeployment:
         self.metrics = ReplicaMetrics(self.model.name, self.replica_id, self.gpu.uuid)
         #: The ``user_config.weights`` update applied last (its key); None: the source's own.
         self.weights_version: str | None = None
-        self.client = CoordinatorClient(self, self.app.coordinator)
+        self.client = CoordinatorClient(ReplicaPorts(
+            identity=ReplicaIdentity(self.replica_id, self.model.name, self.gpu, self.desc.weights_bytes,
+                                     self.pool_status, self.app.context_pool.max_bytes),
+            engine=self.engine, admission=self.admission, pool=self.pool, max_shapes=self.desc.max_shapes(),
+            pin=lambda: self.pin, publish_metrics=lambda: self.metrics.update_from(self.engine)),
+            self.app.coordinator)
         self.client.start()
         logger.info("replica %s of %s on %s (%s mode, %s; context pool %s)", self.replica_id, self.model.name,
                     self.gpu.uuid, self.engine.mode.value, self.engine.mechanism.value, self.pool_status)

@@ -7,6 +7,9 @@
 from __future__ import annotations
 
 
+__all__ = ["check_reachable", "graph_arena_available", "vmm_supported"]
+
+
 def check_reachable(index: int) -> None:
     """Raise (``EbbInternalError`` subclass) if ``cuda:index`` cannot answer a memory query."""
     from engine_runtime import _cuda
