@@ -23,7 +23,7 @@ from deployments.config import CoordinatorConfig
 from deployments.coordinator import get_or_create
 from deployments.gpu_identity import GpuIdentity
 from deployments.messages import Directive, ReplicaReport
-from deployments.reporting import EngineFigures, ReplicaIdentity, directive_actions, make_report
+from deployments.reporting import ReplicaIdentity, directive_actions, engine_figures, make_report
 from engine_runtime import StatsSnapshot
 from engine_runtime.memory import ContextMechanism, MemoryMode, SharedBudget, remove_unused_budgets
 from engine_runtime.memory.pool import PoolUnavailableError
@@ -185,13 +185,9 @@ class CoordinatorClient:
     def build_report(self) -> ReplicaReport:
         rep = self.replica
         engine = rep.engine
-        stats = engine.stats()
-        figures = EngineFigures(
-            mode=engine.mode.value, mechanism=engine.mechanism.value,
-            context_bytes=engine.context_bytes(rep.max_shapes) if engine.loaded else stats.peak_context_bytes,
-            held_bytes=stats.context_bytes_held, request_rate_per_s=stats.request_rate_per_s,
-            latency_static_s=stats.latency_p50_s.get("static"), latency_dynamic_s=stats.latency_p50_s.get("dynamic"),
-            in_flight=stats.calls_in_flight, loaded=engine.loaded)
+        figures = engine_figures(mode=engine.mode.value, mechanism=engine.mechanism.value, loaded=engine.loaded,
+                                 stats=engine.stats(),
+                                 largest_context_bytes=engine.context_bytes(rep.max_shapes) if engine.loaded else None)
         reading, reading_error = self._read_gpu()
         pool = rep.pool
         return make_report(rep.identity, figures, pid=os.getpid(), pin=rep.pin(), reading=reading,

@@ -1,7 +1,7 @@
 """What a replica tells the coordinator and what it does with the answer: pure functions.
 
-:func:`make_report` turns plain figures (who the replica is, what its engine holds,
-its GPU's reading, its pool) into a ``ReplicaReport``; :func:`directive_actions` turns
+:func:`make_report` turns plain figures (who the replica is, what its engine holds
+(:func:`engine_figures`), its GPU's reading, its pool) into a ``ReplicaReport``; :func:`directive_actions` turns
 a ``Directive`` and the replica's state into the :class:`Actions` to take. The thread
 that talks to the coordinator (``deployments.coordinator_client``) only gathers the
 figures, calls these, and acts; both are tested with tables of cases.
@@ -10,13 +10,16 @@ figures, calls these, and acts; both are tested with tables of cases.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from deployments.gpu_identity import GpuIdentity
 from deployments.messages import Directive, ReplicaReport
 from engine_runtime.pressure import GpuPressure
+from engine_runtime.stats import StatsSnapshot
 
-__all__ = ["Actions", "EngineFigures", "ReplicaIdentity", "directive_actions", "make_report"]
+__all__ = ["Actions", "ReplicaIdentity", "directive_actions", "engine_figures", "make_report"]
 
 
 @dataclass(frozen=True)
@@ -33,36 +36,32 @@ class ReplicaIdentity:
     pool_max_bytes: int | None = None
 
 
-@dataclass(frozen=True)
-class EngineFigures:
-    """The engine's state at one moment, as the report needs it."""
+def engine_figures(*, mode: str, mechanism: str, loaded: bool, stats: StatsSnapshot,
+                   largest_context_bytes: int | None) -> dict[str, Any]:
+    """The report's fields about the engine. ``context_bytes``, what the replica holds
+    when static, is its largest call where the engine is loaded (``largest_context_bytes``),
+    else the most it has held so far."""
+    return {
+        "mode": mode, "mechanism": mechanism, "loaded": loaded,
+        "context_bytes": largest_context_bytes if loaded and largest_context_bytes is not None
+        else stats.peak_context_bytes,
+        "held_bytes": stats.context_bytes_held, "request_rate_per_s": stats.request_rate_per_s,
+        "latency_static_s": stats.latency_p50_s.get("static"), "latency_dynamic_s": stats.latency_p50_s.get("dynamic"),
+        "in_flight": stats.calls_in_flight,
+    }
 
-    mode: str
-    mechanism: str
-    #: Context bytes the engine holds when static (its largest call).
-    context_bytes: int
-    held_bytes: int
-    request_rate_per_s: float
-    latency_static_s: float | None
-    latency_dynamic_s: float | None
-    in_flight: int
-    loaded: bool
 
-
-def make_report(identity: ReplicaIdentity, engine: EngineFigures, *, pid: int, pin: str,
+def make_report(identity: ReplicaIdentity, engine: Mapping[str, Any], *, pid: int, pin: str,
                 reading: GpuPressure | None, reading_error: str | None, fault_injected: bool = False,
                 pool_bytes: int | None = None, pool_chunk_bytes: int | None = None) -> ReplicaReport:
     """The report for these figures. ``fault_injected``: the replica pretends its GPU is a
-    real card whose NVML reading fails (tests); ``pool_bytes`` is None without a pool."""
+    real card whose NVML reading fails (tests); ``pool_bytes`` is None without a pool.
+    ``engine``: the engine's fields (:func:`engine_figures`)."""
     pooled = pool_bytes is not None
     return ReplicaReport(
         replica_id=identity.replica_id, model=identity.model, pid=pid, node_id=identity.gpu.node_id,
         gpu=identity.gpu.uuid, virtual=identity.gpu.virtual and not fault_injected, pin=pin,
-        mode=engine.mode, mechanism=engine.mechanism, weights_bytes=identity.weights_bytes,
-        context_bytes=engine.context_bytes, held_bytes=engine.held_bytes,
-        request_rate_per_s=engine.request_rate_per_s, latency_static_s=engine.latency_static_s,
-        latency_dynamic_s=engine.latency_dynamic_s, in_flight=engine.in_flight, loaded=engine.loaded,
-        reading=reading, reading_error=reading_error, pool=identity.pool_status,
+        weights_bytes=identity.weights_bytes, **engine, reading=reading, reading_error=reading_error, pool=identity.pool_status,
         pool_bytes=pool_bytes if pooled else None, pool_chunk_bytes=pool_chunk_bytes if pooled else None,
         pool_max_bytes=identity.pool_max_bytes if pooled else None,
     )

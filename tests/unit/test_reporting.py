@@ -6,7 +6,8 @@ import pytest
 
 from deployments.gpu_identity import GpuIdentity
 from deployments.messages import Directive
-from deployments.reporting import Actions, EngineFigures, ReplicaIdentity, directive_actions, make_report
+from deployments.reporting import Actions, ReplicaIdentity, directive_actions, engine_figures, make_report
+from engine_runtime.stats import StatsSnapshot
 from engine_runtime.units import MiB
 
 CHUNK = 64 * MiB
@@ -40,9 +41,9 @@ def test_directive_actions(directive, state, actions):
 
 IDENTITY = ReplicaIdentity("r1", "resnet", GpuIdentity("vgpu-node0-0", None, True, "node0"), 100,
                            "in use", 4 * CHUNK)
-FIGURES = EngineFigures(mode="dynamic", mechanism="vmm-pool", context_bytes=40, held_bytes=0,
-                        request_rate_per_s=2.0, latency_static_s=None, latency_dynamic_s=0.01, in_flight=1,
-                        loaded=True)
+FIGURES = {"mode": "dynamic", "mechanism": "vmm-pool", "context_bytes": 40, "held_bytes": 0,
+           "request_rate_per_s": 2.0, "latency_static_s": None, "latency_dynamic_s": 0.01, "in_flight": 1,
+           "loaded": True}
 
 
 @pytest.mark.parametrize(("kwargs", "expected"), [
@@ -57,3 +58,23 @@ def test_make_report(kwargs, expected):
     assert {k: getattr(r, k) for k in expected} == expected
     assert (r.replica_id, r.model, r.gpu, r.node_id, r.pid, r.weights_bytes, r.context_bytes, r.pool) == (
         "r1", "resnet", "vgpu-node0-0", "node0", 42, 100, 40, "in use")
+
+
+def _stats(peak: int) -> StatsSnapshot:
+    fields = {f: 0 for f in StatsSnapshot.__dataclass_fields__}
+    fields.update(peak_context_bytes=peak, context_bytes_held=3, request_rate_per_s=1.5, calls_in_flight=2,
+                  latency_p50_s={"dynamic": 0.02})
+    return StatsSnapshot(**fields)
+
+
+@pytest.mark.parametrize(("loaded", "largest", "context_bytes"), [
+    (True, 500, 500),     # loaded: its largest call
+    (False, None, 77),    # not yet: the most it held so far
+    (True, None, 77),
+])
+def test_engine_figures(loaded, largest, context_bytes):
+    f = engine_figures(mode="dynamic", mechanism="vmm-arena", loaded=loaded, stats=_stats(77),
+                       largest_context_bytes=largest)
+    assert f["context_bytes"] == context_bytes
+    assert (f["held_bytes"], f["in_flight"], f["latency_dynamic_s"], f["latency_static_s"]) == (3, 2, 0.02, None)
+    make_report(IDENTITY, f, pid=1, pin="auto", reading=None, reading_error=None)  # every field accounted for
