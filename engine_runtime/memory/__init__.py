@@ -1,6 +1,8 @@
-"""Context memory: when it is held (``modes``), how it is obtained (``allocators``,
-``physical``, ``arena``), who may take how much (``admission``), and the per-GPU pool
-that lends it across processes (``pool``, a subpackage imported on its own).
+"""Context memory: when it is held (``modes``), how it is obtained (``mechanism`` decides;
+``allocators``, ``physical``, ``arena`` do it), who may take how much (``admission``,
+``budget``), and the per-GPU pool that lends it across processes (``pool``, a
+subpackage imported on its own). ``_shm`` is the shared-memory primitive under both
+cross-process tables (the budget and the pool's lease table).
 
 ``deployments/`` and the backends use the names below; the modules behind them are
 free to move.

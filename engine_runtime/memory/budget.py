@@ -69,7 +69,7 @@ class BudgetSnapshot:
 # Little-endian int64 words, so a ``memoryview.cast('q')`` reads them without struct.
 _MAGIC = 0x45424242554447  # "EBBBUDG"
 _VERSION = 1
-_W_MAGIC, _W_VERSION, _W_CAPACITY, _W_USED, _W_NEXT_TICKET, _W_WAITERS, _W_PEAK = range(7)
+_W_MAGIC, _W_VERSION, _W_CAPACITY, _W_USED, _W_LAST_TICKET, _W_WAITERS, _W_PEAK = range(7)
 # _W_PEAK took a spare header word (files made before it read 0 there), so the layout
 # and its version are unchanged.
 _HEADER_WORDS = 8
@@ -219,7 +219,7 @@ class SharedBudget:
                                                f"expected 0x{_MAGIC:x} version {_VERSION}")
         waiters = _WAITERS_AT * 8
         self._queue = TicketQueue(
-            int64_column(mm, 0, _HEADER_WORDS), _W_NEXT_TICKET, _W_WAITERS,
+            int64_column(mm, 0, _HEADER_WORDS), _W_LAST_TICKET, _W_WAITERS,
             ticket=int64_column(mm, waiters + 16, _WAITERS, _WAITER_WORDS),
             pid=int64_column(mm, waiters, _WAITERS, _WAITER_WORDS),
             start=int64_column(mm, waiters + 8, _WAITERS, _WAITER_WORDS),

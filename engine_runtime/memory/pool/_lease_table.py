@@ -59,7 +59,7 @@ _VERSION = 1
 
 # Header: int64 fields at fixed positions.
 _H_MAGIC, _H_VERSION, _H_MAX, _H_CHUNK, _H_CAPACITY, _H_GENERATION = 0, 1, 2, 3, 4, 5
-_H_NEXT_TICKET, _H_NEXT_LEASE, _H_OWNER_PID, _H_QUEUE_SLOTS = 6, 7, 8, 9
+_H_LAST_TICKET, _H_NEXT_LEASE, _H_OWNER_PID, _H_QUEUE_SLOTS = 6, 7, 8, 9
 _H_LEASES, _H_WAITS, _H_TIMEOUTS, _H_RECLAIMED, _H_OWNER_START, _H_WAITING = 10, 11, 12, 13, 14, 15
 _HEADER_FIELDS = 16
 _LABEL_BYTES = 128
@@ -68,8 +68,7 @@ _HEADER_BYTES = _HEADER_FIELDS * 8 + _LABEL_BYTES
 # Chunk slots: state, pid, start, lease id, generation; one contiguous int64 array per
 # field, because contiguous scans are the fast ones.
 _CHUNK_FIELDS = 5
-# Waiting-queue columns (ticket 0 = empty entry).
-_Q_TICKET, _Q_PID, _Q_START, _Q_NCHUNKS = 0, 1, 2, 3
+# Waiting-queue columns: ticket (0 = empty entry), pid, start, chunks wanted (``_shm.TicketQueue``).
 _QUEUE_FIELDS = 4
 
 #: Waiting: 0.1 ms doubling to 2 ms; dead holders and waiters looked for every 50 ms.
@@ -182,7 +181,7 @@ class LeaseTable:
             header[_H_MAX] = max_chunks
             header[_H_CHUNK] = chunk_bytes
             header[_H_QUEUE_SLOTS] = queue_slots
-            header[_H_NEXT_TICKET] = 1  # the last ticket issued; the first waiter's is the next
+            header[_H_LAST_TICKET] = 1  # the first waiter's ticket is the next one
             header[_H_NEXT_LEASE] = 1
             header[_H_OWNER_PID], header[_H_OWNER_START] = this_process()
             mm[_HEADER_FIELDS * 8:_HEADER_BYTES] = label.encode()[:_LABEL_BYTES].ljust(_LABEL_BYTES, b"\0")
@@ -213,7 +212,7 @@ class LeaseTable:
             int64_column(mm, _HEADER_BYTES + 8 * k * n, n) for k in range(_CHUNK_FIELDS))
         qbase = _HEADER_BYTES + 8 * n * _CHUNK_FIELDS
         ticket, pid, start, nchunks = (int64_column(mm, qbase + 8 * k * q, q) for k in range(_QUEUE_FIELDS))
-        self._queue = TicketQueue(header, _H_NEXT_TICKET, _H_WAITING, ticket=ticket, pid=pid, start=start,
+        self._queue = TicketQueue(header, _H_LAST_TICKET, _H_WAITING, ticket=ticket, pid=pid, start=start,
                                   wanted=nchunks)
         self._me = this_process()
 
