@@ -262,9 +262,10 @@ class SharedBudget:
         self._shm.close()
 
     def _leave(self, w: memoryview) -> None:
-        s = self._slot
-        base = _SLOTS_AT + s * _SLOT_WORDS
-        if s < 0 or w[base] != self._me[0] or w[base + 1] != self._me[1]:
+        if self._slot < 0:
+            return
+        base = _SLOTS_AT + self._slot * _SLOT_WORDS
+        if w[base] != self._me[0] or w[base + 1] != self._me[1]:
             return
         if w[base + 2]:
             # A reservation outlives the handle (a bug of the caller): give its bytes back.
