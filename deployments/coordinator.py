@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from deployments.config import CoordinatorConfig
+from deployments.messages import Directive, GpuFigures, ReplicaReport
 from deployments.policy import (
     Decision,
     GpuView,
@@ -52,59 +53,6 @@ from engine_runtime.pressure import GpuPressure
 logger = logging.getLogger(__name__)
 
 COORDINATOR_NAME = "ebb-coordinator"
-
-
-@dataclass
-class ReplicaReport:
-    """What a replica tells the coordinator; plain data."""
-
-    replica_id: str
-    model: str
-    pid: int
-    node_id: str
-    gpu: str
-    virtual: bool
-    pin: str
-    mode: str
-    mechanism: str
-    weights_bytes: int
-    #: Context bytes the replica holds when static (its largest call).
-    context_bytes: int
-    #: Bytes of context memory held right now (static block or calls in flight).
-    held_bytes: int
-    request_rate_per_s: float
-    latency_static_s: float | None
-    latency_dynamic_s: float | None
-    in_flight: int
-    loaded: bool
-    #: A fresh NVML reading of the replica's card; None for virtual GPUs or when NVML failed.
-    reading: GpuPressure | None = None
-    #: Why there is no reading on a real GPU (NVML failing).
-    reading_error: str | None = None
-    #: "in use" when the replica leases context memory from its GPU's pool, else why not.
-    pool: str = "not used"
-    #: What the GPU's pool holds now (its lease table), read by a replica using it; else None.
-    pool_bytes: int | None = None
-    #: The pool's chunk size, and the most it may hold (``context_pool.max_bytes``; None: no cap).
-    pool_chunk_bytes: int | None = None
-    pool_max_bytes: int | None = None
-
-
-@dataclass
-class Directive:
-    """The coordinator's answer: the mode to be in and the GPU's admission budget."""
-
-    mode: str | None
-    budget_bytes: int | None
-    reason: str = ""
-    #: What the GPU's context pool should hold (``deployments.policy.pool_target_bytes``);
-    #: None where the replica has no pool or the GPU is unknown.
-    pool_target_bytes: int | None = None
-    #: Bytes another replica may take on this GPU below its high watermark (for the
-    #: autoscaling policy, ``deployments.autoscaling``); None where the GPU is unknown.
-    room_bytes: int | None = None
-    #: Static context bytes the coordinator could free here by moving unpinned replicas to dynamic.
-    reclaimable_bytes: int = 0
 
 
 @dataclass
@@ -339,6 +287,15 @@ class CoordinatorState:
 
     # -- output -----------------------------------------------------------------
 
+    def gpu_figures(self) -> list[GpuFigures]:
+        """Every GPU whose size is known, as measured: what the per-GPU gauges show."""
+        figures = []
+        for uuid in list(self.gpus):
+            view = self.measured_view(uuid)
+            if view.known and view.total_bytes:
+                figures.append(GpuFigures(uuid, view.used_bytes, view.total_bytes))
+        return figures
+
     def status(self, now_s: float) -> dict[str, Any]:
         self._expire(now_s)
         gpus = []
@@ -392,7 +349,7 @@ class Coordinator:
             # Every report can decide; the per-GPU gauges need no more than one update a poll.
             if now_s - self._metrics_at_s >= self._state.cfg.poll_interval_s:
                 self._metrics_at_s = now_s
-                self._metrics.update(self._state)
+                self._metrics.update(self._state.gpu_figures(), dict(self._state.decisions_by_reason))
             return directive
 
     def reserve_room(self, replica_id: str, nbytes: int, ttl_s: float) -> bool:
