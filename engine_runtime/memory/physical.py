@@ -23,9 +23,11 @@ class PhysicalLease:
     token: Any = field(default=None)
 
     def release(self) -> None:
-        if self.release_fn is not None:
-            fn, self.release_fn = self.release_fn, None
+        """Give the memory back; idempotent, and retryable: a release that raised is not done."""
+        fn = self.release_fn
+        if fn is not None:
             fn(self)
+            self.release_fn = None
 
 
 class PhysicalSource(Protocol):
@@ -72,5 +74,8 @@ class OwnedPhysical:
 
     @staticmethod
     def _release(lease: PhysicalLease) -> None:
-        for handle, _ in lease.pieces:
+        # Released pieces leave the lease, so a retry after a failure releases only the rest.
+        while lease.pieces:
+            handle, _ = lease.pieces[0]
             _cuda.mem_release(handle)
+            lease.pieces.pop(0)
