@@ -249,7 +249,13 @@ class PyTorchEngine(BaseEngine):
             # so a replica can start on a crowded card. The hook refuses (PyTorch raises
             # out of memory) past it rather than write outside what is mapped.
             capture_bytes = min(window, _cuda.round_up(peak * 5 // 4 + 128 * MiB, gran))
-            block = self._arena.allocate(capture_bytes, offsets, source=OwnedPhysical(index))
+            # On the GPU's pool, capture leases from it like a static replica (it grows
+            # the pool for the start, and the chunks serve calls after): a starting
+            # replica's transient memory then goes through what admits calls, instead of
+            # beside it where the pool and the other replicas could not see it.
+            pooled = self._physical_source is not None
+            block = self._arena.allocate(capture_bytes, offsets, source=None if pooled else OwnedPhysical(index),
+                                         standing=pooled)
             try:
                 for b, offset in zip(sizes, offsets):
                     # cuBLAS keeps one workspace per (handle, stream), made on first use.
@@ -421,7 +427,7 @@ class PyTorchEngine(BaseEngine):
         if self._buckets:
             # One physical backing, sized for the largest bucket, mapped into every window.
             return self._arena.allocate(max(b.context_bytes for b in self._buckets.values()),
-                                        [b.offset for b in self._buckets.values()])
+                                        [b.offset for b in self._buckets.values()], standing=True)
         if self._eager_bytes:
             return ContextBlock(0, max(self._eager_bytes.values()), lambda b: None)
         if self._mech is ContextMechanism.HOST_ACCOUNTING:

@@ -97,7 +97,8 @@ class VmmArena:
         return 0 if block is None or block.released else block.nbytes
 
     def allocate(self, nbytes: int, offsets: Sequence[int] = (0,),
-                 source: PhysicalSource | None = None, deadline_s: float | None = None) -> ContextBlock:
+                 source: PhysicalSource | None = None, deadline_s: float | None = None,
+                 standing: bool = False) -> ContextBlock:
         """Map ``nbytes`` (rounded up to the granularity) of one physical allocation at
         ``base + offset`` for every offset.
 
@@ -109,12 +110,14 @@ class VmmArena:
         H200), so a pooled lease of whole chunks may map a little more than asked.
         ``source`` overrides the arena's own for this mapping (graph capture maps memory
         of its own rather than draining the shared pool). ``deadline_s`` bounds the wait
-        for physical memory (default the arena's).
+        for physical memory (default the arena's). ``standing``: the mapping is held for
+        long (static mode, graph capture), which a pool source grows for rather than
+        wait for chunks that may never come back (``PoolPhysical.acquire``).
         """
         n = _cuda.round_up(max(int(nbytes), 1), self.granularity)
         src = source or self.source
         deadline = self.deadline_s if deadline_s is None else max(0.0, float(deadline_s))
-        if self.keep_mapped and src is self.source and len(offsets) == 1:
+        if self.keep_mapped and src is self.source and len(offsets) == 1 and not standing:
             return self._allocate_reusing(n, int(offsets[0]), deadline)
         with self._lock:
             if self._busy or self._in_call_locked():
@@ -125,7 +128,8 @@ class VmmArena:
                 # Windows mapped now must not overlap mappings left from earlier calls.
                 self._drop_resident_locked()
             # Not under the lock: leasing may wait, and the pool's watcher takes the lock.
-            lease = src.acquire(n, deadline)
+            lease = src.acquire(n, deadline, standing=True) if standing and hasattr(src, "grow_to_fit") \
+                else src.acquire(n, deadline)
             with self._lock:
                 span = sum(size for _, size in lease.pieces)
                 done: list[int] = []

@@ -36,6 +36,8 @@ class PhysicalSource(Protocol):
     A source whose ``keep_mapped`` attribute is true (the pool's client) also takes
     ``acquire(..., prefer=[chunk index by position])``, returns the chunk indices as the
     lease's ``token``, and offers ``add_retire_listener`` / ``remove_retire_listener``.
+    A source that can grow (``grow_to_fit``: the pool's client) takes ``standing=True``
+    for memory held for long.
     """
 
     mechanism: ContextMechanism
