@@ -273,6 +273,13 @@ class PyTorchEngine(BaseEngine):
                             static_output = self._module(static_input)
                     used = _cuda.round_up(lib.high_water(), gran)
                     self._buckets[b] = _Bucket(b, graph, static_input, static_output, pool, used, offset)
+                # Launch every graph once while memory is mapped behind it: a graph's first
+                # launch may need device memory of its own (uploading the executable graph),
+                # which must happen at start, not first under pressure (a bucket used only
+                # when batching merges a new size, say), where it failed as a bare CUDA error.
+                with torch.inference_mode(), torch.cuda.stream(self._stream):
+                    for bucket in self._buckets.values():
+                        bucket.graph.replay()
                 self._stream.synchronize()
             finally:
                 lib.set_range(0, 0)  # any stray allocation from the hook now fails loudly
