@@ -12,13 +12,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_engine import RecordingEngine
 from torch import nn
 
 from deployments.protocol import http_status_for
 from engine_runtime.backends.pytorch import PyTorchEngine
-from engine_runtime.errors import ContextMemoryUnavailable, EbbInternalError, is_out_of_memory
+from engine_runtime.errors import (
+    ContextMemoryUnavailable,
+    EbbInternalError,
+    is_out_of_memory,
+)
 from engine_runtime.spec import ShapeProfile
-from test_engine import RecordingEngine
 
 
 class _FailingFirst(nn.Module):

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_lease_table import WAIT_S, FakeCuda, fake_cuda
 
 from engine_runtime.errors import ContextMemoryUnavailable
 from engine_runtime.units import MiB
-from test_lease_table import WAIT_S, FakeCuda, fake_cuda
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool needs Linux")
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 
 import pytest
+from test_lease_table import CHUNK, FakeCuda, fake_cuda, owner  # noqa: F401 - the memfd-backed owner fixture
 
 from engine_runtime.errors import EbbInternalError
 from engine_runtime.memory import ContextBlock
-from test_lease_table import CHUNK, FakeCuda, fake_cuda, owner  # noqa: F401 - the memfd-backed owner fixture
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fake CUDA uses memfd")
 
@@ -154,7 +154,7 @@ def test_a_failing_give_back_of_a_kept_mapping_does_not_wedge_the_arena(pooled_a
 
 
 def test_a_failing_unmap_of_a_retired_kept_mapping_is_retried_before_the_window_maps(pooled_arena, monkeypatch):
-    arena, client = pooled_arena
+    arena, _ = pooled_arena
     with arena.allocate(2 * CHUNK):
         pass
     assert arena.resident_windows == 1

@@ -55,7 +55,7 @@ class FakeClient:
 def replica_env(monkeypatch):
     """ModelDeployment's collaborators replaced: no Ray, no GPU, no shared memory."""
     import deployments.coordinator_client as cc
-    import deployments.metrics as metrics
+    from deployments import metrics
 
     rec = Recorder()
     opts = SimpleNamespace(fail_start=False, fail_make_engine=False)
