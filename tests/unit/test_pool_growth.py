@@ -195,3 +195,15 @@ def test_the_pytorch_backend_holds_static_memory_as_a_standing_lease():
         _arena=SimpleNamespace(allocate=lambda nbytes, offsets, **kw: calls.append((nbytes, offsets, kw))))
     PyTorchEngine._acquire_static_impl(engine)
     assert calls == [(2 * CHUNK, [0, 4 * CHUNK], {"standing": True})]
+
+
+def test_a_lease_that_cannot_grow_the_pool_for_want_of_an_owner_is_a_503(empty_pool):
+    a, arena_a = replica(empty_pool, deadline_s=0.2)
+    try:
+        empty_pool.stop()  # the owner goes; the table stays
+        a._sock.close()  # its socket with it, as when the owner's process dies
+        with pytest.raises(ContextMemoryUnavailable):  # before: PoolUnavailableError, an HTTP 500
+            a.acquire(2 * CHUNK, deadline_s=0.2)
+    finally:
+        arena_a.close()
+        a.close()

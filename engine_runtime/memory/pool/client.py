@@ -251,9 +251,17 @@ class PoolPhysical:
         while True:
             snap = table.snapshot() if standing else None
             if table.capacity < n or (snap is not None and snap.free_chunks < n):
-                grown = self.grow_to_fit(n)
-                (logger.info if grown["created"] or grown["revived"] else logger.debug)("%s: grew to %d chunk(s) to fit a%s lease of %d%s", self.where, grown["capacity"],
-                            " standing" if standing else "", n, f" ({grown['error']})" if grown.get("error") else "")
+                try:
+                    grown = self.grow_to_fit(n)
+                except PoolUnavailableError as err:
+                    # No owner to grow the pool (it died; the next replica to start brings
+                    # one back): lease from what there is, so the call waits and gets its
+                    # 503 like any other that cannot have memory, not a 500.
+                    logger.warning("%s: cannot grow the pool for a lease of %d chunk(s): %s", self.where, n, err)
+                else:
+                    log = logger.info if grown["created"] or grown["revived"] else logger.debug
+                    log("%s: grew to %d chunk(s) to fit a%s lease of %d%s", self.where, grown["capacity"],
+                        " standing" if standing else "", n, f" ({grown['error']})" if grown.get("error") else "")
             remaining = max(0.0, deadline - time.monotonic())
             try:
                 # A standing lease waits in short slices: chunks it grew the pool by may be
