@@ -207,3 +207,16 @@ def test_a_lease_that_cannot_grow_the_pool_for_want_of_an_owner_is_a_503(empty_p
     finally:
         arena_a.close()
         a.close()
+
+
+def test_chunks_the_gone_owner_can_no_longer_send_are_a_503(empty_pool):
+    a, arena_a = replica(empty_pool, deadline_s=0.2)
+    try:
+        a.grow_to_fit(2)  # created by the owner, not yet imported here
+        a._sock.close()  # the owner's socket gone, as when its process dies
+        with pytest.raises(ContextMemoryUnavailable, match="unreachable"):  # before: PoolUnavailableError
+            a.acquire(2 * CHUNK, deadline_s=0.2)
+        assert a.snapshot().holders == {}  # the lease went back
+    finally:
+        arena_a.close()
+        a.close()

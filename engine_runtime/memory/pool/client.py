@@ -237,6 +237,11 @@ class PoolPhysical:
                 if stale:
                     self._fetch_locked(stale)
                 pieces = [(self._handles[i][1], self.chunk_bytes) for i in indices]
+        except PoolUnavailableError as err:
+            # New chunks whose memory the (gone) owner can no longer send: no memory for
+            # this call, which is a 503 to its caller, not a bug.
+            table.give_back(indices)
+            raise ContextMemoryUnavailable(n * self.chunk_bytes, 0, 0.0, f"{self.where} ({err.reason})") from err
         except BaseException:
             table.give_back(indices)
             raise
