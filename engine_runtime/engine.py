@@ -311,8 +311,12 @@ class BaseEngine(ABC):
             try:
                 yield block
             finally:
-                block.release()
-                self._stats.released(block.nbytes)
+                try:
+                    block.release()
+                finally:
+                    # Counted as given back even when the release raised: the arena has
+                    # dropped the mapping from its books (a failed unmap is retried there).
+                    self._stats.released(block.nbytes)
 
     def _enter_static(self) -> None:
         """Hold static context memory (idempotent; cheap when already held)."""

@@ -164,3 +164,24 @@ def test_a_failing_unmap_of_a_retired_kept_mapping_is_retried_before_the_window_
     assert arena.resident_windows == 0 and arena.unmap_pending == 1
     with arena.allocate(2 * CHUNK):
         assert arena.unmap_pending == 0
+
+
+def test_a_failing_release_at_the_end_of_a_call_does_not_leave_bytes_counted_as_held():
+    import numpy as np
+
+    from engine_runtime.memory import ContextBlock as Block
+    from test_engine import PER_SAMPLE_BYTES, RecordingEngine
+
+    def failing(block):
+        raise Boom("cuMemUnmap failed (injected)")
+
+    class FailingRelease(RecordingEngine):
+        def _execute_impl(self, inputs, shapes, mode):
+            with self.dynamic_context(self.context_bytes(shapes), lambda n: Block(0, n, failing)):
+                return {"y": inputs["x"] * 2}
+
+    engine = FailingRelease()
+    with pytest.raises(Boom):
+        engine.infer({"x": np.ones((2, 4), np.float32)})
+    assert engine.stats().context_bytes_held == 0 and engine.stats().last_context_bytes == 2 * PER_SAMPLE_BYTES
+    engine.close()
