@@ -80,7 +80,13 @@ class InputShapeError(InvalidInputError):
     def __init__(self, name: str, expected: str, got: tuple[int, ...], why: str = ""):
         self.name, self.expected, self.got = name, expected, tuple(got)
         extra = f" ({why})" if why else ""
-        super().__init__(f"input {name!r}: expected shape {expected}, got {list(got)}{extra}")
+        super().__init__(f"input {name!r}: expected shape {expected}, got {_short_shape(self.got)}{extra}")
+
+
+def _short_shape(shape: tuple[int, ...], limit: int = 8) -> str:
+    """A shape for a message, cut short: a client may send a thousand dimensions."""
+    shown = ", ".join(str(d) for d in shape[:limit])
+    return f"[{shown}, ... ({len(shape)} dims)]" if len(shape) > limit else f"[{shown}]"
 
 
 class BatchTooLargeError(InputShapeError):

@@ -1,16 +1,15 @@
-"""The Open Inference Protocol (KServe v2 REST) as plain functions over bytes and dicts.
+"""Requests of the Open Inference Protocol (KServe v2 REST): bytes and headers in, checked arrays out.
 
-The HTTP ingress gathers the body and headers, calls :func:`parse_infer_request`,
-runs the engine, and answers with :func:`encode_infer_response`, or with
-:func:`http_status_for` and :func:`error_body` when anything raised. Nothing here
-imports Ray or a web framework, so every rule of the protocol is unit-tested
-without a cluster.
+The HTTP ingress gathers the body and headers and calls :func:`parse_infer_request`;
+the gRPC service builds the same request object from its protobuf message and calls
+:func:`parse_infer_object`. Nothing here imports Ray or a web framework, so every
+rule of the protocol is unit-tested without a cluster.
 
-Supported: JSON tensors (flat or nested ``data``) and Triton's binary tensor data
-extension (``Inference-Header-Content-Length``, ``binary_data_size``,
-``binary_data``, ``binary_data_output``), so ``tritonclient.http`` works
-unchanged. Not supported, and refused with a message: ``BYTES`` tensors, shared
-memory, classification outputs.
+Supported: JSON tensors (flat row-major ``data``, or nested exactly as the shape) and
+Triton's binary tensor data extension (``Inference-Header-Content-Length``,
+``binary_data_size``, ``binary_data``, ``binary_data_output``), so
+``tritonclient.http`` works unchanged. Not supported, and refused with a message:
+``BYTES`` tensors, shared memory, classification outputs.
 
 Every length, shape and count a client sends is checked against the body's own
 size before an array is built, so a request can never make the server allocate
@@ -21,75 +20,39 @@ JSON or copied as raw numbers; nothing is unpickled or evaluated.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
-from engine_runtime.errors import (
-    ContextMemoryUnavailable,
-    EbbError,
-    EbbInternalError,
-    EngineClosedError,
-    InputDtypeError,
-    InputShapeError,
-    InvalidInputError,
-    MissingInputError,
-    UnknownInputError,
+from deployments.protocol.datatypes import (
+    DATATYPES,
+    datatype_for,
+    has_bfloat16,
+    itemsize,
+    numpy_dtype,
 )
-from engine_runtime.spec import EngineDescription, TensorSpec, validate_inputs
-
-try:
-    # numpy has no bfloat16; ml_dtypes adds it (tritonclient itself needs it for BF16).
-    # Not a hard dependency: without it BF16 tensors are refused with a message.
-    import ml_dtypes as _ml_dtypes
-except ImportError:  # pragma: no cover - depends on the environment
-    _ml_dtypes = None
+from deployments.protocol.status import ProtocolError
+from engine_runtime.errors import InputDtypeError, InputShapeError, MissingInputError
+from engine_runtime.spec import EngineDescription, validate_inputs
 
 __all__ = [
-    "DATATYPES",
     "HEADER_LENGTH_HEADER",
+    "CheckedInputs",
     "InferRequest",
-    "ModelNotFound",
-    "ProtocolError",
     "RequestedOutput",
     "check_content_length",
-    "datatype_for",
-    "encode_infer_response",
-    "error_body",
-    "http_status_for",
-    "model_metadata",
+    "parse_infer_object",
     "parse_infer_request",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: The HTTP header telling how many leading body bytes are the JSON header
 #: (Triton's binary tensor data extension).
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
-
-#: KServe v2 datatype -> numpy dtype name; the one place the two vocabularies meet.
-#: ``BYTES`` is absent on purpose: Ebb's engines take numeric tensors only.
-DATATYPES: Mapping[str, str] = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-    "BF16": "bfloat16",
-}
-_DATATYPE_OF = {numpy_name: datatype for datatype, numpy_name in DATATYPES.items()}
 
 #: Media types accepted on an infer request. None (no header) is accepted too:
 #: tritonclient.http sends no Content-Type at all.
@@ -106,31 +69,11 @@ _MIN_JSON_BYTES_PER_ELEMENT = 2
 #: int() of a very long digit string is slow and raises past 4300 digits; a real
 #: header length has at most 20 digits.
 _MAX_HEADER_LENGTH_DIGITS = 20
+#: Past 309 digits an integer is out of range of every datatype, FP64 included: such a
+#: literal is refused while parsing, before Python converts it (quadratic in its length,
+#: and refused past 4300 digits with a hint about sys.set_int_max_str_digits).
+_MAX_INTEGER_DIGITS = 309
 _DIGITS = re.compile(r"[0-9]+")
-#: Bounds on Retry-After: at least a second (RFC 9110 counts whole seconds), and not
-#: so long that a client gives up on a replica that frees memory in a moment.
-_MIN_RETRY_AFTER_S = 1
-_MAX_RETRY_AFTER_S = 30
-
-
-class ProtocolError(EbbError):
-    """A request the protocol layer refuses, with the HTTP status to answer it with."""
-
-    def __init__(self, status_code: int, message: str):
-        self.status_code = int(status_code)
-        self.message = message
-        super().__init__(message)
-
-
-class ModelNotFound(ProtocolError):
-    """The URL names a model (or version) this application does not serve."""
-
-    def __init__(self, name: str, served: Sequence[str], version: str | None = None):
-        self.name = name
-        self.version = version
-        self.served = sorted(served)
-        what = f"model {name!r} version {version!r}" if version is not None else f"model {name!r}"
-        super().__init__(404, f"unknown {what}; served models are {self.served}")
 
 
 @dataclass(frozen=True)
@@ -140,6 +83,27 @@ class RequestedOutput:
     name: str
     binary_data: bool | None
     """The output's ``binary_data`` parameter; None when the client did not say."""
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    """Named arrays that passed ``validate_inputs`` against one description, handed to a
+    replica so that it does not check them again (``deployments.model``).
+
+    ``finite_checked``: NaN and infinity were refused too; when False the replica (or
+    its engine, on the device) still does that check, by the model's own rule.
+    """
+
+    arrays: dict[str, np.ndarray]
+    validated_against: tuple
+    """``validation_key`` of the description the arrays were checked against."""
+    finite_checked: bool = False
+
+
+def validation_key(desc: EngineDescription) -> tuple:
+    """What ``validate_inputs`` reads of a description: two replicas of one model with
+    equal keys accept exactly the same inputs."""
+    return (desc.inputs, tuple(sorted(desc.profiles.items())))
 
 
 @dataclass(frozen=True)
@@ -155,6 +119,8 @@ class InferRequest:
     binary_data_output: bool
     """The request-level ``binary_data_output`` parameter: the default for outputs
     that do not set ``binary_data`` themselves."""
+    finite_checked: bool = True
+    """Whether NaN and infinity were refused here (``reject_non_finite``)."""
 
     def wants_binary(self, output_name: str) -> bool:
         """Whether this output goes back as raw bytes after the JSON header."""
@@ -163,59 +129,45 @@ class InferRequest:
                 return out.binary_data
         return self.binary_data_output
 
-
-def datatype_for(numpy_name: str) -> str:
-    """The KServe datatype of a numpy dtype name ("float32" -> "FP32")."""
-    try:
-        return _DATATYPE_OF[numpy_name]
-    except KeyError:
-        raise ValueError(f"numpy dtype {numpy_name!r} has no KServe datatype; known: {sorted(_DATATYPE_OF)}") from None
+    def checked(self, desc: EngineDescription) -> CheckedInputs:
+        """The inputs, marked as checked against ``desc``, for the replica."""
+        return CheckedInputs(self.inputs, validation_key(desc), self.finite_checked)
 
 
-def model_metadata(desc: EngineDescription, versions: Sequence[str] = ()) -> dict[str, Any]:
-    """The body of ``GET /v2/models/{name}``: tensors with datatype and shape (-1 is dynamic)."""
-    body: dict[str, Any] = {"name": desc.name}
-    if versions:
-        body["versions"] = [str(v) for v in versions]
-    # desc.platform holds the device a backend runs on; the protocol's "platform"
-    # means the kind of model, which for Ebb is the backend.
-    body["platform"] = desc.backend
-    body["inputs"] = [_tensor_metadata(t) for t in desc.inputs]
-    body["outputs"] = [_tensor_metadata(t) for t in desc.outputs]
-    return body
-
-
-def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": datatype_for(spec.dtype), "shape": [int(d) for d in spec.shape]}
-
-
-def check_content_length(content_length: str | None, *, max_body_bytes: int) -> None:
+def check_content_length(content_length: str | None, *, max_body_bytes: int) -> int | None:
     """Refuse a body by its declared ``Content-Length`` before reading it (413).
 
-    A missing or unparsable header is let through: the size of the body actually
-    read is checked again by :func:`parse_infer_request`.
+    Returns the declared length, or None for a missing or unparsable header: that
+    is let through, and the size of the body actually read is checked again.
     """
     if content_length is None:
-        return
+        return None
     text = content_length.strip()
-    if _DIGITS.fullmatch(text) and len(text) <= _MAX_HEADER_LENGTH_DIGITS and int(text) > max_body_bytes:
-        raise ProtocolError(413, f"request body is {int(text)} bytes, over the limit of {max_body_bytes} bytes")
+    if not _DIGITS.fullmatch(text) or len(text) > _MAX_HEADER_LENGTH_DIGITS:
+        return None
+    declared = int(text)
+    if declared > max_body_bytes:
+        raise ProtocolError(413, f"request body is {declared} bytes, over the limit of {max_body_bytes} bytes")
+    return declared
 
 
 def parse_infer_request(
-    body: bytes,
+    body: bytes | bytearray | memoryview,
     *,
     content_type: str | None,
     header_length: str | None,
     desc: EngineDescription,
     max_body_bytes: int,
+    reject_non_finite: bool = True,
 ) -> InferRequest:
     """Parse and check the body of ``POST /v2/models/{name}/infer``.
 
     ``header_length`` is the raw ``Inference-Header-Content-Length`` header (None when
-    absent: the whole body is JSON). Raises :class:`ProtocolError` (400, 413, 415) for
-    a malformed request and an :class:`InvalidInputError` subclass for tensors the
-    engine refuses; nothing else on any input.
+    absent: the whole body is JSON). Binary tensors in a writable, aligned body (the
+    ingress reads into a ``bytearray``) are views of it, not copies. Raises
+    :class:`ProtocolError` (400, 413, 415) for a malformed request and an
+    :class:`InvalidInputError` subclass for tensors the engine refuses; nothing else
+    on any input.
     """
     if len(body) > max_body_bytes:
         raise ProtocolError(413, f"request body is {len(body)} bytes, over the limit of {max_body_bytes} bytes")
@@ -223,10 +175,30 @@ def parse_infer_request(
     json_bytes = _parse_header_length(header_length, len(body))
     if json_bytes == 0:
         raise ProtocolError(400, "request body is empty; expected a JSON object with 'inputs'")
-    request = _load_json(body[:json_bytes])
-    binary_tail = memoryview(body)[json_bytes:]
-    binary_present = header_length is not None
+    view = memoryview(body)
+    request = _load_json(view[:json_bytes])
+    return parse_infer_object(request, desc, json_bytes=json_bytes, binary_tail=view[json_bytes:],
+                              binary_present=header_length is not None, reject_non_finite=reject_non_finite)
 
+
+def parse_infer_object(
+    request: Any,
+    desc: EngineDescription,
+    *,
+    json_bytes: int,
+    binary_tail: memoryview | None = None,
+    binary_present: bool = False,
+    raw_inputs: Sequence[bytes] | None = None,
+    reject_non_finite: bool = True,
+) -> InferRequest:
+    """Check a decoded infer request (the JSON object) and build its arrays.
+
+    Binary tensors come either from ``binary_tail`` (HTTP: the bytes after the JSON
+    header, in input order, each ``binary_data_size`` long) or from ``raw_inputs``
+    (gRPC's ``raw_input_contents``, one buffer per input, in input order).
+    ``json_bytes`` bounds how many JSON elements the request can hold.
+    """
+    binary_tail = memoryview(b"") if binary_tail is None else binary_tail
     if not isinstance(request, dict):
         raise ProtocolError(400, f"request body must be a JSON object, got {_json_type(request)}")
     _reject_unknown_keys(request, _REQUEST_KEYS, "request")
@@ -236,18 +208,23 @@ def parse_infer_request(
     parameters = _parameters_of(request, "request")
     binary_data_output = bool(_bool_parameter(parameters, "binary_data_output", "request", default=False))
 
-    raw_inputs = request.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
+    raw_list = request.get("inputs")
+    if not isinstance(raw_list, list) or not raw_list:
         raise ProtocolError(400, f"'inputs' must be a non-empty list of tensors; this model's inputs are {desc.input_names}")
+    if raw_inputs is not None and len(raw_inputs) != len(raw_list):
+        raise ProtocolError(400, f"raw_input_contents has {len(raw_inputs)} buffers for {len(raw_list)} inputs; "
+                                 f"send one per input, in the order of 'inputs'")
 
     # First pass: every declaration checked, no tensor data touched.
     plans: dict[str, _InputPlan] = {}
     binary_offset = 0
-    for index, raw in enumerate(raw_inputs):
+    for index, raw in enumerate(raw_list):
         plan = _plan_input(raw, index, desc, json_bytes)
         if plan.name in plans:
             raise ProtocolError(400, f"input {plan.name!r} appears more than once")
-        if plan.binary_size is not None:
+        if raw_inputs is not None:
+            plan.raw = memoryview(raw_inputs[index])
+        elif plan.binary_size is not None:
             if not binary_present and plan.binary_size > 0:
                 raise ProtocolError(
                     400,
@@ -260,10 +237,10 @@ def parse_infer_request(
                     f"input {plan.name!r}: binary_data_size {plan.binary_size} at offset {binary_offset} runs past "
                     f"the {len(binary_tail)} bytes that follow the {json_bytes}-byte JSON header",
                 )
-            plan.binary_offset = binary_offset
+            plan.raw = binary_tail[binary_offset: binary_offset + plan.binary_size]
             binary_offset += plan.binary_size
         plans[plan.name] = plan
-    if binary_offset != len(binary_tail):
+    if raw_inputs is None and binary_offset != len(binary_tail):
         raise ProtocolError(
             400,
             f"{len(binary_tail) - binary_offset} bytes follow the JSON header that no input's binary_data_size "
@@ -276,9 +253,10 @@ def parse_infer_request(
     outputs = _parse_requested_outputs(request.get("outputs"), desc)
 
     # Second pass: build arrays, each bounded by the bytes that carried it.
-    arrays = {name: _build_array(plans[name], binary_tail) for name in desc.input_names}
-    validate_inputs(desc, arrays)
-    return InferRequest(id=request_id, inputs=arrays, outputs=outputs, binary_data_output=binary_data_output)
+    arrays = {name: _build_array(plans[name]) for name in desc.input_names}
+    validate_inputs(desc, arrays, reject_non_finite=reject_non_finite)
+    return InferRequest(id=request_id, inputs=arrays, outputs=outputs, binary_data_output=binary_data_output,
+                        finite_checked=reject_non_finite)
 
 
 @dataclass
@@ -289,7 +267,43 @@ class _InputPlan:
     count: int
     data: Any
     binary_size: int | None
-    binary_offset: int = 0
+    raw: memoryview | None = None
+
+
+def _load_json(raw: memoryview) -> Any:
+    try:
+        # orjson parses several times faster than json; it refuses what strict JSON
+        # refuses (NaN and Infinity literals, nesting past 1024), and those requests go
+        # on to the json module below, which accepts NaN and Infinity (the engine's rule
+        # decides about them) and words every error the same way as before.
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ProtocolError(400, f"request JSON is not valid UTF-8 at byte {err.start}") from err
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except RecursionError as err:
+        raise ProtocolError(400, "request JSON is nested too deeply") from err
+    except ValueError as err:  # JSONDecodeError
+        raise ProtocolError(400, f"malformed JSON in request body: {str(err)[:200]}") from err
+
+
+class _HugeInteger:
+    """An integer literal too long for any datatype, kept unconverted so that the check
+    that meets it names where it was (an input's data, a shape)."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+def _parse_int(literal: str) -> int | _HugeInteger:
+    digits = len(literal) - literal.startswith("-")
+    return _HugeInteger(digits) if digits > _MAX_INTEGER_DIGITS else int(literal)
 
 
 def _check_content_type(content_type: str | None) -> None:
@@ -317,21 +331,6 @@ def _parse_header_length(header_length: str | None, body_bytes: int) -> int:
     return value
 
 
-def _load_json(raw: bytes | memoryview) -> Any:
-    try:
-        text = bytes(raw).decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ProtocolError(400, f"request JSON is not valid UTF-8 at byte {err.start}") from err
-    try:
-        # NaN and Infinity literals are let through so that the engine layer's check
-        # can name the input that holds them.
-        return json.loads(text)
-    except RecursionError as err:
-        raise ProtocolError(400, "request JSON is nested too deeply") from err
-    except ValueError as err:  # JSONDecodeError, or an integer literal too long to convert
-        raise ProtocolError(400, f"malformed JSON in request body: {err}") from err
-
-
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
@@ -343,6 +342,8 @@ def _json_type(value: Any) -> str:
         return "a string"
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, _HugeInteger):
+        return f"an integer of {value.digits} digits (out of range of every datatype)"
     return "an object"
 
 
@@ -390,7 +391,7 @@ def _plan_input(raw: Any, index: int, desc: EngineDescription, json_bytes: int) 
     if datatype != expected:
         raise InputDtypeError(name, expected, datatype)
     numpy_name = DATATYPES[datatype]
-    if numpy_name == "bfloat16" and _ml_dtypes is None:
+    if numpy_name == "bfloat16" and not has_bfloat16():
         raise ProtocolError(400, f"{where}: datatype BF16 needs the ml_dtypes package, which this server lacks")
 
     shape = _parse_shape(raw.get("shape"), where)
@@ -409,11 +410,11 @@ def _plan_input(raw: Any, index: int, desc: EngineDescription, json_bytes: int) 
             raise ProtocolError(400, f"{where}: binary_data_size must be a non-negative integer, got {binary_size!r}")
         if "data" in raw:
             raise ProtocolError(400, f"{where} has both 'data' and binary_data_size; send one or the other")
-        itemsize = _itemsize(numpy_name)
-        if count * itemsize != binary_size:
+        size = itemsize(numpy_name)
+        if count * size != binary_size:
             raise ProtocolError(
                 400,
-                f"{where}: shape {list(shape)} of {datatype} needs {count} x {itemsize} = {count * itemsize} bytes, "
+                f"{where}: shape {list(shape)} of {datatype} needs {count} x {size} = {count * size} bytes, "
                 f"but binary_data_size is {binary_size}",
             )
     else:
@@ -433,6 +434,10 @@ def _plan_input(raw: Any, index: int, desc: EngineDescription, json_bytes: int) 
 def _parse_shape(shape: Any, where: str) -> tuple[int, ...]:
     if not isinstance(shape, list):
         raise ProtocolError(400, f"{where} needs 'shape', a list of non-negative integers, got {_json_type(shape)}")
+    if any(type(d) is float for d in shape):
+        # orjson reads an integer literal past 64 bits as a float: the client wrote an
+        # integer, and its size is what the checks below must report.
+        shape = [int(d) if type(d) is float and d.is_integer() and abs(d) >= 2**64 else d for d in shape]
     for d in shape:
         if isinstance(d, bool) or not isinstance(d, int):
             raise ProtocolError(400, f"{where}: shape must hold integers, got {_json_type(d)} in {_short(shape)}")
@@ -447,57 +452,63 @@ def _short(shape: Sequence[Any], limit: int = 8) -> str:
     return "[" + ", ".join(items) + (", ..." if len(shape) > limit else "") + "]"
 
 
-def _itemsize(numpy_name: str) -> int:
-    return 2 if numpy_name == "bfloat16" else np.dtype(numpy_name).itemsize
-
-
-def _numpy_dtype(numpy_name: str) -> np.dtype:
-    if numpy_name == "bfloat16":
-        return np.dtype(_ml_dtypes.bfloat16)
-    return np.dtype(numpy_name)
-
-
-def _build_array(plan: _InputPlan, binary_tail: memoryview) -> np.ndarray:
-    dtype = _numpy_dtype(plan.numpy_name)
-    if plan.binary_size is not None:
-        raw = binary_tail[plan.binary_offset: plan.binary_offset + plan.binary_size]
-        # The wire is little-endian; astype copies into an aligned, writable array the
-        # engine may keep, instead of a view pinning the whole request body.
+def _build_array(plan: _InputPlan) -> np.ndarray:
+    dtype = numpy_dtype(plan.numpy_name)
+    if plan.raw is not None:
+        raw = plan.raw
+        if len(raw) != plan.count * itemsize(plan.numpy_name):
+            raise ProtocolError(
+                400, f"input {plan.name!r}: shape {_short(plan.shape)} of {datatype_for(plan.numpy_name)} needs "
+                     f"{plan.count * itemsize(plan.numpy_name)} bytes, its raw contents are {len(raw)} bytes")
         wire = np.frombuffer(raw, dtype=dtype.newbyteorder("<"), count=plan.count)
         if plan.numpy_name == "bool" and plan.count and int(wire.view(np.uint8).max()) > 1:
             raise ProtocolError(400, f"input {plan.name!r}: BOOL bytes must be 0 or 1")
+        if wire.flags.writeable and wire.flags.aligned and wire.dtype == dtype:
+            # Zero-copy: a view of the body the ingress read into a bytearray; it lives
+            # as long as the request.
+            return wire.reshape(plan.shape)
+        # Read-only bytes (or a big-endian host): an aligned, writable copy the engine may keep.
         return wire.astype(dtype, copy=True).reshape(plan.shape)
-    flat = _flatten(plan.data, plan.name, plan.count)
-    if len(flat) != plan.count:
-        raise ProtocolError(
-            400,
-            f"input {plan.name!r}: shape {list(plan.shape)} needs {plan.count} elements, 'data' has {len(flat)}",
-        )
+    flat = _flatten(plan.data, plan.shape, plan.name)
     return _json_values_to_array(flat, plan).reshape(plan.shape)
 
 
-def _flatten(data: list[Any], name: str, limit: int) -> list[Any]:
-    """Row-major elements of flat or nested ``data``; stops once past ``limit``."""
-    flat: list[Any] = []
-    stack: list[Any] = [data]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            if list in set(map(type, node)):
-                stack.extend(reversed(node))
-            else:
-                flat.extend(node)  # a leaf row: copied at C speed
-        else:
-            flat.append(node)
-        if len(flat) > limit:
-            break  # the caller reports the count mismatch
-    return flat
+def _flatten(data: list[Any], shape: tuple[int, ...], name: str) -> list[Any]:
+    """Row-major elements of ``data``: flat (KServe's row-major list) or nested exactly as ``shape``.
+
+    Nested data must follow the shape at every level: a list of 150,527 values and one
+    of 1 under ``[1, 3, 224, 224]`` holds the right count but is not that tensor.
+    """
+    count = math.prod(shape)
+    if list not in set(map(type, data)):
+        if len(data) != count:
+            raise ProtocolError(
+                400, f"input {name!r}: shape {_short(shape)} needs {count} elements, 'data' has {len(data)}")
+        return data
+    if not shape:
+        raise ProtocolError(400, f"input {name!r}: shape [] is a scalar; 'data' must be a flat list of one element")
+    level: list[Any] = [data]
+    for depth, dim in enumerate(shape):
+        last = depth == len(shape) - 1
+        below: list[Any] = []
+        for node in level:
+            if type(node) is not list or len(node) != dim:
+                got = f"a list of {len(node)}" if type(node) is list else _json_type(node)
+                raise ProtocolError(
+                    400, f"input {name!r}: nested 'data' does not match shape {_short(shape)}: at depth {depth} "
+                         f"found {got} where the shape has {dim}; send 'data' flat (row-major) or nested "
+                         f"exactly as the shape")
+            below.extend(node)  # at C speed; the last level's elements are checked as values
+        level = below
+        if last:
+            return level
+    return level
 
 
 def _json_values_to_array(flat: list[Any], plan: _InputPlan) -> np.ndarray:
     where = f"input {plan.name!r}"
     kinds = set(map(type, flat))
-    dtype = _numpy_dtype(plan.numpy_name)
+    dtype = numpy_dtype(plan.numpy_name)
     if plan.numpy_name == "bool":
         if not kinds <= {bool}:
             raise ProtocolError(400, f"{where}: BOOL data must be true or false, got {_kinds(kinds)}")
@@ -523,7 +534,7 @@ def _json_values_to_array(flat: list[Any], plan: _InputPlan) -> np.ndarray:
 
 
 _JSON_KIND_NAMES = {type(None): "null", bool: "booleans", int: "integers", float: "floats", str: "strings",
-                    list: "lists", dict: "objects"}
+                    list: "lists", dict: "objects", _HugeInteger: f"integers of over {_MAX_INTEGER_DIGITS} digits"}
 
 
 def _kinds(kinds: set[type]) -> str:
@@ -555,76 +566,3 @@ def _parse_requested_outputs(raw_outputs: Any, desc: EngineDescription) -> tuple
     return tuple(outputs)
 
 
-def encode_infer_response(
-    model_name: str,
-    outputs: Mapping[str, np.ndarray],
-    request: InferRequest,
-    model_version: str | None = None,
-) -> tuple[bytes, dict[str, str]]:
-    """The body and headers answering ``request`` with the engine's ``outputs``.
-
-    Outputs the client asked for in binary follow the JSON header as raw
-    little-endian bytes, and ``Inference-Header-Content-Length`` says where the
-    header ends; otherwise the whole body is JSON.
-    """
-    names = [o.name for o in request.outputs] if request.outputs else list(outputs)
-    header: dict[str, Any] = {"model_name": model_name}
-    if model_version is not None:
-        header["model_version"] = str(model_version)
-    if request.id is not None:
-        header["id"] = request.id
-    tensors: list[dict[str, Any]] = []
-    tails: list[bytes] = []
-    for name in names:
-        if name not in outputs:
-            raise EbbInternalError(f"engine returned no output {name!r}; it returned {sorted(outputs)}")
-        array = outputs[name]
-        if not isinstance(array, np.ndarray):
-            raise EbbInternalError(f"output {name!r} is a {type(array).__name__}, expected a numpy array")
-        numpy_name = str(array.dtype)
-        if numpy_name not in _DATATYPE_OF:
-            raise EbbInternalError(f"output {name!r} has dtype {numpy_name}, which has no KServe datatype")
-        tensor: dict[str, Any] = {"name": name, "datatype": _DATATYPE_OF[numpy_name], "shape": list(array.shape)}
-        if request.wants_binary(name):
-            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-            tensor["parameters"] = {"binary_data_size": len(raw)}
-            tails.append(raw)
-        else:
-            values = array.astype(np.float32) if numpy_name == "bfloat16" else array
-            tensor["data"] = values.ravel().tolist()
-        tensors.append(tensor)
-    header["outputs"] = tensors
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    if not tails:
-        return header_bytes, {"Content-Type": "application/json"}
-    return b"".join([header_bytes, *tails]), {
-        "Content-Type": "application/octet-stream",
-        HEADER_LENGTH_HEADER: str(len(header_bytes)),
-    }
-
-
-def http_status_for(exc: BaseException) -> tuple[int, str, dict[str, str]]:
-    """The HTTP status, message and extra headers answering a request that raised ``exc``.
-
-    Client mistakes are 4xx, a lack of GPU memory in time (or a replica shutting
-    down) is 503 with ``Retry-After``, and anything else is a bug: 500, logged here
-    with its traceback, its details kept from the client.
-    """
-    if isinstance(exc, ProtocolError):
-        return exc.status_code, exc.message, {}
-    if isinstance(exc, InvalidInputError):
-        return 400, str(exc), {}
-    if isinstance(exc, ContextMemoryUnavailable):
-        retry_after_s = min(_MAX_RETRY_AFTER_S, max(_MIN_RETRY_AFTER_S, math.ceil(exc.waited_s)))
-        return 503, str(exc), {"Retry-After": str(retry_after_s)}
-    if isinstance(exc, EngineClosedError):
-        # Graceful shutdown closes the engine under requests still queued; Serve
-        # routes the retry to another replica.
-        return 503, str(exc), {"Retry-After": str(_MIN_RETRY_AFTER_S)}
-    logger.error("internal error answering a request: %s", type(exc).__name__, exc_info=exc)
-    return 500, "internal error", {}
-
-
-def error_body(message: str) -> bytes:
-    """The protocol's error body, ``{"error": message}``."""
-    return json.dumps({"error": message}).encode("utf-8")
