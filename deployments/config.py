@@ -132,6 +132,15 @@ class HttpConfig(_Strict):
 
     max_body_bytes: int = Field(64 * 2**20, gt=0, description="Larger request bodies get HTTP 413.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with HTTP 503.")
+    body_timeout_s: float = Field(30.0, gt=0, description="A request body not received within this long after "
+                                                          "its headers gets HTTP 408 (a stalled client).")
+    max_concurrent_body_reads: int = Field(64, ge=1, description="Request bodies an ingress replica receives at "
+                                                                 "once beyond their first piece; more get HTTP 503 "
+                                                                 "with Retry-After, so stalled uploads cannot take "
+                                                                 "every slot of the replica.")
+    parse_in_thread_bytes: int = Field(64 * 2**10, ge=0, description="Bodies and answers at least this large are "
+                                                                     "parsed and encoded on a worker thread, never "
+                                                                     "on the ingress's event loop.")
 
 
 #: CUDA VMM's allocation granularity on current NVIDIA GPUs; chunks must be multiples of it.

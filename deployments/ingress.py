@@ -1,33 +1,54 @@
-"""The HTTP ingress: the Open Inference Protocol (KServe v2) over Ray Serve.
+"""The ingress: the Open Inference Protocol (KServe v2) over Ray Serve, HTTP and gRPC.
 
 Routes requests to the model deployments through their handles. Parsing and
-encoding are in ``deployments.protocol`` (pure); this module only moves bytes and
-maps exceptions to statuses: client mistakes 4xx, no GPU memory in time 503 with
-``Retry-After``, a replica that died mid-call 503, and anything else 500 (a bug).
+encoding are in ``deployments.protocol`` (pure) and ``deployments.grpc_service``
+(protobuf); this module moves bytes and maps exceptions to statuses: client mistakes
+4xx, no GPU memory in time 503 with ``Retry-After``, a replica that died mid-call
+503, and anything else 500 (a bug). gRPC methods carry the same answers as codes.
+
+The event loop never waits on a body: a body is received under a deadline (408),
+only ``http.max_concurrent_body_reads`` bodies that need more than their first piece
+are received at once (more get 503), and large bodies are parsed (large answers
+encoded) on a worker thread. Small requests therefore never queue behind a large
+one, and stalled uploads cannot take every one of the replica's request slots.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads route signatures at
 # run time, and under Serve's ingress wrapper string annotations such as "Request"
 # do not resolve, turning the request into a required query parameter (HTTP 422).
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from deployments import protocol
+from deployments import grpc_service, protocol
 from deployments.config import HttpConfig
+from deployments.openapi import INFER_OPERATION, METADATA_RESPONSES
 from engine_runtime.spec import EngineDescription
 
 logger = logging.getLogger(__name__)
 
 SERVER_NAME = "ebb"
 SERVER_VERSION = "0.1.0"
+SERVER_EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 #: Every model is served as version "1"; the URL may name it or leave it out.
 MODEL_VERSION = "1"
+#: Bodies at least this large hand their memory back to the OS once answered (below).
+_TRIM_AFTER_BYTES = 8 * 2**20
+_TRIM_EVERY_S = 1.0
+_PARSE_THREADS = 4
 
 api = FastAPI(title="Ebb", description="Open Inference Protocol (KServe v2) for Ebb's models")
 
@@ -56,15 +77,53 @@ def _is_replica_gone(exc: BaseException) -> bool:
     return isinstance(exc, gone) or (backpressure is not None and isinstance(exc, backpressure))
 
 
-def _error(exc: BaseException, retry_after_s: int) -> Response:
+def _status_of(exc: BaseException, retry_after_s: int) -> tuple[int, str, dict[str, str]]:
     exc = _unwrap(exc)
+    if isinstance(exc, ClientDisconnect):
+        exc = protocol.ClientDisconnected(0)
+    if isinstance(exc, protocol.ClientDisconnected):
+        # The client's own choice; nobody reads this answer. Not an internal error.
+        logger.info("%s", exc.message)
     if _is_replica_gone(exc):
-        status, message, headers = 503, f"model replica unavailable: {type(exc).__name__}", {
-            "Retry-After": str(retry_after_s)}
-    else:
-        status, message, headers = protocol.http_status_for(exc)
+        return 503, f"model replica unavailable: {type(exc).__name__}", {"Retry-After": str(retry_after_s)}
+    return protocol.http_status_for(exc)
+
+
+def _error(exc: BaseException, retry_after_s: int) -> Response:
+    status, message, headers = _status_of(exc, retry_after_s)
     return Response(protocol.error_body(message), status_code=status, headers=headers,
                     media_type="application/json")
+
+
+def _grpc_error(context: Any, exc: BaseException, retry_after_s: int, empty: Any) -> Any:
+    """Answer a gRPC call that raised ``exc`` with the code HTTP's status maps to."""
+    status, message, _ = _status_of(exc, retry_after_s)
+    if context is not None:
+        context.set_code(grpc.StatusCode[protocol.grpc_code_for(status)])
+        context.set_details(message)
+    return empty
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None: freed large bodies otherwise stay in the
+    process's heap arenas (issue 14 measured an ingress at 596 MB after four 60 MB bodies)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+@dataclass
+class _ModelCounters:
+    """Per model, at this ingress replica: Triton's statistics extension reads these."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    inference_count: int = 0
+    last_inference_ms: int = 0
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
@@ -75,6 +134,10 @@ class EbbIngress:
         self.http = HttpConfig.model_validate(http)
         self.coordinator_namespace = coordinator_namespace
         self._descs: dict[str, EngineDescription] = {}
+        self._bodies_receiving = 0
+        self._parser = ThreadPoolExecutor(max_workers=_PARSE_THREADS, thread_name_prefix="ebb-parse")
+        self._counters = {name: _ModelCounters() for name in handles}
+        self._last_trim = 0.0
 
     async def _desc(self, name: str, version: str | None) -> EngineDescription:
         if name not in self.handles or (version is not None and version != MODEL_VERSION):
@@ -83,11 +146,39 @@ class EbbIngress:
             self._descs[name] = await self.handles[name].describe.remote()
         return self._descs[name]
 
+    async def _off_loop(self, nbytes: int, fn, *args, **kwargs) -> Any:
+        """``fn(*args, **kwargs)``; on a worker thread when ``nbytes`` is large enough to matter."""
+        if nbytes < self.http.parse_in_thread_bytes:
+            return fn(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._parser, functools.partial(fn, *args, **kwargs))
+
+    def _trim_after(self, nbytes: int) -> None:
+        now = time.monotonic()
+        trim = _malloc_trim()
+        if trim is None or nbytes < _TRIM_AFTER_BYTES or now - self._last_trim < _TRIM_EVERY_S:
+            return
+        self._last_trim = now
+        asyncio.get_running_loop().run_in_executor(self._parser, trim, 0)
+
+    async def _call(self, name: str, desc: EngineDescription, parsed: protocol.InferRequest) -> dict:
+        counters = self._counters[name]
+        started = time.perf_counter_ns()
+        try:
+            outputs = await self.handles[name].infer.remote(parsed.checked(desc))
+        except BaseException:
+            counters.fail_count += 1
+            raise
+        counters.success_count += 1
+        counters.success_ns += time.perf_counter_ns() - started
+        counters.inference_count += next(iter(parsed.inputs.values())).shape[0] if parsed.inputs else 0
+        counters.last_inference_ms = int(time.time() * 1e3)
+        return outputs
+
     # -- health and metadata ------------------------------------------------------
 
     @api.get("/v2")
     async def server_metadata(self) -> dict:
-        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": SERVER_EXTENSIONS}
 
     @api.get("/v2/health/live")
     async def live(self) -> Response:
@@ -95,8 +186,10 @@ class EbbIngress:
 
     @api.get("/v2/health/ready")
     async def ready(self) -> Response:
-        results = await asyncio.gather(*(self._model_ready(n) for n in self.handles))
-        return Response(status_code=200 if all(results) else 503)
+        return Response(status_code=200 if await self._all_ready() else 503)
+
+    async def _all_ready(self) -> bool:
+        return all(await asyncio.gather(*(self._model_ready(n) for n in self.handles)))
 
     async def _model_ready(self, name: str) -> bool:
         try:
@@ -104,14 +197,46 @@ class EbbIngress:
         except Exception:  # noqa: BLE001 - any failure to answer means "not ready"
             return False
 
-    @api.get("/v2/models/{name}")
-    @api.get("/v2/models/{name}/versions/{version}")
+    # Before /v2/models/{name}: "stats" here is the route, not a model.
+    @api.get("/v2/models/stats")
+    @api.get("/v2/models/{name}/stats", responses=METADATA_RESPONSES)
+    @api.get("/v2/models/{name}/versions/{version}/stats", responses=METADATA_RESPONSES)
+    async def model_statistics(self, name: str | None = None, version: str | None = None) -> Response:
+        try:
+            return JSONResponse(self._statistics(name, version))
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            return _error(exc, self.http.retry_after_s)
+
+    def _statistics(self, name: str | None, version: str | None) -> dict:
+        if name is not None and (name not in self.handles or (version not in (None, "", MODEL_VERSION))):
+            raise protocol.ModelNotFound(name, list(self.handles), version)
+        names = [name] if name is not None else sorted(self.handles)
+        return {"model_stats": [protocol.model_statistics(n, MODEL_VERSION, **vars(self._counters[n]))
+                                for n in names]}
+
+    @api.get("/v2/models/{name}", responses=METADATA_RESPONSES)
+    @api.get("/v2/models/{name}/versions/{version}", responses=METADATA_RESPONSES)
     async def model_metadata(self, name: str, version: str | None = None) -> Response:
         try:
             desc = await self._desc(name, version)
         except Exception as exc:  # noqa: BLE001 - mapped to a status below
             return _error(exc, self.http.retry_after_s)
         return JSONResponse(protocol.model_metadata(desc, versions=[MODEL_VERSION]))
+
+    @api.get("/v2/models/{name}/config", responses=METADATA_RESPONSES)
+    @api.get("/v2/models/{name}/versions/{version}/config", responses=METADATA_RESPONSES)
+    async def model_config(self, name: str, version: str | None = None) -> Response:
+        """Triton's model configuration, derived from the engine (perf_analyzer reads it first)."""
+        try:
+            return JSONResponse(await self._config(name, version))
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            return _error(exc, self.http.retry_after_s)
+
+    async def _config(self, name: str, version: str | None) -> dict:
+        desc = await self._desc(name, version)
+        batching = await self.handles[name].batching.remote()
+        return protocol.model_config(desc, max_batch_size=batching["max_batch_size"],
+                                     max_queue_delay_s=batching["batch_wait_timeout_s"])
 
     @api.get("/v2/models/{name}/ready")
     @api.get("/v2/models/{name}/versions/{version}/ready")
@@ -122,36 +247,133 @@ class EbbIngress:
 
     # -- inference ----------------------------------------------------------------
 
-    @api.post("/v2/models/{name}/infer")
-    @api.post("/v2/models/{name}/versions/{version}/infer")
+    @api.post("/v2/models/{name}/infer", openapi_extra=INFER_OPERATION)
+    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_OPERATION)
     async def infer(self, name: str, request: Request, version: str | None = None) -> Response:
+        size = 0
         try:
             desc = await self._desc(name, version)
-            protocol.check_content_length(request.headers.get("content-length"),
-                                          max_body_bytes=self.http.max_body_bytes)
             body = await self._read_body(request)
-            parsed = protocol.parse_infer_request(
-                body, content_type=request.headers.get("content-type"),
-                header_length=request.headers.get(protocol.HEADER_LENGTH_HEADER),
-                desc=desc, max_body_bytes=self.http.max_body_bytes)
-            outputs = await self.handles[name].infer.remote(parsed.inputs)
-            payload, headers = protocol.encode_infer_response(name, outputs, parsed, model_version=MODEL_VERSION)
+            size = len(body)
+            parsed = await self._off_loop(
+                size, protocol.parse_infer_request, body, content_type=request.headers.get("content-type"),
+                header_length=request.headers.get(protocol.HEADER_LENGTH_HEADER), desc=desc,
+                max_body_bytes=self.http.max_body_bytes,
+                # NaN and infinity are the model's rule (reject_non_finite), applied by its replica.
+                reject_non_finite=False)
+            del body  # binary tensors are views of it: it lives on in ``parsed``
+            outputs = await self._call(name, desc, parsed)
+            out_bytes = sum(getattr(v, "nbytes", 0) for v in outputs.values())
+            payload, headers = await self._off_loop(out_bytes, protocol.encode_infer_response, name, outputs,
+                                                    parsed, model_version=MODEL_VERSION)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status; 500 only for bugs
             return _error(exc, self.http.retry_after_s)
+        finally:
+            self._trim_after(size)
         return Response(payload, status_code=200, headers=headers,
                         media_type=headers.pop("Content-Type", "application/json"))
 
-    async def _read_body(self, request: Request) -> bytes:
-        # Read in pieces and stop at the limit, whatever Content-Length claimed.
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
+    async def _read_body(self, request: Request) -> bytearray:
+        """The body, into one growing ``bytearray`` (binary tensors become views of it).
+
+        Refused by its declared length before a byte is read (413), cut at the limit
+        whatever Content-Length claimed (413), and within ``http.body_timeout_s`` of the
+        headers (408). A body whose first piece is not all of it takes one of
+        ``http.max_concurrent_body_reads`` slots, or gets 503 when none is left.
+        """
+        limit = self.http.max_body_bytes
+        declared = protocol.check_content_length(request.headers.get("content-length"), max_body_bytes=limit)
+        body = bytearray()
+        holds_slot = False
+        try:
+            async with asyncio.timeout(self.http.body_timeout_s):
+                while True:
+                    message = await request.receive()
+                    if message["type"] == "http.disconnect":
+                        raise protocol.ClientDisconnected(len(body))
+                    body += message.get("body", b"")
+                    if len(body) > limit:
+                        raise protocol.ProtocolError(413, f"request body is over the limit of {limit} bytes")
+                    if not message.get("more_body", False):
+                        return body
+                    if not holds_slot:
+                        if self._bodies_receiving >= self.http.max_concurrent_body_reads:
+                            raise protocol.ProtocolError(
+                                503, f"{self._bodies_receiving} request bodies are being received already, the "
+                                     f"most this ingress replica takes at once "
+                                     f"(http.max_concurrent_body_reads); retry",
+                                headers={"Retry-After": str(self.http.retry_after_s)})
+                        self._bodies_receiving += 1
+                        holds_slot = True
+        except TimeoutError:
+            expected = f"of {declared} " if declared is not None else ""
+            raise protocol.ProtocolError(
+                408, f"request body not received within {self.http.body_timeout_s:g} s "
+                     f"({len(body)} bytes {expected}arrived)", headers={"Connection": "close"}) from None
+        finally:
+            if holds_slot:
+                self._bodies_receiving -= 1
+
+    # -- KServe v2 gRPC (inference.GRPCInferenceService; deployments.grpc_service) --
+
+    async def ServerLive(self, request: Any) -> Any:  # gRPC method names: Serve calls the method named as the RPC
+        return grpc_service.pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any) -> Any:
+        return grpc_service.pb.ServerReadyResponse(ready=await self._all_ready())
+
+    async def ServerMetadata(self, request: Any) -> Any:
+        return grpc_service.pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                                      extensions=SERVER_EXTENSIONS)
+
+    async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:
+        version = request.version or None
+        if request.name not in self.handles or (version is not None and version != MODEL_VERSION):
+            return _grpc_error(grpc_context, protocol.ModelNotFound(request.name, list(self.handles), version),
+                               self.http.retry_after_s, grpc_service.pb.ModelReadyResponse())
+        return grpc_service.pb.ModelReadyResponse(ready=await self._model_ready(request.name))
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:
+        try:
+            desc = await self._desc(request.name, request.version or None)
+            return grpc_service.model_metadata_response(protocol.model_metadata(desc, versions=[MODEL_VERSION]))
+        except Exception as exc:  # noqa: BLE001 - mapped to a code
+            return _grpc_error(grpc_context, exc, self.http.retry_after_s, grpc_service.pb.ModelMetadataResponse())
+
+    async def ModelConfig(self, request: Any, grpc_context: Any = None) -> Any:
+        try:
+            return grpc_service.model_config_response(await self._config(request.name, request.version or None))
+        except Exception as exc:  # noqa: BLE001 - mapped to a code
+            return _grpc_error(grpc_context, exc, self.http.retry_after_s, grpc_service.pb.ModelConfigResponse())
+
+    async def ModelStatistics(self, request: Any, grpc_context: Any = None) -> Any:
+        from google.protobuf import json_format
+
+        try:
+            body = self._statistics(request.name or None, request.version or None)
+            return json_format.ParseDict(body, grpc_service.pb.ModelStatisticsResponse())
+        except Exception as exc:  # noqa: BLE001 - mapped to a code
+            return _grpc_error(grpc_context, exc, self.http.retry_after_s,
+                               grpc_service.pb.ModelStatisticsResponse())
+
+    async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:
+        name, size = request.model_name, 0
+        try:
+            desc = await self._desc(name, request.model_version or None)
+            size = request.ByteSize()
             if size > self.http.max_body_bytes:
-                raise protocol.ProtocolError(
-                    413, f"request body is over the limit of {self.http.max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+                raise protocol.ProtocolError(413, f"request is {size} bytes, over the limit of "
+                                                  f"{self.http.max_body_bytes} bytes")
+            obj, raw, json_bytes = grpc_service.infer_request_object(request)
+            parsed = await self._off_loop(size, protocol.parse_infer_object, obj, desc, json_bytes=json_bytes,
+                                          raw_inputs=raw, reject_non_finite=False)
+            outputs = await self._call(name, desc, parsed)
+            names = [o.name for o in parsed.outputs] if parsed.outputs else list(outputs)
+            return grpc_service.infer_response(name, MODEL_VERSION, parsed.id, outputs, names)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a code; INTERNAL only for bugs
+            return _grpc_error(grpc_context, exc, self.http.retry_after_s, grpc_service.pb.ModelInferResponse())
+        finally:
+            self._trim_after(size)
 
     # -- Ebb's own views ----------------------------------------------------------
 

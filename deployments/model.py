@@ -24,7 +24,8 @@ from deployments.gpu_identity import current_replica_gpu
 from engine_runtime.device import check_reachable
 from engine_runtime.errors import ContextMemoryUnavailable, InvalidInputError
 from engine_runtime.memory import MemoryMode
-from engine_runtime.spec import EngineDescription, validate_inputs
+from deployments.protocol import CheckedInputs, validation_key
+from engine_runtime.spec import EngineDescription, check_finite, validate_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class ModelDeployment:
         self.engine = make_engine(self.model, self.app, admission=self.admission, cuda_index=self.gpu.cuda_index,
                                   physical_source=self.pool, context_plan=plan)
         self.desc = self.engine.describe()
+        self._validation_key = validation_key(self.desc)
         self.pin = self.model.pin
         if self.pin != "auto":
             self.engine.set_mode(self.pin)
@@ -157,12 +159,21 @@ class ModelDeployment:
         ``ContextMemoryUnavailable`` when no context memory could be had in time.
         """
         arrived = time.monotonic()
-        arrays = to_numpy_inputs(inputs)
-        # Checked alone before batching, so one bad request fails alone. Where the engine
-        # refuses NaN/inf on the device (one reduction), the host pass over the values is
-        # skipped here (~10 ms for a 60 MB batch) and done only for a batch that failed it.
+        # Where the engine refuses NaN/inf on the device (one reduction), the host pass
+        # over the values is skipped here (~10 ms for a 60 MB batch) and done only for a
+        # batch that failed it.
         host_finite = self.model.reject_non_finite and not self.engine.checks_finite_on_device
-        validate_inputs(self.desc, arrays, reject_non_finite=host_finite)
+        if isinstance(inputs, CheckedInputs) and inputs.validated_against == self._validation_key:
+            # The ingress checked these against this model's description: only the
+            # model's NaN/inf rule is left, where the ingress did not apply it.
+            arrays = inputs.arrays
+            if host_finite and not inputs.finite_checked:
+                check_finite(self.desc, arrays)
+        else:
+            # Handle callers (and an ingress holding another description): checked here,
+            # once, alone before batching, so one bad request fails alone.
+            arrays = to_numpy_inputs(inputs.arrays if isinstance(inputs, CheckedInputs) else inputs)
+            validate_inputs(self.desc, arrays, reject_non_finite=host_finite)
         result = await self._batched((arrays, arrived, host_finite))
         if isinstance(result, BaseException):
             raise result  # this request's group failed; the batch's other groups did not
@@ -191,7 +202,7 @@ class ModelDeployment:
             checked = all(queued[i][2] for i in group)
             try:
                 out = await asyncio.to_thread(self.engine.infer, merged, deadline_s=deadline_s,
-                                              finite_checked=checked)
+                                              finite_checked=checked, inputs_checked=True)
             except InvalidInputError as err:
                 if len(group) == 1:
                     results[group[0]] = err
@@ -233,6 +244,11 @@ class ModelDeployment:
     def describe(self) -> EngineDescription:
         """The engine's description (names, dtypes, profiles, weights bytes)."""
         return self.desc
+
+    def batching(self) -> dict[str, int | float]:
+        """The batching applied now (``max_batch_size``, ``batch_wait_timeout_s``), for
+        Triton's model configuration (``dynamic_batching``)."""
+        return dict(self._batching)
 
     def ready(self) -> bool:
         """True while this replica can take calls (the engine loads on the first one if lazy)."""

@@ -10,6 +10,7 @@ release in ``finally``) and the accounting. Backends fill in the ``_*_impl`` hoo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -30,8 +31,8 @@ from engine_runtime.errors import (
     is_out_of_memory,
 )
 from engine_runtime.memory import ContextBlock, ContextMechanism, MemoryMode
+from engine_runtime.spec import EngineDescription, check_finite, validate_inputs
 from engine_runtime.units import MiB
-from engine_runtime.spec import EngineDescription, validate_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +56,16 @@ class Engine(Protocol):
         ...
 
     def infer(self, inputs: Tensors, *, deadline_s: float | None = None,
-              finite_checked: bool = False) -> dict[str, Any]:
+              finite_checked: bool = False, inputs_checked: bool = False) -> dict[str, Any]:
         """Named tensors in (numpy or torch), named tensors out (numpy for numpy input).
 
         ``deadline_s``: how long this call may wait for context memory (and for a call
         in flight on this engine) before ``ContextMemoryUnavailable``; default the
         engine's admission deadline. ``finite_checked``: the caller has already refused
-        NaN and infinity in these inputs, so the engine skips its own host pass."""
+        NaN and infinity in these inputs, so the engine skips its own host pass.
+        ``inputs_checked``: the caller ran ``validate_inputs`` against this engine's
+        description (names, dtypes, shapes, value ranges), so the engine does not again;
+        NaN/inf then still follow ``finite_checked``."""
         ...
 
     @property
@@ -121,6 +125,7 @@ class BaseEngine(ABC):
         self._stats = EngineStats()
         # When the call in flight must have its context memory by (monotonic seconds).
         self._call_deadline: float | None = None
+        self._description: EngineDescription | None = None
 
     # -- public surface ---------------------------------------------------------
 
@@ -141,7 +146,12 @@ class BaseEngine(ABC):
         return self._mechanism_impl()
 
     def describe(self) -> EngineDescription:
-        return self._describe_impl()
+        # Built once per state: what a description says (device, mechanism, weights)
+        # changes only when the engine loads or closes, not per call.
+        desc = self._description
+        if desc is None:
+            desc = self._description = self._describe_impl()
+        return desc
 
     def context_bytes(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
         return int(self._context_bytes_impl({k: tuple(v) for k, v in shapes.items()}))
@@ -198,7 +208,7 @@ class BaseEngine(ABC):
                 self.set_mode(previous)
 
     def infer(self, inputs: Tensors, *, deadline_s: float | None = None,
-              finite_checked: bool = False) -> dict[str, Any]:
+              finite_checked: bool = False, inputs_checked: bool = False) -> dict[str, Any]:
         # The deadline runs from now: waiting behind a call in flight on this engine
         # counts against it, as it does for the request that is waiting.
         deadline_at = time.monotonic() + (self.admission_deadline_s if deadline_s is None else max(0.0, deadline_s))
@@ -208,9 +218,13 @@ class BaseEngine(ABC):
         mode: MemoryMode | None = None
         outcome = "failed"
         try:
-            desc = self.describe()
-            shapes = validate_inputs(desc, inputs, reject_non_finite=self.reject_non_finite and not finite_checked
-                                     and not self._checks_finite_on_device())
+            host_finite = self.reject_non_finite and not finite_checked and not self._checks_finite_on_device()
+            if inputs_checked:
+                shapes = {name: tuple(value.shape) for name, value in inputs.items()}
+                if host_finite:
+                    check_finite(self.describe(), inputs)
+            else:
+                shapes = validate_inputs(self.describe(), inputs, reject_non_finite=host_finite)
             self._ensure_loaded()
             want_numpy = any(isinstance(v, np.ndarray) for v in inputs.values())
             with self._call_lock:
@@ -264,6 +278,7 @@ class BaseEngine(ABC):
                 finally:
                     self._close_impl()
             self._loaded = False
+            self._description = None
             logger.info("engine %s closed", self.name)
 
     def __del__(self) -> None:
@@ -352,7 +367,10 @@ class BaseEngine(ABC):
             if self._loaded:
                 return
             self._check_open()
-            self._load_impl()
+            try:
+                self._load_impl()
+            finally:
+                self._description = None  # loading fixes the device and the mechanism
             self._stats.weights_bytes = self.describe().weights_bytes
             self._loaded = True
             if self._mode is MemoryMode.STATIC:
@@ -404,13 +422,21 @@ class BaseEngine(ABC):
     def _close_impl(self) -> None: ...
 
 
-def _to_numpy(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value
+@functools.cache
+def _torch() -> Any:
+    """torch, imported once on first use (engine_runtime's spec and engine import
+    without it), not on every output of every call."""
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency
         raise EbbInternalError("torch is required to convert outputs") from None
+    return torch
+
+
+def _to_numpy(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value
+    torch = _torch()
     if isinstance(value, torch.Tensor):
         value = value.detach()
         if value.dtype == torch.bfloat16:

@@ -191,9 +191,8 @@ def validate_inputs(
             batch = shape[0]
         elif shape[0] != batch:
             raise InputShapeError(spec.name, f"batch {batch} like the other inputs", shape)
-        if reject_non_finite and spec.dtype in ("float32", "float16", "bfloat16"):
-            if not _all_finite(tensor):
-                raise InputValueError(spec.name, "contains NaN or infinity")
+        if reject_non_finite and spec.dtype in _FLOAT_DTYPES and not _all_finite(tensor):
+            raise InputValueError(spec.name, "contains NaN or infinity")
         if spec.value_range is not None and math.prod(shape):
             lo, hi = int(tensor.min()), int(tensor.max())
             if lo < spec.value_range[0] or hi > spec.value_range[1]:
@@ -201,6 +200,16 @@ def validate_inputs(
                                                  f"got {lo}..{hi}")
         shapes[spec.name] = shape
     return shapes
+
+
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_finite(desc: EngineDescription, inputs: Mapping[str, Any]) -> None:
+    """Refuse NaN and infinity in inputs that already passed ``validate_inputs`` without it."""
+    for spec in desc.inputs:
+        if spec.dtype in _FLOAT_DTYPES and not _all_finite(inputs[spec.name]):
+            raise InputValueError(spec.name, "contains NaN or infinity")
 
 
 def _all_finite(tensor: Any) -> bool:

@@ -18,7 +18,7 @@ from deployments.protocol.request import (
     parse_infer_request,
     validation_key,
 )
-from deployments.protocol.response import encode_infer_response, model_metadata
+from deployments.protocol.response import encode_infer_response, model_metadata, model_statistics
 from deployments.protocol.status import (
     ClientDisconnected,
     ModelNotFound,
@@ -46,6 +46,7 @@ __all__ = [
     "http_status_for",
     "model_config",
     "model_metadata",
+    "model_statistics",
     "parse_infer_object",
     "parse_infer_request",
     "validation_key",

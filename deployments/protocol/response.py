@@ -13,7 +13,7 @@ from deployments.protocol.request import HEADER_LENGTH_HEADER, InferRequest
 from engine_runtime.errors import EbbInternalError
 from engine_runtime.spec import EngineDescription, TensorSpec
 
-__all__ = ["encode_infer_response", "model_metadata"]
+__all__ = ["checked_outputs", "encode_infer_response", "little_endian_bytes", "model_metadata", "model_statistics"]
 
 
 def model_metadata(desc: EngineDescription, versions: Sequence[str] = ()) -> dict[str, Any]:
@@ -92,4 +92,23 @@ def encode_infer_response(
     return b"".join([header_bytes, *tails]), {
         "Content-Type": "application/octet-stream",
         HEADER_LENGTH_HEADER: str(len(header_bytes)),
+    }
+
+
+def model_statistics(name: str, version: str, *, success_count: int, success_ns: int, fail_count: int,
+                     inference_count: int, last_inference_ms: int) -> dict[str, Any]:
+    """One model's entry of Triton's statistics extension (``GET /v2/models/{name}/stats``).
+
+    Counted at the ingress: a success's time is the whole call (queue, batching and
+    the engine together), so ``compute_infer`` carries it and the finer splits are 0.
+    """
+    zero = {"count": 0, "ns": 0}
+    success = {"count": int(success_count), "ns": int(success_ns)}
+    return {
+        "name": name, "version": version, "last_inference": int(last_inference_ms),
+        "inference_count": int(inference_count), "execution_count": int(success_count),
+        "inference_stats": {"success": success, "fail": {"count": int(fail_count), "ns": 0},
+                            "queue": zero, "compute_input": zero, "compute_infer": success,
+                            "compute_output": zero, "cache_hit": zero, "cache_miss": zero},
+        "batch_stats": [],
     }

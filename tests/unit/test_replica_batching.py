@@ -39,7 +39,7 @@ class StandInEngine:
         self.finite_checked: list[bool] = []
         self.lock = threading.Lock()
 
-    def infer(self, inputs, *, deadline_s=None, finite_checked=False):
+    def infer(self, inputs, *, deadline_s=None, finite_checked=False, inputs_checked=False):
         x = inputs["x"]
         with self.lock:  # one call at a time, as the engine's call lock
             self.calls.append((x.shape[0], deadline_s))

@@ -117,9 +117,11 @@ def test_model_names_cannot_be_paths(name):
 #: Modules a request passes through, HTTP and handle: ingress, protocol, the replica,
 #: the input checks and the engine's call path (backends included).
 REQUEST_PATH = [
-    "deployments/ingress.py", "deployments/protocol.py", "deployments/model.py", "engine_runtime/spec.py",
+    "deployments/ingress.py", "deployments/protocol/request.py", "deployments/protocol/response.py",
+    "deployments/protocol/status.py", "deployments/grpc_service.py", "deployments/model.py", "engine_runtime/spec.py",
     "engine_runtime/engine.py", "engine_runtime/memory/admission.py", "engine_runtime/memory/budget.py",
-    "engine_runtime/memory/_shm.py", "engine_runtime/backends/pytorch.py", "engine_runtime/backends/tensorrt.py",
+    "engine_runtime/memory/_shm.py", "engine_runtime/backends/pytorch.py",
+    "engine_runtime/backends/tensorrt.py",
 ]
 #: Calls that run code from data: never on the request path, anywhere in Ebb only where listed.
 _CODE_FROM_DATA = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "jsonpickle"}
