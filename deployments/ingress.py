@@ -130,6 +130,9 @@ class _ModelCounters:
 @serve.ingress(api)
 class EbbIngress:
     def __init__(self, handles: dict[str, Any], http: dict, coordinator_namespace: str = "ebb") -> None:
+        from deployments.model import log_to_replica_file
+
+        log_to_replica_file()
         self.handles = handles
         self.http = HttpConfig.model_validate(http)
         self.coordinator_namespace = coordinator_namespace

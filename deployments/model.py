@@ -77,7 +77,7 @@ def _group_for_engine(requests: list[dict[str, np.ndarray]], max_batch: int) -> 
     return groups
 
 
-def _log_to_replica_file() -> None:
+def log_to_replica_file() -> None:
     """Send Ebb's own loggers to this replica's Serve log file.
 
     In a replica Serve configures only its ``ray.serve`` logger (a file handler, no
@@ -102,7 +102,7 @@ class ModelDeployment:
     """One engine per replica. Call ``infer`` through a handle or over HTTP (the ingress)."""
 
     def __init__(self, model: dict, app: dict) -> None:
-        _log_to_replica_file()
+        log_to_replica_file()
         self.model = ModelConfig.model_validate(model)
         self.app = AppConfig.model_validate(app)
         # What shutdown() gives back; set as each is acquired, so a failing start rolls back
