@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 import requests
 import yaml
-
 from serve_harness import SERVE_HTTP_PORT_RANGE, free_port, wait_for
+
+#: Serve's gRPC port for `serve run`; cluster.yaml's 9000 may be taken by another cluster.
+SERVE_GRPC_PORT_RANGE = range(19100, 19200)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -111,10 +113,20 @@ def cli_cluster() -> Iterator[CliCluster]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_serve_run_cluster_yaml_serves_a_request(cli_cluster: CliCluster):
+@dataclass
+class ServeRun:
+    url: str
+    grpc_address: str
+
+
+@pytest.fixture(scope="module")
+def serve_run(cli_cluster: CliCluster) -> Iterator[ServeRun]:
+    """``serve run`` of the repository's cluster.yaml, HTTP and gRPC ports moved to free ones."""
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     http_port = free_port(SERVE_HTTP_PORT_RANGE)
+    grpc_port = free_port(SERVE_GRPC_PORT_RANGE)
     config["http_options"]["port"] = http_port
+    config["grpc_options"]["port"] = grpc_port
     (app,) = config["applications"]
     for model in app["args"]["models"]:
         if "image_size" in model["input"]:
@@ -124,34 +136,101 @@ def test_serve_run_cluster_yaml_serves_a_request(cli_cluster: CliCluster):
 
     log_path = cli_cluster.temp_dir / "serve-run.log"
     with open(log_path, "wb") as log:
-        serve_run = subprocess.Popen(
+        process = subprocess.Popen(
             [str(BIN / "serve"), "run", f"--address={cli_cluster.address}", str(config_path)],
             env=cli_cluster.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{http_port}"
     try:
         def ready() -> bool:
-            if serve_run.poll() is not None:
-                raise AssertionError(f"serve run exited with {serve_run.returncode}:\n{log_path.read_text()[-4000:]}")
+            if process.poll() is not None:
+                raise AssertionError(f"serve run exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
             return requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
 
         try:
             wait_for(ready, 300, f"{url}/v2/health/ready to answer 200", interval_s=0.5)
         except (TimeoutError, AssertionError) as err:
             raise AssertionError(f"{err}\n--- serve run log ---\n{log_path.read_text()[-4000:]}") from None
-
-        x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
-        body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-        resp = requests.post(f"{url}/v2/models/resnet18/infer", json=body, timeout=120)
-        assert resp.status_code == 200, resp.text
-        (out,) = resp.json()["outputs"]
-        assert out["shape"] == [1, 1000] and out["datatype"] == "FP32"
-        assert np.isfinite(np.asarray(out["data"], dtype=np.float32)).all()
+        yield ServeRun(url=url, grpc_address=f"127.0.0.1:{grpc_port}")
     finally:
         # Ctrl-C is how `serve run` is meant to stop: it deletes the application.
-        if serve_run.poll() is None:
-            os.killpg(serve_run.pid, signal.SIGINT)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
             try:
-                serve_run.wait(timeout=60)
+                process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(serve_run.pid, signal.SIGKILL)
-                serve_run.wait(timeout=10)
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+def _image(batch: int = 1) -> np.ndarray:
+    return np.random.default_rng(0).random((batch, 3, 32, 32), dtype=np.float32)
+
+
+def test_serve_run_cluster_yaml_serves_a_request(serve_run: ServeRun):
+    x = _image()
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    resp = requests.post(f"{serve_run.url}/v2/models/resnet18/infer", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    (out,) = resp.json()["outputs"]
+    assert out["shape"] == [1, 1000] and out["datatype"] == "FP32"
+    assert np.isfinite(np.asarray(out["data"], dtype=np.float32)).all()
+
+
+def test_grpc_metadata_and_config_through_tritonclient(serve_run: ServeRun):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    client = grpcclient.InferenceServerClient(serve_run.grpc_address)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("resnet18")
+    server = client.get_server_metadata(as_json=True)
+    assert server["name"] == "ebb" and "model_configuration" in server["extensions"]
+    meta = client.get_model_metadata("resnet18", as_json=True)
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "3", "32", "32"]}]
+    config = client.get_model_config("resnet18", as_json=True)["config"]
+    http_config = httpclient.InferenceServerClient(serve_run.url.removeprefix("http://")).get_model_config("resnet18")
+    assert config["max_batch_size"] == http_config["max_batch_size"] == 8
+    assert config["input"][0]["dims"] == ["3", "32", "32"] and http_config["input"][0]["dims"] == [3, 32, 32]
+    assert config["input"][0]["data_type"] == "TYPE_FP32"
+
+
+def test_grpc_infer_equals_the_http_answer(serve_run: ServeRun):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    x = _image(2)
+    g_in = grpcclient.InferInput("input", list(x.shape), "FP32")
+    g_in.set_data_from_numpy(x)
+    got = grpcclient.InferenceServerClient(serve_run.grpc_address).infer("resnet18", [g_in]).as_numpy("output")
+    h_in = httpclient.InferInput("input", list(x.shape), "FP32")
+    h_in.set_data_from_numpy(x, binary_data=True)
+    want = httpclient.InferenceServerClient(serve_run.url.removeprefix("http://")).infer(
+        "resnet18", [h_in], outputs=[httpclient.InferRequestedOutput("output", binary_data=True)]).as_numpy("output")
+    assert got.shape == (2, 1000) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_grpc_errors_carry_the_http_status_as_a_code(serve_run: ServeRun):
+    import grpc
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(serve_run.grpc_address)
+
+    def code_of(call) -> tuple[str, str]:
+        with pytest.raises(InferenceServerException) as err:
+            call()
+        return err.value.status(), err.value.message()
+
+    status, message = code_of(lambda: client.get_model_metadata("nope"))
+    assert status == str(grpc.StatusCode.NOT_FOUND) and "nope" in message
+    wrong = grpcclient.InferInput("input", [1, 3, 16, 16], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
+    status, message = code_of(lambda: client.infer("resnet18", [wrong]))
+    assert status == str(grpc.StatusCode.INVALID_ARGUMENT) and "'input'" in message, message
+    too_big = grpcclient.InferInput("input", [9, 3, 32, 32], "FP32")
+    too_big.set_data_from_numpy(_image(9))
+    status, message = code_of(lambda: client.infer("resnet18", [too_big]))
+    assert status == str(grpc.StatusCode.INVALID_ARGUMENT) and "maximum 8" in message, message
+    status, _ = code_of(lambda: client.infer("nope", [too_big]))
+    assert status == str(grpc.StatusCode.NOT_FOUND)
