@@ -25,6 +25,7 @@ BENCHES = [
     ("bench_admission.py", ["--quick"], "admission.png", "p50 µs"),
     ("bench_pool.py", ["--quick"], "bench_pool_quick.png", "| -"),
     ("bench_remap.py", ["--quick"], None, "smoke run only"),
+    ("bench_serving.py", ["--quick"], "bench_serving_smoke.png", "smoke run only"),
 ]
 
 

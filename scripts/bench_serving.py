@@ -1,0 +1,487 @@
+"""The serving path against the GPU: Triton's perf_analyzer over HTTP (JSON and binary)
+and gRPC at concurrency 1..64, beside the in-process engine (the ceiling), and a small
+request's p99 alone vs with large JSON bodies in flight (issue 14).
+
+On the GPU machine (perf_analyzer installed: ``pip install perf-analyzer``; the binary
+is ``perf_analyzer/bin/perf_analyzer`` inside the package):
+
+    python scripts/bench_serving.py                      # starts Ebb itself: ResNet-50 + BERT-base
+    python scripts/bench_serving.py --url 127.0.0.1:8000 --grpc-url 127.0.0.1:9000 --model r50
+
+Without perf_analyzer (a CPU host) it drives the same three protocols with
+tritonclient for a few seconds each, on a 32-pixel ResNet-18: a smoke run, no claims.
+Prints a table (targets met / not met; a benchmark asserts nothing), writes
+``bench_serving.json`` and ``bench_serving.png`` to ``--out-dir`` (docs/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import ROOT, markdown_table, percentile, write_json
+
+PROTOCOLS = ("http-json", "http-binary", "grpc")
+#: The issue's targets: perf_analyzer over HTTP binary and gRPC at this concurrency
+#: reaches this share of the in-process engine's requests/s; a small request's p99 with
+#: large JSON bodies in flight is at most this multiple of its p99 alone.
+TARGET_CONCURRENCY = 16
+TARGET_SHARE = 0.80
+TARGET_P99_RATIO = 2.0
+
+
+# -- the application --------------------------------------------------------------------
+
+
+def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int) -> dict[str, Any]:
+    """A Serve config like cluster.yaml: the image model and a small encoder."""
+    if gpu:
+        image = {"name": "r50", "source": {"architecture": "resnet50", "seed": 0},
+                 "input": {"min_batch": 1, "opt_batch": 8, "max_batch": batch_max, "image_size": 224},
+                 "precision": "fp32", "backend": "pytorch", "mode": "static", "pin": "static", "lazy": False,
+                 "batching": {"max_batch_size": batch_max, "batch_wait_timeout_s": 0.002}}
+        encoder = {"name": "bert", "source": {"architecture": "bert-base", "seed": 0},
+                   "input": {"min_batch": 1, "opt_batch": 2, "max_batch": 6, "seq_len": 96},
+                   "backend": "pytorch", "mode": "static", "pin": "static", "lazy": False,
+                   "batching": {"max_batch_size": 6, "batch_wait_timeout_s": 0.002}}
+        gpus = 0.4
+    else:
+        image = {"name": "r50", "source": {"architecture": "resnet18", "seed": 0},
+                 "input": {"min_batch": 1, "opt_batch": 2, "max_batch": 4, "image_size": 32},
+                 "backend": "pytorch", "mode": "static", "pin": "auto", "lazy": False,
+                 "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.002}}
+        encoder = {"name": "bert", "source": {"architecture": "bert-tiny", "seed": 0},
+                   "input": {"min_batch": 1, "opt_batch": 2, "max_batch": 4, "seq_len": 16},
+                   "backend": "pytorch", "mode": "static", "pin": "auto", "lazy": False,
+                   "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.002}}
+        gpus = 0.25
+    args = {"model_dirs": ["."], "http": {"max_body_bytes": 256 << 20, "retry_after_s": 1},
+            "coordinator": {"poll_interval_s": 0.5, "admission_deadline_s": 5.0,
+                            "virtual_gpu_memory_bytes": 4 << 30},
+            "models": [image, encoder]}
+    model_opts = {"num_replicas": 1, "max_ongoing_requests": 128,
+                  "ray_actor_options": {"num_gpus": gpus, "num_cpus": 0.25}}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "127.0.0.1", "port": http_port},
+        "grpc_options": {"port": grpc_port,
+                         "grpc_servicer_functions": [
+                             "deployments.grpc_service.add_GRPCInferenceServiceServicer_to_server"]},
+        "applications": [{
+            "name": "ebb", "route_prefix": "/", "import_path": "deployments.app:build_app", "args": args,
+            "deployments": [{"name": "r50", **model_opts}, {"name": "bert", **model_opts},
+                            {"name": "EbbIngress", "num_replicas": 2 if gpu else 1,
+                             "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.5}}],
+        }],
+    }
+
+
+def start_app(config: dict[str, Any], timeout_s: float = 600.0) -> None:
+    """Ray, Serve (HTTP and gRPC proxies) and the application, in this process's cluster."""
+    import logging
+
+    import ray
+    import requests
+    from ray.serve._private import api as serve_private_api
+    from ray.serve.schema import ServeDeploySchema
+
+    # The proxy imports deployments.grpc_service: every process of this local cluster
+    # inherits the driver's environment.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        gpus = 0
+    ray.init(num_gpus=None if gpus else 1, num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False,
+             logging_level=logging.ERROR, log_to_driver=False)
+    client = serve_private_api.serve_start(http_options=config["http_options"], grpc_options=config["grpc_options"])
+    client.deploy_apps(ServeDeploySchema.model_validate(config))
+    url = f"http://127.0.0.1:{config['http_options']['port']}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
+
+
+# -- the ceiling: the engine in this process ------------------------------------------------
+
+
+def engine_ceiling(gpu: bool, batch: int, calls: int) -> dict[str, float]:
+    """Requests/s of the same model and batch run back to back in this process (numpy in and out)."""
+    from engine_runtime.backends.pytorch import PyTorchEngine
+
+    if gpu:
+        engine = PyTorchEngine.from_architecture("r50", "resnet50", max_batch=max(batch, 32), opt_batch=8,
+                                                 image_size=224, mode="static", device="cuda")
+        shape = (batch, 3, 224, 224)
+    else:
+        engine = PyTorchEngine.from_architecture("r50", "resnet18", max_batch=4, opt_batch=2, image_size=32,
+                                                 mode="static", device="cpu")
+        shape = (batch, 3, 32, 32)
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    try:
+        engine.warm()
+        for _ in range(10):
+            engine.infer({"input": x})
+        latencies = []
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            start = time.perf_counter()
+            engine.infer({"input": x})
+            latencies.append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - t0
+    finally:
+        engine.close()
+        if gpu:
+            import torch
+
+            torch.cuda.empty_cache()
+    return {"requests_per_s": calls / elapsed, "p50_ms": percentile(latencies, 0.5) * 1e3,
+            "p99_ms": percentile(latencies, 0.99) * 1e3}
+
+
+# -- perf_analyzer -------------------------------------------------------------------------
+
+
+def find_perf_analyzer() -> str | None:
+    spec = importlib.util.find_spec("perf_analyzer")
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(next(iter(spec.submodule_search_locations))) / "bin" / "perf_analyzer"
+        if candidate.is_file():
+            return str(candidate)
+    return shutil.which("perf_analyzer")
+
+
+def run_perf_analyzer(binary: str, protocol: str, url: str, model: str, batch: int, concurrency: int,
+                      measurement_ms: int) -> dict[str, Any]:
+    """One perf_analyzer run at one concurrency; its CSV row as figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = Path(tmp) / "pa.csv"
+        cmd = [binary, "-m", model, "-u", url, "-i", "grpc" if protocol == "grpc" else "http",
+               "-b", str(batch), "--concurrency-range", f"{concurrency}:{concurrency}",
+               "--measurement-interval", str(measurement_ms), "--stability-percentage", "25",
+               "--max-trials", "6", "-f", str(csv_path)]
+        if protocol.startswith("http"):
+            fmt = "json" if protocol == "http-json" else "binary"
+            cmd += ["--input-tensor-format", fmt, "--output-tensor-format", fmt]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        if proc.returncode != 0 or not csv_path.is_file():
+            return {"error": (proc.stdout[-800:] + proc.stderr[-800:]).strip(), "command": " ".join(cmd)}
+        with open(csv_path, newline="") as f:
+            row = next(csv.DictReader(f))
+    try:
+        infer_per_s = float(row["Inferences/Second"])
+        return {"requests_per_s": infer_per_s / batch, "p50_ms": float(row["p50 latency"]) / 1e3,
+                "p99_ms": float(row["p99 latency"]) / 1e3, "command": " ".join(cmd), "csv": row}
+    except (KeyError, ValueError) as err:
+        return {"error": f"perf_analyzer's CSV lacks {err}: {row}", "command": " ".join(cmd)}
+
+
+def check_endpoints(http_url: str, grpc_url: str, model: str) -> dict[str, str]:
+    """What perf_analyzer reads before it sends a request: metadata, config, statistics,
+    over HTTP and gRPC. A failure here names the endpoint instead of a perf_analyzer error."""
+    import tritonclient.grpc as g
+    import tritonclient.http as h
+
+    checks = {}
+    for label, client in (("http", h.InferenceServerClient(http_url)), ("grpc", g.InferenceServerClient(grpc_url))):
+        for what, call in (("metadata", client.get_model_metadata), ("config", client.get_model_config),
+                           ("stats", client.get_inference_statistics)):
+            try:
+                call(model)
+                checks[f"{label} {what}"] = "ok"
+            except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+                checks[f"{label} {what}"] = f"failed: {str(exc)[:120]}"
+    return checks
+
+
+# -- tritonclient (the CPU smoke, and the small-request scenario) ---------------------------
+
+
+def _image(batch: int, gpu: bool) -> np.ndarray:
+    size = 224 if gpu else 32
+    return np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+
+
+def _client_call(protocol: str, http_url: str, grpc_url: str, model: str, x: np.ndarray, name: str = "input"):
+    """A function making one infer call with its own client (one client per thread)."""
+    if protocol == "grpc":
+        import tritonclient.grpc as g
+
+        client = g.InferenceServerClient(grpc_url)
+        inp = g.InferInput(name, list(x.shape), _datatype(x))
+        inp.set_data_from_numpy(x)
+        return lambda: client.infer(model, [inp])
+    import tritonclient.http as h
+
+    binary = protocol == "http-binary"
+    client = h.InferenceServerClient(http_url, network_timeout=300, connection_timeout=300)
+    inp = h.InferInput(name, list(x.shape), _datatype(x))
+    inp.set_data_from_numpy(x, binary_data=binary)
+    output = h.InferRequestedOutput("output", binary_data=binary)
+    return lambda: client.infer(model, [inp], outputs=[output] if binary else None)
+
+
+def _datatype(x: np.ndarray) -> str:
+    return {"float32": "FP32", "int64": "INT64", "int32": "INT32"}[str(x.dtype)]
+
+
+def run_tritonclient(protocol: str, http_url: str, grpc_url: str, model: str, x: np.ndarray, concurrency: int,
+                     duration_s: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + duration_s
+
+    def worker() -> None:
+        call = _client_call(protocol, http_url, grpc_url, model, x)
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 - a measured outcome
+                with lock:
+                    errors.append(str(exc)[:200])
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    result = {"requests_per_s": len(latencies) / elapsed, "p50_ms": percentile(latencies, 0.5) * 1e3,
+              "p99_ms": percentile(latencies, 0.99) * 1e3}
+    if errors:
+        result["error"] = f"{len(errors)} failed: {errors[0]}"
+    return result
+
+
+def small_behind_large(http_url: str, gpu: bool, small_calls: int, large_senders: int,
+                       large_batch: int) -> dict[str, Any]:
+    """p50/p99 of a small encoder request (JSON) alone, then while clients keep large
+    ResNet JSON bodies in flight."""
+    seq = 96 if gpu else 16
+    ids = np.random.default_rng(0).integers(0, 1000, (1, seq), dtype=np.int64)
+    large = _image(large_batch, gpu)
+
+    def measure() -> list[float]:
+        call = _client_call("http-json", http_url, "", "bert", ids, name="input_ids")
+        out = []
+        for _ in range(small_calls):
+            t0 = time.perf_counter()
+            call()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    alone = measure()
+    stop = threading.Event()
+    sent = [0]
+
+    def sender() -> None:
+        call = _client_call("http-json", http_url, "", "r50", large)
+        while not stop.is_set():
+            call()
+            sent[0] += 1
+
+    threads = [threading.Thread(target=sender, daemon=True) for _ in range(large_senders)]
+    for t in threads:
+        t.start()
+    while sent[0] == 0 and all(t.is_alive() for t in threads):
+        time.sleep(0.05)
+    try:
+        loaded = measure()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=300)
+    body_mib = len(json.dumps(large.ravel().tolist())) / 2**20
+    return {"alone_p50_ms": statistics.median(alone) * 1e3, "alone_p99_ms": percentile(alone, 0.99) * 1e3,
+            "loaded_p50_ms": statistics.median(loaded) * 1e3, "loaded_p99_ms": percentile(loaded, 0.99) * 1e3,
+            "large_bodies_sent": sent[0], "large_body_mib": round(body_mib, 1), "large_senders": large_senders}
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def tables(results: dict[str, Any]) -> str:
+    ceiling = results["ceiling"]["requests_per_s"]
+    rows = []
+    for protocol, by_c in results["protocols"].items():
+        for c, r in sorted(by_c.items(), key=lambda kv: int(kv[0])):
+            if "error" in r and "requests_per_s" not in r:
+                rows.append([protocol, c, "failed", "", "", "", r["error"][:80]])
+                continue
+            rows.append([protocol, c, f"{r['requests_per_s']:.1f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                         f"{r['requests_per_s'] / ceiling:.0%}", r.get("error", "")[:80]])
+    out = [(f"Driver: {results['driver']}; model {results['model']} batch {results['batch']}; in-process engine "
+            f"(ceiling) {ceiling:.1f} requests/s, p50 {results['ceiling']['p50_ms']:.2f} ms"),
+           markdown_table(["protocol", "concurrency", "requests/s", "p50 ms", "p99 ms", "of ceiling", "note"], rows)]
+    s = results["small_behind_large"]
+    out.append(markdown_table(
+        ["small request (JSON)", "p50 ms", "p99 ms"],
+        [["alone", f"{s['alone_p50_ms']:.1f}", f"{s['alone_p99_ms']:.1f}"],
+         [f"with {s['large_senders']} clients sending {s['large_body_mib']} MiB JSON ({s['large_bodies_sent']} sent)",
+          f"{s['loaded_p50_ms']:.1f}", f"{s['loaded_p99_ms']:.1f}"]]))
+    out.append(markdown_table(["target", "figure", "met"], target_rows(results)))
+    if not results["claims"]:
+        out.append("smoke run only (no perf_analyzer, CPU): no claims")
+    return "\n\n".join(out)
+
+
+def target_rows(results: dict[str, Any]) -> list[list[str]]:
+    ceiling = results["ceiling"]["requests_per_s"]
+    rows = []
+
+    def verdict(ok: bool) -> str:
+        return ("met" if ok else "not met") if results["claims"] else "smoke (no claim)"
+
+    for protocol in ("http-binary", "grpc"):
+        r = results["protocols"].get(protocol, {}).get(str(TARGET_CONCURRENCY))
+        share = r["requests_per_s"] / ceiling if r and "requests_per_s" in r else None
+        rows.append([f"{protocol} at concurrency {TARGET_CONCURRENCY} >= {TARGET_SHARE:.0%} of the engine",
+                     "n/a" if share is None else f"{share:.0%}",
+                     "n/a" if share is None else verdict(share >= TARGET_SHARE)])
+    s = results["small_behind_large"]
+    ratio = s["loaded_p99_ms"] / s["alone_p99_ms"]
+    rows.append([f"small p99 with large bodies <= {TARGET_P99_RATIO:g}x alone", f"{ratio:.2f}x",
+                 verdict(ratio <= TARGET_P99_RATIO)])
+    return rows
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rps, ax_p99) = plt.subplots(1, 2, figsize=(11, 4))
+    for protocol, by_c in results["protocols"].items():
+        points = sorted((int(c), r) for c, r in by_c.items() if "requests_per_s" in r)
+        if not points:
+            continue
+        cs = [c for c, _ in points]
+        ax_rps.plot(cs, [r["requests_per_s"] for _, r in points], marker="o", label=protocol)
+        ax_p99.plot(cs, [r["p99_ms"] for _, r in points], marker="o", label=protocol)
+    ax_rps.axhline(results["ceiling"]["requests_per_s"], color="k", linestyle="--", label="in-process engine")
+    for ax, label in ((ax_rps, "requests/s"), (ax_p99, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Ebb serving path: {results['model']} batch {results['batch']} ({results['driver']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="HTTP host:port of a running app (default: start one)")
+    parser.add_argument("--grpc-url", help="gRPC host:port of a running app")
+    parser.add_argument("--model", default="r50", help="image model's name in the app")
+    parser.add_argument("--batch", type=int, default=1, help="batch per request")
+    parser.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="comma-separated concurrencies")
+    parser.add_argument("--measurement-ms", type=int, default=2000, help="perf_analyzer's measurement window")
+    parser.add_argument("--ceiling-calls", type=int, default=300, help="in-process engine calls timed")
+    parser.add_argument("--small-calls", type=int, default=200, help="small requests timed per phase")
+    parser.add_argument("--large-senders", type=int, default=4, help="clients sending large JSON bodies")
+    parser.add_argument("--large-batch", type=int, default=8, help="images per large JSON body")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke: seconds per protocol, two concurrencies")
+    parser.add_argument("--out-dir", default=str(ROOT / "docs" / "results"))
+    args = parser.parse_args(argv)
+
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        gpu = False
+    binary = find_perf_analyzer()
+    claims = binary is not None and gpu and not args.quick
+    concurrencies = [1, 4] if args.quick else [int(c) for c in args.concurrency.split(",")]
+    if args.quick:
+        args.ceiling_calls, args.small_calls, args.large_senders, args.large_batch = 30, 20, 2, 4
+
+    print(f"in-process engine ({'GPU' if gpu else 'CPU'}), batch {args.batch} ...", flush=True)
+    ceiling = engine_ceiling(gpu, args.batch, args.ceiling_calls)
+    http_url, grpc_url = args.url, args.grpc_url
+    if http_url is None:
+        http_port, grpc_port = _free_port(), _free_port()
+        start_app(app_config(gpu, http_port, grpc_port, batch_max=max(32, args.batch)))
+        http_url, grpc_url = f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+    grpc_url = grpc_url or http_url.rsplit(":", 1)[0] + ":9000"
+
+    preflight = check_endpoints(http_url, grpc_url, args.model)
+    print(f"endpoints perf_analyzer reads: {preflight}", flush=True)
+    protocols: dict[str, dict[str, Any]] = {}
+    for protocol in PROTOCOLS:
+        protocols[protocol] = {}
+        for c in concurrencies:
+            print(f"{protocol} concurrency {c} ...", flush=True)
+            if claims:
+                r = run_perf_analyzer(binary, protocol, grpc_url if protocol == "grpc" else http_url, args.model,
+                                      args.batch, c, args.measurement_ms)
+            else:
+                r = run_tritonclient(protocol, http_url, grpc_url, args.model, _image(args.batch, gpu), c,
+                                     duration_s=2.0 if args.quick else 10.0)
+            protocols[protocol][str(c)] = r
+    print("small requests alone, then behind large JSON bodies ...", flush=True)
+    small = small_behind_large(http_url, gpu, args.small_calls, args.large_senders, args.large_batch)
+
+    results = {"driver": "perf_analyzer" if claims else "tritonclient (smoke)", "claims": claims,
+               "preflight": preflight,
+               "gpu": gpu, "model": args.model, "batch": args.batch, "ceiling": ceiling,
+               "protocols": protocols, "small_behind_large": small, "perf_analyzer": binary}
+    results["targets"] = target_rows(results)
+    out_dir = Path(args.out_dir)
+    name = "bench_serving" if claims else "bench_serving_smoke"
+    write_json(out_dir, f"{name}.json", results)
+    plot(results, out_dir / f"{name}.png")
+    print(tables(results))
+    print(f"wrote {out_dir / (name + '.json')} and {out_dir / (name + '.png')}")
+    if args.url is None:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
