@@ -172,13 +172,21 @@ def mem_unmap(ptr: int, nbytes: int) -> None:
     _check("cuMemUnmap", driver().cuMemUnmap(ptr, nbytes)[0])
 
 
-def set_access(index: int, ptr: int, nbytes: int) -> None:
+@functools.cache
+def _access_descs(index: int) -> list:
+    """Read-write access for device ``index``: one descriptor per device, made once (a
+    mapping sets access on every call, and building the descriptor costs more than
+    the driver call's Python side)."""
     drv = driver()
     desc = drv.CUmemAccessDesc()
     desc.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
     desc.location.id = index
     desc.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-    _check("cuMemSetAccess", drv.cuMemSetAccess(ptr, nbytes, [desc], 1)[0])
+    return [desc]
+
+
+def set_access(index: int, ptr: int, nbytes: int) -> None:
+    _check("cuMemSetAccess", driver().cuMemSetAccess(ptr, nbytes, _access_descs(index), 1)[0])
 
 
 def export_fd(handle) -> int:

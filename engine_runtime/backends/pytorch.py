@@ -12,7 +12,9 @@ the host memory.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -29,7 +31,7 @@ from engine_runtime import _cuda
 from engine_runtime.backends import _graph_alloc
 from engine_runtime.memory.arena import OwnedPhysical, PhysicalSource, VmmArena
 from engine_runtime.engine import BaseEngine
-from engine_runtime.errors import EngineLoadError, InputValueError, WeightsUpdateError
+from engine_runtime.errors import EbbInternalError, EngineLoadError, InputValueError, WeightsUpdateError
 from engine_runtime.memory.admission import Admission, admitted_transient, warmup_estimate_bytes
 from engine_runtime.memory import ContextBlock, ContextMechanism, HostAccountingAllocator, MemoryMode
 from engine_runtime.memory.mechanism import BackendKind, ContextFacts, ContextPlan, plan_context
@@ -54,6 +56,15 @@ class _Bucket:
     context_bytes: int
     #: Start of this bucket's address window in the arena (windows never overlap).
     offset: int
+    #: Pinned host staging, made once: host inputs are copied in and sent with one
+    #: asynchronous copy, outputs come back the same way (a pageable copy is synchronous
+    #: and goes through the driver's own staging).
+    host_input: torch.Tensor | None = None
+    host_output: torch.Tensor | None = None
+    #: The NaN/inf check's scalar on the device, reused instead of allocated per call.
+    check_sum: torch.Tensor | None = None
+    #: ``allocate(nbytes)`` for this bucket's window in DYNAMIC mode, made once.
+    allocate: Callable[[int], ContextBlock] | None = None
 
 
 #: Admitted for the first warm-up step, before any bucket was measured: cuBLAS/cuDNN
@@ -116,6 +127,9 @@ class PyTorchEngine(BaseEngine):
         #: How context memory is obtained (``memory.mechanism``); None: planned at load from this host's facts.
         self._plan = context_plan
         self._buckets: dict[int, _Bucket] = {}
+        #: ``_buckets`` by batch size, ascending: a call's bucket by bisection, not a sort.
+        self._bucket_list: list[_Bucket] = []
+        self._bucket_sizes: list[int] = []
         self._arena: VmmArena | None = None
         self._eager_bytes: dict[int, int] = {}
         self._per_sample_bytes = 0
@@ -307,6 +321,7 @@ class PyTorchEngine(BaseEngine):
                     for bucket in self._buckets.values():
                         bucket.graph.replay()
                 self._stream.synchronize()
+                self._stage_buckets()
             finally:
                 lib.set_range(0, 0)  # any stray allocation from the hook now fails loudly
                 try:
@@ -321,6 +336,23 @@ class PyTorchEngine(BaseEngine):
         logger.info("engine %s: captured %d graphs in a %.0f MiB arena; context %s MiB by batch",
                     self.name, len(self._buckets), self._arena.reserved_bytes / MiB,
                     {b: round(k.context_bytes / MiB) for b, k in self._buckets.items()})
+
+    def _stage_buckets(self) -> None:
+        """The per-bucket pieces a call would otherwise make each time (outside the arena)."""
+        self._bucket_list = [self._buckets[b] for b in sorted(self._buckets)]
+        self._bucket_sizes = [bucket.batch for bucket in self._bucket_list]
+        for bucket in self._bucket_list:
+            bucket.host_input = torch.empty(tuple(bucket.static_input.shape), dtype=bucket.static_input.dtype,
+                                            pin_memory=True)
+            bucket.host_output = torch.empty(tuple(bucket.static_output.shape), dtype=bucket.static_output.dtype,
+                                             pin_memory=True)
+            if bucket.static_input.dtype.is_floating_point:
+                bucket.check_sum = torch.empty((), dtype=bucket.static_input.dtype, device=self._device)
+            bucket.allocate = functools.partial(self._allocate_window, bucket.offset)
+
+    def _allocate_window(self, offset: int, nbytes: int) -> ContextBlock:
+        # Read when memory is wanted: what is left of this call's deadline.
+        return self._arena.allocate(nbytes, (offset,), deadline_s=self.call_deadline_s)
 
     # -- weights ----------------------------------------------------------------
 
@@ -362,10 +394,10 @@ class PyTorchEngine(BaseEngine):
     # -- running ----------------------------------------------------------------
 
     def _bucket_for(self, batch: int) -> _Bucket:
-        for b in sorted(self._buckets):
-            if b >= batch:
-                return self._buckets[b]
-        raise AssertionError("validated batch above every bucket")  # unreachable after validate_inputs
+        i = bisect.bisect_left(self._bucket_sizes, batch)
+        if i == len(self._bucket_list):
+            raise EbbInternalError(f"batch {batch} above every bucket {self._bucket_sizes}; inputs were not validated")
+        return self._bucket_list[i]
 
     def _eager_bucket(self, batch: int) -> int:
         return min(b for b in self._eager_bytes if b >= batch)
@@ -397,11 +429,7 @@ class PyTorchEngine(BaseEngine):
         if self._buckets:
             bucket = self._bucket_for(batch)
             if mode is MemoryMode.DYNAMIC:
-                def allocate(nbytes: int, offset: int = bucket.offset) -> ContextBlock:
-                    # Read when memory is wanted: what is left of this call's deadline.
-                    return self._arena.allocate(nbytes, (offset,), deadline_s=self.call_deadline_s)
-
-                with self.dynamic_context(bucket.context_bytes, allocate):
+                with self.dynamic_context(bucket.context_bytes, bucket.allocate):
                     return {self._output.name: self._replay(bucket, x)}
             return {self._output.name: self._replay(bucket, x)}
         # Eager on the GPU without the arena.
@@ -429,15 +457,27 @@ class PyTorchEngine(BaseEngine):
         batch = x.shape[0]
         self._after_caller(x)
         check = self.reject_non_finite and x.dtype.is_floating_point
+        device_input = bucket.static_input[:batch]
         with torch.cuda.stream(self._stream):
-            bucket.static_input[:batch].copy_(x, non_blocking=False)
-            # NaN/inf check on the device: one reduction to a scalar, read after the
-            # synchronising copy below. (A host pass over a 60 MB batch costs ~10 ms.)
-            total = bucket.static_input[:batch].sum() if check else None
+            if x.is_cuda:
+                device_input.copy_(x, non_blocking=True)
+            else:
+                # Into pinned memory (host copy), then one asynchronous copy on our stream.
+                staged = bucket.host_input[:batch]
+                staged.copy_(x)
+                device_input.copy_(staged, non_blocking=True)
+            # NaN/inf check on the device: one reduction into a scalar made once, read
+            # after the stream is synchronised below. (A host pass over a 60 MB batch
+            # costs ~10 ms.)
+            total = (torch.sum(device_input, dim=tuple(range(device_input.dim())), out=bucket.check_sum)
+                     if check else None)
             bucket.graph.replay()
-            # Copied to the host (a synchronising copy) before the arena is unmapped.
-            out = bucket.static_output[:batch].to("cpu")
+            host_out = bucket.host_output[:batch]
+            host_out.copy_(bucket.static_output[:batch], non_blocking=True)
+        # Before the arena is unmapped (dynamic mode) and before the staging is read.
         self._stream.synchronize()
+        # The caller keeps the output: a copy (pageable) out of the staging the next call reuses.
+        out = torch.empty(host_out.shape, dtype=host_out.dtype).copy_(host_out)
         if total is not None and not math.isfinite(total.item()):
             # A non-finite sum means a NaN/inf input, or finite values whose sum
             # overflowed: tell the two apart exactly, on the host, only in that case.
@@ -483,7 +523,9 @@ class PyTorchEngine(BaseEngine):
         for bucket in self._buckets.values():
             bucket.graph.reset()
         for bucket in self._buckets.values():
-            bucket.static_input = bucket.static_output = None
+            bucket.static_input = bucket.static_output = bucket.check_sum = None
+            bucket.host_input = bucket.host_output = bucket.allocate = None
+        self._bucket_list, self._bucket_sizes = [], []
         for bucket in self._buckets.values():
             bucket.pool = None
         self._buckets.clear()
