@@ -123,6 +123,33 @@ def test_static_and_dynamic_equal_and_close_to_eager(case):
         dynamic.close()
 
 
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_staged_calls_keep_their_outputs_and_refuse_nan_on_the_device(mode):
+    """The graph path stages through pinned buffers reused by every call (issue 14): an
+    answer must not change under the next call, and the NaN check (one reduction into
+    a reused scalar) must still refuse, leaving no context memory held in dynamic mode."""
+    from engine_runtime.errors import InputValueError
+
+    case = SMALL_RESNET
+    engine = _engine(case, mode)
+    try:
+        name = engine.describe().input_names[0]
+        first = engine.infer({name: _input(case, seed=1)})["output"]
+        kept = first.clone()
+        second = engine.infer({name: _input(case, seed=2).numpy()})["output"]
+        assert torch.equal(first, kept) and not np.array_equal(second, kept.numpy())
+        bad = _input(case, seed=3)
+        bad[1, 2, 3, 4] = float("nan")
+        with pytest.raises(InputValueError, match="NaN"):
+            engine.infer({name: bad})
+        huge = torch.full_like(bad, 3e38)  # finite, but its sum overflows: not refused
+        assert engine.infer({name: huge})["output"].shape[0] == case["batch"]
+        if mode == "dynamic":
+            assert engine.stats().context_bytes_held == 0
+    finally:
+        engine.close()
+
+
 # -- in a fresh process: memory, acquisition cost, switching, close --------------------------
 
 
