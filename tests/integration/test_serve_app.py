@@ -127,7 +127,7 @@ def error_of(resp: requests.Response) -> str:
 def test_health_and_metadata(ebb: Ebb):
     assert requests.get(f"{ebb.url}/v2/health/live", timeout=10).status_code == 200
     assert requests.get(f"{ebb.url}/v2/health/ready", timeout=10).status_code == 200
-    assert requests.get(f"{ebb.url}/v2", timeout=10).json()["extensions"] == ["binary_tensor_data"]
+    assert requests.get(f"{ebb.url}/v2", timeout=10).json()["extensions"] == ["binary_tensor_data", "model_configuration", "statistics"]
     for model in ("resnet18", "encoder"):
         assert requests.get(f"{ebb.url}/v2/models/{model}/ready", timeout=10).status_code == 200
     meta = requests.get(f"{ebb.url}/v2/models/resnet18", timeout=10).json()
