@@ -141,6 +141,12 @@ class HttpConfig(_Strict):
     parse_in_thread_bytes: int = Field(64 * 2**10, ge=0, description="Bodies and answers at least this large are "
                                                                      "parsed and encoded on a worker thread, never "
                                                                      "on the ingress's event loop.")
+    parse_in_process_bytes: int = Field(1 * 2**20, ge=0, description="JSON bodies at least this large are parsed in "
+                                                                     "a worker process: a JSON parser holds the GIL "
+                                                                     "for the whole parse, which a thread cannot "
+                                                                     "hide from the event loop.")
+    parse_processes: int = Field(2, ge=0, description="Worker processes per ingress replica for large JSON bodies "
+                                                      "(started on the first one); 0: threads only.")
 
 
 #: CUDA VMM's allocation granularity on current NVIDIA GPUs; chunks must be multiples of it.

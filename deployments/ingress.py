@@ -17,12 +17,11 @@ one, and stalled uploads cannot take every one of the replica's request slots.
 # run time, and under Serve's ingress wrapper string annotations such as "Request"
 # do not resolve, turning the request into a required query parameter (HTTP 422).
 import asyncio
-import ctypes
-import ctypes.util
 import functools
 import logging
+import multiprocessing
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from deployments import grpc_service, protocol
+from deployments import grpc_service, parse_worker, protocol
 from deployments.config import HttpConfig
 from deployments.openapi import INFER_OPERATION, METADATA_RESPONSES
 from engine_runtime.spec import EngineDescription
@@ -45,8 +44,7 @@ SERVER_VERSION = "0.1.0"
 SERVER_EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 #: Every model is served as version "1"; the URL may name it or leave it out.
 MODEL_VERSION = "1"
-#: Bodies at least this large hand their memory back to the OS once answered (below).
-_TRIM_AFTER_BYTES = 8 * 2**20
+#: At most one heap trim a second (parse_worker.malloc_trim).
 _TRIM_EVERY_S = 1.0
 _PARSE_THREADS = 4
 
@@ -77,9 +75,17 @@ def _is_replica_gone(exc: BaseException) -> bool:
     return isinstance(exc, gone) or (backpressure is not None and isinstance(exc, backpressure))
 
 
+def _is_cancelled(exc: BaseException) -> bool:
+    """Serve cancels a request whose client went away; its body's ``receive`` (or a call
+    the ingress made for it) then raises Ray's ``TaskCancelledError``."""
+    import ray.exceptions as rex
+
+    return isinstance(exc, (ClientDisconnect, rex.TaskCancelledError))
+
+
 def _status_of(exc: BaseException, retry_after_s: int) -> tuple[int, str, dict[str, str]]:
     exc = _unwrap(exc)
-    if isinstance(exc, ClientDisconnect):
+    if _is_cancelled(exc):
         exc = protocol.ClientDisconnected(0)
     if isinstance(exc, protocol.ClientDisconnected):
         # The client's own choice; nobody reads this answer. Not an internal error.
@@ -102,17 +108,6 @@ def _grpc_error(context: Any, exc: BaseException, retry_after_s: int, empty: Any
         context.set_code(grpc.StatusCode[protocol.grpc_code_for(status)])
         context.set_details(message)
     return empty
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or None: freed large bodies otherwise stay in the
-    process's heap arenas (issue 14 measured an ingress at 596 MB after four 60 MB bodies)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
 
 
 @dataclass
@@ -141,6 +136,7 @@ class EbbIngress:
         self._parser = ThreadPoolExecutor(max_workers=_PARSE_THREADS, thread_name_prefix="ebb-parse")
         self._counters = {name: _ModelCounters() for name in handles}
         self._last_trim = 0.0
+        self._processes: ProcessPoolExecutor | None = None
 
     async def _desc(self, name: str, version: str | None) -> EngineDescription:
         if name not in self.handles or (version is not None and version != MODEL_VERSION):
@@ -155,13 +151,32 @@ class EbbIngress:
             return fn(*args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._parser, functools.partial(fn, *args, **kwargs))
 
+    def _in_process(self, nbytes: int) -> bool:
+        return self.http.parse_processes > 0 and nbytes >= self.http.parse_in_process_bytes
+
+    async def _in_worker_process(self, parse, body: bytes) -> protocol.InferRequest:
+        """``parse(body)`` in a worker process: JSON parsers (json, orjson) hold the GIL
+        for the whole parse, so on a thread a 24 MiB body still stops the event loop for
+        its full parse; in a process it costs the loop one copy each way."""
+        if self._processes is None:
+            # spawn, not fork: this is a Ray worker with threads of its own.
+            self._processes = ProcessPoolExecutor(max_workers=self.http.parse_processes,
+                                                  mp_context=multiprocessing.get_context("spawn"))
+        return await asyncio.get_running_loop().run_in_executor(self._processes, parse_worker.parse_and_trim,
+                                                                parse, body)
+
+    def __del__(self) -> None:
+        # Serve's graceful shutdown calls __del__: stop the workers, do not wait for them.
+        for pool in (getattr(self, "_processes", None), getattr(self, "_parser", None)):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
     def _trim_after(self, nbytes: int) -> None:
         now = time.monotonic()
-        trim = _malloc_trim()
-        if trim is None or nbytes < _TRIM_AFTER_BYTES or now - self._last_trim < _TRIM_EVERY_S:
+        if nbytes < parse_worker.TRIM_AFTER_BYTES or now - self._last_trim < _TRIM_EVERY_S:
             return
         self._last_trim = now
-        asyncio.get_running_loop().run_in_executor(self._parser, trim, 0)
+        asyncio.get_running_loop().run_in_executor(self._parser, parse_worker.malloc_trim)
 
     async def _call(self, name: str, desc: EngineDescription, parsed: protocol.InferRequest) -> dict:
         counters = self._counters[name]
@@ -258,12 +273,16 @@ class EbbIngress:
             desc = await self._desc(name, version)
             body = await self._read_body(request)
             size = len(body)
-            parsed = await self._off_loop(
-                size, protocol.parse_infer_request, body, content_type=request.headers.get("content-type"),
-                header_length=request.headers.get(protocol.HEADER_LENGTH_HEADER), desc=desc,
-                max_body_bytes=self.http.max_body_bytes,
+            header_length = request.headers.get(protocol.HEADER_LENGTH_HEADER)
+            parse = functools.partial(
+                protocol.parse_infer_request, content_type=request.headers.get("content-type"),
+                header_length=header_length, desc=desc, max_body_bytes=self.http.max_body_bytes,
                 # NaN and infinity are the model's rule (reject_non_finite), applied by its replica.
                 reject_non_finite=False)
+            if header_length is None and self._in_process(size):
+                parsed = await self._in_worker_process(parse, bytes(body))
+            else:
+                parsed = await self._off_loop(size, parse, body)
             del body  # binary tensors are views of it: it lives on in ``parsed``
             outputs = await self._call(name, desc, parsed)
             out_bytes = sum(getattr(v, "nbytes", 0) for v in outputs.values())
@@ -291,7 +310,12 @@ class EbbIngress:
         try:
             async with asyncio.timeout(self.http.body_timeout_s):
                 while True:
-                    message = await request.receive()
+                    try:
+                        message = await request.receive()
+                    except Exception as err:
+                        if _is_cancelled(err):
+                            raise protocol.ClientDisconnected(len(body)) from None
+                        raise
                     if message["type"] == "http.disconnect":
                         raise protocol.ClientDisconnected(len(body))
                     body += message.get("body", b"")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 
 import pytest
+from ray.exceptions import TaskCancelledError
 from starlette.requests import ClientDisconnect
 
 from deployments.ingress import _status_of
 from deployments.protocol import ClientDisconnected, ProtocolError
 
 
-@pytest.mark.parametrize("exc", [ClientDisconnect(), ClientDisconnected(123)], ids=["starlette", "ebb"])
+@pytest.mark.parametrize("exc", [ClientDisconnect(), ClientDisconnected(123), TaskCancelledError()],
+                         ids=["starlette", "ebb", "serve-cancelled"])
 def test_a_client_hanging_up_mid_body_is_no_internal_error(exc, caplog):
     with caplog.at_level(logging.DEBUG):
         status, message, _ = _status_of(exc, retry_after_s=1)
