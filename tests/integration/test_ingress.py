@@ -33,6 +33,7 @@ def app(serve_instance: ServeApp) -> ServeApp:
     args = small_args()
     args["http"] = {"max_body_bytes": 64 << 20, "retry_after_s": 1, "body_timeout_s": BODY_TIMEOUT_S,
                     "max_concurrent_body_reads": MAX_BODY_READS}
+    args["models"][0]["reject_non_finite"] = False  # resnet18 takes NaN; the encoder's ints cannot hold one
     serve_instance.deploy([application(args)], timeout_s=300)
     serve_instance.wait_ready(timeout_s=120)
     return serve_instance
@@ -73,6 +74,15 @@ def test_model_config_through_tritonclient(app: ServeApp):
     assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
     # Statistics, which perf_analyzer reads around each measurement.
     assert client.get_inference_statistics("resnet18")["model_stats"][0]["name"] == "resnet18"
+
+
+def test_nan_over_http_where_the_model_allows_it(app: ServeApp):
+    """Before: the protocol layer refused NaN for every model, whatever its reject_non_finite."""
+    body = _image_body()
+    body["inputs"][0]["data"][5] = float("nan")
+    resp = requests.post(f"{app.url}/v2/models/resnet18/infer", data=json.dumps(body).encode(),  # NaN literal
+                         headers={"Content-Type": "application/json"}, timeout=30)
+    assert resp.status_code == 200, resp.text
 
 
 def test_openapi_describes_the_infer_bodies(app: ServeApp):
