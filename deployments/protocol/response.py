@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -74,6 +75,7 @@ def encode_infer_response(
         header["id"] = request.id
     tensors: list[dict[str, Any]] = []
     tails: list[bytes] = []
+    non_finite = False
     for name, array, datatype in checked_outputs(outputs, names):
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if request.wants_binary(name):
@@ -84,9 +86,18 @@ def encode_infer_response(
             # orjson writes a contiguous numpy array at C speed (no Python list per element).
             values = array.astype(np.float32) if datatype == "BF16" else array
             tensor["data"] = np.ascontiguousarray(values).ravel()
+            non_finite = non_finite or (values.dtype.kind == "f" and not bool(np.isfinite(values).all()))
         tensors.append(tensor)
     header["outputs"] = tensors
-    header_bytes = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    if non_finite:
+        # orjson would write NaN and infinity as null; the json module writes the NaN and
+        # Infinity literals that the request side (and tritonclient) read back as numbers.
+        for tensor in tensors:
+            if "data" in tensor:
+                tensor["data"] = tensor["data"].tolist()
+        header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    else:
+        header_bytes = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
     if not tails:
         return header_bytes, {"Content-Type": "application/json"}
     return b"".join([header_bytes, *tails]), {

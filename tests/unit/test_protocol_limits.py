@@ -188,3 +188,13 @@ def test_dynamic_dims_are_minus_one():
                                               (415, "INVALID_ARGUMENT"), (503, "UNAVAILABLE"), (500, "INTERNAL")])
 def test_grpc_codes_mirror_http_statuses(status, code):
     assert grpc_code_for(status) == code
+
+
+def test_non_finite_outputs_are_written_as_json_numbers_not_null():
+    from deployments.protocol import InferRequest, encode_infer_response
+
+    request = InferRequest(id=None, inputs={}, outputs=(), binary_data_output=False)
+    out = np.array([[1.0, np.nan, np.inf]], np.float32)
+    body, _ = encode_infer_response("m", {"output": out}, request)
+    data = json.loads(body)["outputs"][0]["data"]
+    assert data[0] == 1.0 and np.isnan(data[1]) and data[2] == float("inf")
