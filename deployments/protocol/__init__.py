@@ -18,7 +18,11 @@ from deployments.protocol.request import (
     parse_infer_request,
     validation_key,
 )
-from deployments.protocol.response import encode_infer_response, model_metadata, model_statistics
+from deployments.protocol.response import (
+    encode_infer_response,
+    model_metadata,
+    model_statistics,
+)
 from deployments.protocol.status import (
     ClientDisconnected,
     ModelNotFound,

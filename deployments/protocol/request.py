@@ -19,7 +19,6 @@ JSON or copied as raw numbers; nothing is unpickled or evaluated.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -27,8 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 
+from deployments.protocol._json import (
+    flatten,
+    json_type,
+    json_values_to_array,
+    load_json,
+    short,
+)
 from deployments.protocol.datatypes import (
     DATATYPES,
     datatype_for,
@@ -69,10 +74,6 @@ _MIN_JSON_BYTES_PER_ELEMENT = 2
 #: int() of a very long digit string is slow and raises past 4300 digits; a real
 #: header length has at most 20 digits.
 _MAX_HEADER_LENGTH_DIGITS = 20
-#: Past 309 digits an integer is out of range of every datatype, FP64 included: such a
-#: literal is refused while parsing, before Python converts it (quadratic in its length,
-#: and refused past 4300 digits with a hint about sys.set_int_max_str_digits).
-_MAX_INTEGER_DIGITS = 309
 _DIGITS = re.compile(r"[0-9]+")
 
 
@@ -176,7 +177,7 @@ def parse_infer_request(
     if json_bytes == 0:
         raise ProtocolError(400, "request body is empty; expected a JSON object with 'inputs'")
     view = memoryview(body)
-    request = _load_json(view[:json_bytes])
+    request = load_json(view[:json_bytes])
     return parse_infer_object(request, desc, json_bytes=json_bytes, binary_tail=view[json_bytes:],
                               binary_present=header_length is not None, reject_non_finite=reject_non_finite)
 
@@ -200,11 +201,11 @@ def parse_infer_object(
     """
     binary_tail = memoryview(b"") if binary_tail is None else binary_tail
     if not isinstance(request, dict):
-        raise ProtocolError(400, f"request body must be a JSON object, got {_json_type(request)}")
+        raise ProtocolError(400, f"request body must be a JSON object, got {json_type(request)}")
     _reject_unknown_keys(request, _REQUEST_KEYS, "request")
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise ProtocolError(400, f"'id' must be a string, got {_json_type(request_id)}")
+        raise ProtocolError(400, f"'id' must be a string, got {json_type(request_id)}")
     parameters = _parameters_of(request, "request")
     binary_data_output = bool(_bool_parameter(parameters, "binary_data_output", "request", default=False))
 
@@ -270,42 +271,6 @@ class _InputPlan:
     raw: memoryview | None = None
 
 
-def _load_json(raw: memoryview) -> Any:
-    try:
-        # orjson parses several times faster than json; it refuses what strict JSON
-        # refuses (NaN and Infinity literals, nesting past 1024), and those requests go
-        # on to the json module below, which accepts NaN and Infinity (the engine's rule
-        # decides about them) and words every error the same way as before.
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        text = bytes(raw).decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ProtocolError(400, f"request JSON is not valid UTF-8 at byte {err.start}") from err
-    try:
-        return json.loads(text, parse_int=_parse_int)
-    except RecursionError as err:
-        raise ProtocolError(400, "request JSON is nested too deeply") from err
-    except ValueError as err:  # JSONDecodeError
-        raise ProtocolError(400, f"malformed JSON in request body: {str(err)[:200]}") from err
-
-
-class _HugeInteger:
-    """An integer literal too long for any datatype, kept unconverted so that the check
-    that meets it names where it was (an input's data, a shape)."""
-
-    __slots__ = ("digits",)
-
-    def __init__(self, digits: int) -> None:
-        self.digits = digits
-
-
-def _parse_int(literal: str) -> int | _HugeInteger:
-    digits = len(literal) - literal.startswith("-")
-    return _HugeInteger(digits) if digits > _MAX_INTEGER_DIGITS else int(literal)
-
-
 def _check_content_type(content_type: str | None) -> None:
     if content_type is None:
         return
@@ -331,22 +296,6 @@ def _parse_header_length(header_length: str | None, body_bytes: int) -> int:
     return value
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, _HugeInteger):
-        return f"an integer of {value.digits} digits (out of range of every datatype)"
-    return "an object"
-
-
 def _reject_unknown_keys(obj: dict[str, Any], allowed: frozenset[str], where: str) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
@@ -356,7 +305,7 @@ def _reject_unknown_keys(obj: dict[str, Any], allowed: frozenset[str], where: st
 def _parameters_of(obj: dict[str, Any], where: str) -> dict[str, Any]:
     parameters = obj.get("parameters", {})
     if not isinstance(parameters, dict):
-        raise ProtocolError(400, f"'parameters' of {where} must be an object, got {_json_type(parameters)}")
+        raise ProtocolError(400, f"'parameters' of {where} must be an object, got {json_type(parameters)}")
     for key in _SHARED_MEMORY_KEYS:
         if key in parameters:
             raise ProtocolError(400, f"{where}: shared memory ({key!r}) is not supported by this server")
@@ -366,13 +315,13 @@ def _parameters_of(obj: dict[str, Any], where: str) -> dict[str, Any]:
 def _bool_parameter(parameters: dict[str, Any], key: str, where: str, *, default: bool | None) -> bool | None:
     value = parameters.get(key, default)
     if value is not None and not isinstance(value, bool):
-        raise ProtocolError(400, f"parameter {key!r} of {where} must be true or false, got {_json_type(value)}")
+        raise ProtocolError(400, f"parameter {key!r} of {where} must be true or false, got {json_type(value)}")
     return value
 
 
 def _plan_input(raw: Any, index: int, desc: EngineDescription, json_bytes: int) -> _InputPlan:
     if not isinstance(raw, dict):
-        raise ProtocolError(400, f"inputs[{index}] must be an object, got {_json_type(raw)}")
+        raise ProtocolError(400, f"inputs[{index}] must be an object, got {json_type(raw)}")
     name = raw.get("name")
     if not isinstance(name, str):
         raise ProtocolError(400, f"inputs[{index}] needs a string 'name'; this model's inputs are {desc.input_names}")
@@ -421,35 +370,29 @@ def _plan_input(raw: Any, index: int, desc: EngineDescription, json_bytes: int) 
         if "data" not in raw:
             raise ProtocolError(400, f"{where} has neither 'data' nor a binary_data_size parameter")
         if not isinstance(data, list):
-            raise ProtocolError(400, f"{where}: 'data' must be a list (flat or nested), got {_json_type(data)}")
+            raise ProtocolError(400, f"{where}: 'data' must be a list (flat or nested), got {json_type(data)}")
         capacity = (json_bytes + 1) // _MIN_JSON_BYTES_PER_ELEMENT
         if count > capacity:
             raise ProtocolError(
                 400,
-                f"{where}: shape {_short(shape)} has {count} elements, more than a {json_bytes}-byte JSON body can hold",
+                f"{where}: shape {short(shape)} has {count} elements, more than a {json_bytes}-byte JSON body can hold",
             )
     return _InputPlan(name=name, numpy_name=numpy_name, shape=shape, count=count, data=data, binary_size=binary_size)
 
 
 def _parse_shape(shape: Any, where: str) -> tuple[int, ...]:
     if not isinstance(shape, list):
-        raise ProtocolError(400, f"{where} needs 'shape', a list of non-negative integers, got {_json_type(shape)}")
+        raise ProtocolError(400, f"{where} needs 'shape', a list of non-negative integers, got {json_type(shape)}")
     if any(type(d) is float for d in shape):
         # orjson reads an integer literal past 64 bits as a float: the client wrote an
         # integer, and its size is what the checks below must report.
         shape = [int(d) if type(d) is float and d.is_integer() and abs(d) >= 2**64 else d for d in shape]
     for d in shape:
         if isinstance(d, bool) or not isinstance(d, int):
-            raise ProtocolError(400, f"{where}: shape must hold integers, got {_json_type(d)} in {_short(shape)}")
+            raise ProtocolError(400, f"{where}: shape must hold integers, got {json_type(d)} in {short(shape)}")
         if d < 0:
-            raise ProtocolError(400, f"{where}: shape {_short(shape)} has a negative dimension")
+            raise ProtocolError(400, f"{where}: shape {short(shape)} has a negative dimension")
     return tuple(shape)
-
-
-def _short(shape: Sequence[Any], limit: int = 8) -> str:
-    """A shape for a message, cut short: a client may send a thousand dimensions."""
-    items = [str(d) if len(str(d)) <= 20 else str(d)[:20] + "..." for d in list(shape)[:limit]]
-    return "[" + ", ".join(items) + (", ..." if len(shape) > limit else "") + "]"
 
 
 def _build_array(plan: _InputPlan) -> np.ndarray:
@@ -458,7 +401,7 @@ def _build_array(plan: _InputPlan) -> np.ndarray:
         raw = plan.raw
         if len(raw) != plan.count * itemsize(plan.numpy_name):
             raise ProtocolError(
-                400, f"input {plan.name!r}: shape {_short(plan.shape)} of {datatype_for(plan.numpy_name)} needs "
+                400, f"input {plan.name!r}: shape {short(plan.shape)} of {datatype_for(plan.numpy_name)} needs "
                      f"{plan.count * itemsize(plan.numpy_name)} bytes, its raw contents are {len(raw)} bytes")
         wire = np.frombuffer(raw, dtype=dtype.newbyteorder("<"), count=plan.count)
         if plan.numpy_name == "bool" and plan.count and int(wire.view(np.uint8).max()) > 1:
@@ -469,83 +412,15 @@ def _build_array(plan: _InputPlan) -> np.ndarray:
             return wire.reshape(plan.shape)
         # Read-only bytes (or a big-endian host): an aligned, writable copy the engine may keep.
         return wire.astype(dtype, copy=True).reshape(plan.shape)
-    flat = _flatten(plan.data, plan.shape, plan.name)
-    return _json_values_to_array(flat, plan).reshape(plan.shape)
-
-
-def _flatten(data: list[Any], shape: tuple[int, ...], name: str) -> list[Any]:
-    """Row-major elements of ``data``: flat (KServe's row-major list) or nested exactly as ``shape``.
-
-    Nested data must follow the shape at every level: a list of 150,527 values and one
-    of 1 under ``[1, 3, 224, 224]`` holds the right count but is not that tensor.
-    """
-    count = math.prod(shape)
-    if list not in set(map(type, data)):
-        if len(data) != count:
-            raise ProtocolError(
-                400, f"input {name!r}: shape {_short(shape)} needs {count} elements, 'data' has {len(data)}")
-        return data
-    if not shape:
-        raise ProtocolError(400, f"input {name!r}: shape [] is a scalar; 'data' must be a flat list of one element")
-    level: list[Any] = [data]
-    for depth, dim in enumerate(shape):
-        last = depth == len(shape) - 1
-        below: list[Any] = []
-        for node in level:
-            if type(node) is not list or len(node) != dim:
-                got = f"a list of {len(node)}" if type(node) is list else _json_type(node)
-                raise ProtocolError(
-                    400, f"input {name!r}: nested 'data' does not match shape {_short(shape)}: at depth {depth} "
-                         f"found {got} where the shape has {dim}; send 'data' flat (row-major) or nested "
-                         f"exactly as the shape")
-            below.extend(node)  # at C speed; the last level's elements are checked as values
-        level = below
-        if last:
-            return level
-    return level
-
-
-def _json_values_to_array(flat: list[Any], plan: _InputPlan) -> np.ndarray:
-    where = f"input {plan.name!r}"
-    kinds = set(map(type, flat))
-    dtype = numpy_dtype(plan.numpy_name)
-    if plan.numpy_name == "bool":
-        if not kinds <= {bool}:
-            raise ProtocolError(400, f"{where}: BOOL data must be true or false, got {_kinds(kinds)}")
-        return np.array(flat, dtype=bool)
-    if dtype.kind in "iu":
-        if not kinds <= {int}:
-            raise ProtocolError(400, f"{where}: {datatype_for(plan.numpy_name)} data must be integers, got {_kinds(kinds)}")
-        info = np.iinfo(dtype)
-        if flat and (min(flat) < info.min or max(flat) > info.max):
-            raise ProtocolError(
-                400, f"{where}: values must lie in {info.min}..{info.max} for {datatype_for(plan.numpy_name)}"
-            )
-        return np.array(flat, dtype=dtype)
-    if not kinds <= {int, float}:
-        raise ProtocolError(400, f"{where}: {datatype_for(plan.numpy_name)} data must be numbers, got {_kinds(kinds)}")
-    try:
-        wide = np.array(flat, dtype=np.float64)
-    except OverflowError as err:
-        raise ProtocolError(400, f"{where}: an integer in 'data' is too large for a float") from err
-    # Values past the type's range become infinities, which validate_inputs reports.
-    with np.errstate(over="ignore"):
-        return wide.astype(dtype)
-
-
-_JSON_KIND_NAMES = {type(None): "null", bool: "booleans", int: "integers", float: "floats", str: "strings",
-                    list: "lists", dict: "objects", _HugeInteger: f"integers of over {_MAX_INTEGER_DIGITS} digits"}
-
-
-def _kinds(kinds: set[type]) -> str:
-    return ", ".join(sorted(_JSON_KIND_NAMES.get(k, k.__name__) for k in kinds))
+    flat = flatten(plan.data, plan.shape, plan.name)
+    return json_values_to_array(flat, plan.name, plan.numpy_name).reshape(plan.shape)
 
 
 def _parse_requested_outputs(raw_outputs: Any, desc: EngineDescription) -> tuple[RequestedOutput, ...]:
     if raw_outputs is None:
         return ()
     if not isinstance(raw_outputs, list):
-        raise ProtocolError(400, f"'outputs' must be a list, got {_json_type(raw_outputs)}")
+        raise ProtocolError(400, f"'outputs' must be a list, got {json_type(raw_outputs)}")
     outputs: list[RequestedOutput] = []
     seen: set[str] = set()
     for index, raw in enumerate(raw_outputs):
