@@ -32,7 +32,14 @@ from ray import serve
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from deployments import grpc_service, parse_worker, protocol
+from deployments import parse_worker, protocol
+
+try:
+    # tritonclient's protobuf messages; without tritonclient[grpc] the HTTP side still
+    # serves (and cluster.yaml's grpc_options, which name this module, must go).
+    from deployments import grpc_service
+except ImportError:  # pragma: no cover - depends on the environment
+    grpc_service = None
 from deployments.config import HttpConfig
 from deployments.openapi import INFER_OPERATION, METADATA_RESPONSES
 from engine_runtime.spec import EngineDescription

@@ -14,12 +14,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import orjson
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a host without it parses with the json module alone
+    orjson = None
 
 from deployments.protocol.datatypes import datatype_for, numpy_dtype
 from deployments.protocol.status import ProtocolError
 
-__all__ = ["flatten", "json_type", "json_values_to_array", "load_json", "short"]
+__all__ = ["dumps", "flatten", "json_type", "json_values_to_array", "load_json", "short"]
 
 #: Past 309 digits an integer is out of range of every datatype, FP64 included: such a
 #: literal is refused while parsing, before Python converts it (quadratic in its length,
@@ -28,14 +32,15 @@ _MAX_INTEGER_DIGITS = 309
 
 
 def load_json(raw: memoryview) -> Any:
-    try:
-        # orjson parses several times faster than json; it refuses what strict JSON
-        # refuses (NaN and Infinity literals, nesting past 1024), and those requests go
-        # on to the json module below, which accepts NaN and Infinity (the engine's rule
-        # decides about them) and words every error the same way as before.
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass
+    if orjson is not None:
+        try:
+            # orjson parses several times faster than json; it refuses what strict JSON
+            # refuses (NaN and Infinity literals, nesting past 1024), and those requests go
+            # on to the json module below, which accepts NaN and Infinity (the engine's rule
+            # decides about them) and words every error the same way as before.
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
     try:
         text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError as err:
@@ -152,3 +157,16 @@ _JSON_KIND_NAMES = {type(None): "null", bool: "booleans", int: "integers", float
 
 def _kinds(kinds: set[type]) -> str:
     return ", ".join(sorted(_JSON_KIND_NAMES.get(k, k.__name__) for k in kinds))
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON of ``obj``, numpy arrays included (orjson's at C speed where installed)."""
+    if orjson is not None:
+        return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+    return json.dumps(obj, separators=(",", ":"), default=_plain).encode("utf-8")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import orjson
 
+from deployments.protocol._json import dumps
 from deployments.protocol.datatypes import DATATYPE_OF, datatype_for
 from deployments.protocol.request import HEADER_LENGTH_HEADER, InferRequest
 from engine_runtime.errors import EbbInternalError
@@ -97,7 +97,7 @@ def encode_infer_response(
                 tensor["data"] = tensor["data"].tolist()
         header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     else:
-        header_bytes = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+        header_bytes = dumps(header)
     if not tails:
         return header_bytes, {"Content-Type": "application/json"}
     return b"".join([header_bytes, *tails]), {

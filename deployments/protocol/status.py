@@ -9,11 +9,10 @@ logged with its traceback, its details kept from the client.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-
-import orjson
 
 from engine_runtime.errors import (
     ContextMemoryUnavailable,
@@ -103,4 +102,4 @@ def grpc_code_for(status_code: int) -> str:
 
 def error_body(message: str) -> bytes:
     """The protocol's error body, ``{"error": message}``."""
-    return orjson.dumps({"error": message})
+    return json.dumps({"error": message}, separators=(",", ":")).encode("utf-8")
