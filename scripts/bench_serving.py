@@ -202,11 +202,17 @@ def run_perf_analyzer(binary: str, protocol: str, url: str, model: str, batch: i
 def check_endpoints(http_url: str, grpc_url: str, model: str) -> dict[str, str]:
     """What perf_analyzer reads before it sends a request: metadata, config, statistics,
     over HTTP and gRPC. A failure here names the endpoint instead of a perf_analyzer error."""
-    import tritonclient.grpc as g
     import tritonclient.http as h
 
+    clients = [("http", h.InferenceServerClient(http_url))]
     checks = {}
-    for label, client in (("http", h.InferenceServerClient(http_url)), ("grpc", g.InferenceServerClient(grpc_url))):
+    try:
+        import tritonclient.grpc as g
+
+        clients.append(("grpc", g.InferenceServerClient(grpc_url)))
+    except ImportError as err:
+        checks["grpc"] = f"failed: {err}"
+    for label, client in clients:
         for what, call in (("metadata", client.get_model_metadata), ("config", client.get_model_config),
                            ("stats", client.get_inference_statistics)):
             try:
