@@ -161,7 +161,7 @@ class EbbIngress:
     def _in_process(self, nbytes: int) -> bool:
         return self.http.parse_processes > 0 and nbytes >= self.http.parse_in_process_bytes
 
-    async def _in_worker_process(self, parse, body: bytes) -> protocol.InferRequest:
+    async def _in_worker_process(self, parse, body: bytearray) -> protocol.InferRequest:
         """``parse(body)`` in a worker process: JSON parsers (json, orjson) hold the GIL
         for the whole parse, so on a thread a 24 MiB body still stops the event loop for
         its full parse; in a process it costs the loop one copy each way."""
@@ -287,7 +287,7 @@ class EbbIngress:
                 # NaN and infinity are the model's rule (reject_non_finite), applied by its replica.
                 reject_non_finite=False)
             if header_length is None and self._in_process(size):
-                parsed = await self._in_worker_process(parse, bytes(body))
+                parsed = await self._in_worker_process(parse, body)
             else:
                 parsed = await self._off_loop(size, parse, body)
             del body  # binary tensors are views of it: it lives on in ``parsed``

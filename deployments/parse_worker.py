@@ -36,7 +36,7 @@ def malloc_trim() -> None:
         trim(0)
 
 
-def parse_and_trim(parse: Callable[[bytes], Any], body: bytes) -> Any:
+def parse_and_trim(parse: Callable[[bytes | bytearray], Any], body: bytes | bytearray) -> Any:
     size = len(body)
     try:
         return parse(body)
