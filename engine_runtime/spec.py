@@ -29,6 +29,7 @@ __all__ = [
     "ShapeProfile",
     "TensorSpec",
     "batch_of",
+    "check_finite",
     "dtype_name",
     "nbytes_of",
     "validate_inputs",

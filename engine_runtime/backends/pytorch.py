@@ -28,16 +28,35 @@ import torch
 from torch import nn
 
 from engine_runtime import _cuda
-from engine_runtime.backends import _graph_alloc
-from engine_runtime.memory.arena import OwnedPhysical, PhysicalSource, VmmArena
-from engine_runtime.engine import BaseEngine
-from engine_runtime.errors import EbbInternalError, EngineLoadError, InputValueError, WeightsUpdateError
-from engine_runtime.memory.admission import Admission, admitted_transient, warmup_estimate_bytes
-from engine_runtime.memory import ContextBlock, ContextMechanism, HostAccountingAllocator, MemoryMode
-from engine_runtime.memory.mechanism import BackendKind, ContextFacts, ContextPlan, plan_context
-from engine_runtime.units import MiB
 from engine_runtime.architectures import build
+from engine_runtime.backends import _graph_alloc
+from engine_runtime.engine import BaseEngine
+from engine_runtime.errors import (
+    EbbInternalError,
+    EngineLoadError,
+    InputValueError,
+    WeightsUpdateError,
+)
+from engine_runtime.memory import (
+    ContextBlock,
+    ContextMechanism,
+    HostAccountingAllocator,
+    MemoryMode,
+)
+from engine_runtime.memory.admission import (
+    Admission,
+    admitted_transient,
+    warmup_estimate_bytes,
+)
+from engine_runtime.memory.arena import OwnedPhysical, PhysicalSource, VmmArena
+from engine_runtime.memory.mechanism import (
+    BackendKind,
+    ContextFacts,
+    ContextPlan,
+    plan_context,
+)
 from engine_runtime.spec import EngineDescription, ShapeProfile, TensorSpec, batch_of
+from engine_runtime.units import MiB
 
 logger = logging.getLogger(__name__)
 
