@@ -19,6 +19,12 @@ table's own:
 * **Generation** counts creations and retirements, so a client can tell with one read
   whether any chunk it imported was retired or replaced; each slot also has its own
   generation, bumped when its memory is recreated.
+* **Finding free chunks** does not scan the table: the header keeps the number of free
+  chunks and a low-water mark below which no chunk is free, and a lease takes the
+  lowest free chunks scanning from that mark, a block at a time (an H200 at 64 MiB
+  has about 2,200 chunks). Each held chunk records how many chunks its lease has, so
+  a give-back checks the lease's own chunks only. Every change to or from FREE goes
+  through ``_mark_free`` / ``_mark_taken``, which keep both figures exact.
 """
 
 from __future__ import annotations
@@ -55,19 +61,23 @@ logger = logging.getLogger(__name__)
 
 
 _MAGIC = 0x45424250_4F4F4C31  # "EBBPOOL1"
-_VERSION = 1
+_VERSION = 2
 
 # Header: int64 fields at fixed positions.
 _H_MAGIC, _H_VERSION, _H_MAX, _H_CHUNK, _H_CAPACITY, _H_GENERATION = 0, 1, 2, 3, 4, 5
 _H_LAST_TICKET, _H_NEXT_LEASE, _H_OWNER_PID, _H_QUEUE_SLOTS = 6, 7, 8, 9
 _H_LEASES, _H_WAITS, _H_TIMEOUTS, _H_RECLAIMED, _H_OWNER_START, _H_WAITING = 10, 11, 12, 13, 14, 15
-_HEADER_FIELDS = 16
+#: Free chunks now; every chunk below ``_H_FREE_LOW`` is not free.
+_H_NFREE, _H_FREE_LOW = 16, 17
+_HEADER_FIELDS = 18
 _LABEL_BYTES = 128
 _HEADER_BYTES = _HEADER_FIELDS * 8 + _LABEL_BYTES
 
-# Chunk slots: state, pid, start, lease id, generation; one contiguous int64 array per
-# field, because contiguous scans are the fast ones.
-_CHUNK_FIELDS = 5
+# Chunk slots: state, pid, start, lease id, generation, chunks in the lease; one
+# contiguous int64 array per field, because contiguous scans are the fast ones.
+_CHUNK_FIELDS = 6
+#: Chunks looked at per step when looking for the lowest free ones.
+_SCAN_BLOCK = 256
 # Waiting-queue columns: ticket (0 = empty entry), pid, start, chunks wanted (``_shm.TicketQueue``).
 _QUEUE_FIELDS = 4
 
@@ -208,7 +218,7 @@ class LeaseTable:
         self.chunk_bytes = int(header[_H_CHUNK])
         self.queue_slots = q = int(header[_H_QUEUE_SLOTS])
         self.label = bytes(mm[_HEADER_FIELDS * 8:_HEADER_BYTES]).rstrip(b"\0").decode()
-        self._state, self._pid_of, self._start_of, self._lease_of, self._gen_of = (
+        self._state, self._pid_of, self._start_of, self._lease_of, self._gen_of, self._count_of = (
             int64_column(mm, _HEADER_BYTES + 8 * k * n, n) for k in range(_CHUNK_FIELDS))
         qbase = _HEADER_BYTES + 8 * n * _CHUNK_FIELDS
         ticket, pid, start, nchunks = (int64_column(mm, qbase + 8 * k * q, q) for k in range(_QUEUE_FIELDS))
@@ -216,7 +226,7 @@ class LeaseTable:
                                   wanted=nchunks)
         self._me = this_process()
 
-    _VIEWS = ("_header", "_state", "_pid_of", "_start_of", "_lease_of", "_gen_of", "_queue")
+    _VIEWS = ("_header", "_state", "_pid_of", "_start_of", "_lease_of", "_gen_of", "_count_of", "_queue")
 
     def _detach(self) -> None:
         for name in self._VIEWS:
@@ -259,39 +269,78 @@ class LeaseTable:
     # -- leasing ----------------------------------------------------------------
 
     def _unavailable(self, nchunks: int, waited_s: float) -> ContextMemoryUnavailable:
-        free = int(np.count_nonzero(self._state == _FREE))
+        free = int(self._header[_H_NFREE])
         return ContextMemoryUnavailable(nchunks * self.chunk_bytes, free * self.chunk_bytes, waited_s,
                                         self.label or str(self.path))
 
+    # Every state change to or from FREE goes through these two (the lock is held).
+
+    def _mark_free(self, idx: np.ndarray) -> None:
+        """Chunks ``idx`` (distinct, ascending) become free."""
+        if len(idx):
+            self._state[idx] = _FREE
+            h = self._header
+            h[_H_NFREE] += len(idx)
+            if int(idx[0]) < int(h[_H_FREE_LOW]):
+                h[_H_FREE_LOW] = int(idx[0])
+
+    def _mark_taken(self, idx: np.ndarray, state: int) -> None:
+        """Free chunks ``idx`` (distinct) go to ``state``."""
+        if len(idx):
+            self._state[idx] = state
+            self._header[_H_NFREE] -= len(idx)
+
+    def _lowest_free(self, count: int) -> np.ndarray:
+        """The ``count`` lowest free chunks (fewer if there are not), scanning from the low-water mark."""
+        state, h = self._state, self._header
+        start = int(h[_H_FREE_LOW])
+        found: list[np.ndarray] = []
+        have = 0
+        while have < count and start < self.max_chunks:
+            block = (state[start:start + _SCAN_BLOCK] == _FREE).nonzero()[0]
+            if len(block):
+                found.append(block + start)
+                have += len(block)
+            elif have == 0:
+                h[_H_FREE_LOW] = start + _SCAN_BLOCK  # nothing free below here: move the mark up
+            start += _SCAN_BLOCK
+        if len(found) == 1:
+            return found[0][:count]
+        return np.concatenate(found)[:count] if found else np.empty(0, np.int64)
+
     def _take(self, nchunks: int, prefer: Sequence[int] = ()) -> list[int] | None:
-        free = (self._state == _FREE).nonzero()[0]
-        if len(free) < nchunks:
+        if int(self._header[_H_NFREE]) < nchunks:
             return None
-        if prefer:
-            picked = self._pick_preferred(free, nchunks, prefer)
-        else:
-            picked = free[:nchunks]
+        picked = self._pick_preferred(nchunks, prefer) if prefer else self._lowest_free(nchunks)
+        if len(picked) < nchunks:
+            raise EbbInternalError(f"lease table {self.path}: {int(self._header[_H_NFREE])} chunks counted free, "
+                                   f"{len(picked)} found")
         h = self._header
         lease_id = int(h[_H_NEXT_LEASE])
         h[_H_NEXT_LEASE] = lease_id + 1
         h[_H_LEASES] += 1
-        self._state[picked] = _LEASED
+        self._mark_taken(picked, _LEASED)
+        if not prefer and int(h[_H_FREE_LOW]) <= int(picked[-1]):
+            h[_H_FREE_LOW] = int(picked[-1]) + 1  # the lowest free ones are taken: none is left below
         self._pid_of[picked] = self._me[0]
         self._start_of[picked] = self._me[1]
         self._lease_of[picked] = lease_id
+        self._count_of[picked] = nchunks
         return picked.tolist()
 
-    def _pick_preferred(self, free: np.ndarray, nchunks: int, prefer: Sequence[int]) -> np.ndarray:
+    def _pick_preferred(self, nchunks: int, prefer: Sequence[int]) -> np.ndarray:
         """``nchunks`` free chunks, position ``k`` holding ``prefer[k]`` wherever that one is
         free: a replica that still has those chunks mapped at those places skips mapping them."""
         n = self.max_chunks
         wanted = [int(i) for i in prefer[:nchunks]]
         keep = [i if 0 <= i < n and self._state[i] == _FREE else -1 for i in wanted]
         keep += [-1] * (nchunks - len(keep))
-        taken = {i for i in keep if i >= 0}
-        if len(taken) != sum(i >= 0 for i in keep):  # a repeated index in ``prefer``: ignore it
-            return free[:nchunks]
-        others = iter(i for i in free.tolist() if i not in taken)
+        kept = [i for i in keep if i >= 0]
+        if len(set(kept)) != len(kept):  # a repeated index in ``prefer``: ignore it
+            return self._lowest_free(nchunks)
+        # The lowest free chunks, as many as are needed besides those kept.
+        kept_set = set(kept)
+        others = iter(i for i in self._lowest_free(nchunks).tolist() if i not in kept_set)
         return np.array([i if i >= 0 else next(others) for i in keep], dtype=np.int64)
 
     def lease(self, nchunks: int, deadline_s: float, prefer: Sequence[int] = ()) -> list[int]:
@@ -356,31 +405,36 @@ class LeaseTable:
         self._shm.lock()
         try:
             first = indices[0]
-            lease_id = int(self._lease_of[first]) if 0 <= first < self.max_chunks else 0
-            # Lease ids are unique and only held chunks carry one, so the lease's chunks
-            # are exactly the slots with its id: one scan checks membership, completeness
-            # and duplicates at once.
-            held = (self._lease_of == lease_id).nonzero()[0] if lease_id else np.empty(0, np.int64)
-            if (not lease_id or held.tolist() != sorted(indices)
+            held = np.array(sorted(indices), dtype=np.int64)
+            in_range = 0 <= int(held[0]) and int(held[-1]) < self.max_chunks
+            lease_id = int(self._lease_of[first]) if in_range else 0
+            # Lease ids are unique and only held chunks carry one, and each holds its
+            # lease's size: distinct indices that all carry the id, as many as the lease
+            # has, are exactly the lease (no scan of the table).
+            if (not lease_id or len(set(indices)) != len(indices)
+                    or not bool((self._lease_of[held] == lease_id).all())
+                    or int(self._count_of[first]) != len(indices)
                     or int(self._pid_of[first]) != self._me[0] or int(self._start_of[first]) != self._me[1]):
                 raise EbbInternalError(
-                    f"process {self._me[0]} gave back chunks {indices} that are not one whole lease of its own "
-                    f"(lease {lease_id} holds {held.tolist()}, "
-                    f"holder {int(self._pid_of[first]) if 0 <= first < self.max_chunks else None})")
+                    f"process {self._me[0]} gave back chunks {indices[:16]} that are not one whole lease of its own "
+                    f"(lease {lease_id} has {int(self._count_of[first]) if in_range else 0} chunks, "
+                    f"holder {int(self._pid_of[first]) if in_range else None})")
             self._release_rows(held)
         finally:
             self._shm.unlock()
 
     def _release_rows(self, idx: np.ndarray) -> None:
+        """Held chunks ``idx`` (ascending) are given back: free, or retired if draining."""
         draining = self._state[idx] == _DRAINING
         if draining.any():
-            self._state[idx] = np.where(draining, _RETIRED, _FREE)
+            self._state[idx[draining]] = _RETIRED
             self._header[_H_GENERATION] += 1
-        else:
-            self._state[idx] = _FREE
+            idx = idx[~draining]
+        self._mark_free(idx)
         self._pid_of[idx] = 0
         self._start_of[idx] = 0
         self._lease_of[idx] = 0
+        self._count_of[idx] = 0
 
     # -- dead holders -------------------------------------------------------------
 
@@ -433,7 +487,10 @@ class LeaseTable:
                 for wanted, new, out in ((_FREE, _RETIRED, retired), (_CREATING, _ABSENT, retired),
                                          (_LEASED, _DRAINING, draining)):
                     picked = np.flatnonzero(state == wanted)[::-1][:excess]
-                    state[picked] = new
+                    if wanted == _FREE:
+                        self._mark_taken(picked, new)
+                    else:
+                        state[picked] = new
                     out.extend(picked.tolist())
                     excess -= len(picked)
                 if retired:
@@ -443,7 +500,10 @@ class LeaseTable:
                 for wanted, new, out in ((_DRAINING, _LEASED, revived), (_RETIRED, _FREE, revived),
                                          (_ABSENT, _CREATING, to_create)):
                     picked = np.flatnonzero(state == wanted)[:need]
-                    state[picked] = new
+                    if new == _FREE:
+                        self._mark_free(picked)
+                    else:
+                        state[picked] = new
                     out.extend(picked.tolist())
                     need -= len(picked)
                 target -= need  # too few slots: the capacity is what can exist
@@ -458,12 +518,14 @@ class LeaseTable:
         """
         cancelled = []
         with self._shm.locked():
+            created = []
             for i in indices:
                 if int(self._state[i]) == _CREATING:
                     self._gen_of[i] += 1
-                    self._state[i] = _FREE
+                    created.append(int(i))
                 else:
                     cancelled.append(int(i))
+            self._mark_free(np.array(sorted(created), dtype=np.int64))
             self._header[_H_GENERATION] += 1
         return cancelled
 
