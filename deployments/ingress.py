@@ -51,8 +51,8 @@ SERVER_VERSION = "0.1.0"
 SERVER_EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 #: Every model is served as version "1"; the URL may name it or leave it out.
 MODEL_VERSION = "1"
-#: At most one heap trim a second (parse_worker.malloc_trim).
-_TRIM_EVERY_S = 1.0
+#: A heap trim (parse_worker.malloc_trim) this long after a large body, at most one pending.
+_TRIM_DELAY_S = 0.5
 _PARSE_THREADS = 4
 
 api = FastAPI(title="Ebb", description="Open Inference Protocol (KServe v2) for Ebb's models")
@@ -142,7 +142,7 @@ class EbbIngress:
         self._bodies_receiving = 0
         self._parser = ThreadPoolExecutor(max_workers=_PARSE_THREADS, thread_name_prefix="ebb-parse")
         self._counters = {name: _ModelCounters() for name in handles}
-        self._last_trim = 0.0
+        self._trim_pending = False
         self._processes: ProcessPoolExecutor | None = None
 
     async def _desc(self, name: str, version: str | None) -> EngineDescription:
@@ -179,11 +179,18 @@ class EbbIngress:
                 pool.shutdown(wait=False, cancel_futures=True)
 
     def _trim_after(self, nbytes: int) -> None:
-        now = time.monotonic()
-        if nbytes < parse_worker.TRIM_AFTER_BYTES or now - self._last_trim < _TRIM_EVERY_S:
+        """After a large body: trim the heap once the request is gone (its body, Serve's
+        copies of its pieces and the response are freed after this handler returns)."""
+        if nbytes < parse_worker.TRIM_AFTER_BYTES or self._trim_pending:
             return
-        self._last_trim = now
-        asyncio.get_running_loop().run_in_executor(self._parser, parse_worker.malloc_trim)
+        self._trim_pending = True
+        loop = asyncio.get_running_loop()
+
+        def trim() -> None:
+            self._trim_pending = False
+            loop.run_in_executor(self._parser, parse_worker.malloc_trim)
+
+        loop.call_later(_TRIM_DELAY_S, trim)
 
     async def _call(self, name: str, desc: EngineDescription, parsed: protocol.InferRequest) -> dict:
         counters = self._counters[name]
