@@ -24,16 +24,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine_runtime import _cuda
+from engine_runtime import _cuda, cuda_process
+from engine_runtime.architectures import build
 from engine_runtime.backends import _graph_alloc
-from engine_runtime.memory.admission import Admission
-from engine_runtime.memory.arena import OwnedPhysical, PhysicalSource, VmmArena
+from engine_runtime.backends._weights_store import (
+    HostWeights,
+    VmmWeights,
+    WeightsLayout,
+)
 from engine_runtime.engine import BaseEngine
 from engine_runtime.errors import EngineLoadError, InputValueError, WeightsUpdateError
-from engine_runtime.memory import ContextBlock, ContextMechanism, HostAccountingAllocator, MemoryMode
-from engine_runtime.units import MiB
-from engine_runtime.architectures import build
+from engine_runtime.memory import (
+    ContextBlock,
+    ContextMechanism,
+    HostAccountingAllocator,
+    MemoryMode,
+)
+from engine_runtime.memory.admission import Admission
+from engine_runtime.memory.arena import OwnedPhysical, PhysicalSource, VmmArena
 from engine_runtime.spec import EngineDescription, ShapeProfile, TensorSpec, batch_of
+from engine_runtime.units import MiB
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +125,10 @@ class PyTorchEngine(BaseEngine):
         self._input = TensorSpec(input_name, input_dtype, (-1,) + tuple(profile.max[1:]), value_range=input_range)
         self._output = TensorSpec(output_name, output_dtype, (-1,) + tuple(output_shape))
         self._weights_bytes = 0
+        # Weights tiers: at stable device addresses on a GPU with VMM, a host buffer on a CPU.
+        self._weights: VmmWeights | None = None
+        self._host_weights: HostWeights | None = None
+        self._weights_updated = False
 
     @classmethod
     def from_architecture(cls, name: str, arch: str, *, max_batch: int, opt_batch: int | None = None,
@@ -185,7 +199,14 @@ class PyTorchEngine(BaseEngine):
         # Our own stream, not torch.cuda.Stream(): see _cuda.create_stream (saves ~70 MiB).
         self._stream_handle = _cuda.create_stream(index)
         self._stream = torch.cuda.ExternalStream(self._stream_handle, device=self._device)
-        self._module = module.to(self._device)
+        cuda_process.note_engine_loaded()
+        if _cuda.vmm_supported(index):
+            # One reserved range for every parameter and buffer: page-out and page-in keep
+            # the addresses captured graphs read (engine_runtime.backends._weights_store).
+            self._weights = VmmWeights(module, index, self._stream)
+            self._module = module
+        else:
+            self._module = module.to(self._device)
         lib = _graph_alloc.load() if self._use_cuda_graphs else None
         if lib is None or not _cuda.vmm_supported(index):
             self._mech = ContextMechanism.TORCH_EMPTY_CACHE
@@ -233,6 +254,8 @@ class PyTorchEngine(BaseEngine):
         offsets = [i * window for i in range(len(sizes))]
         self._arena = VmmArena(index, window * len(sizes), self._physical_source,
                                deadline_s=self.admission_deadline_s)
+        # From the first capture on, the process's CUDA stack limit must not change.
+        cuda_process.note_graphs_captured(len(sizes))
         with _graph_alloc.capture_lock:
             # One physical backing behind every window while capturing; released right after.
             # Physical memory for capture: the eager peak and a margin, not the whole window,
@@ -303,6 +326,7 @@ class PyTorchEngine(BaseEngine):
                     for name, src in sources.items():
                         targets[name].copy_(src)
                 self._stream.synchronize()
+                self._weights_updated = True
             else:
                 for name, src in sources.items():
                     targets[name].copy_(src)
@@ -421,6 +445,45 @@ class PyTorchEngine(BaseEngine):
     def _close_impl(self) -> None:
         if self._device is not None and self._device.type == "cuda":
             self._unload_cuda()
+        elif self._host_weights is not None and self._host_weights.paged_out:
+            self._host_weights.page_in()
+
+    # -- weights tiers ----------------------------------------------------------
+
+    def _host_tier_supported(self) -> bool:
+        return self._mech is ContextMechanism.HOST_ACCOUNTING or self._weights is not None
+
+    def _page_out_impl(self) -> None:
+        if self._weights is not None:
+            self._weights.page_out()
+            return
+        if self._host_weights is None:
+            self._host_weights = HostWeights(self._module)
+        self._host_weights.page_out()
+
+    def _page_in_impl(self) -> None:
+        if self._weights is not None:
+            self._weights.page_in()
+        else:
+            self._host_weights.page_in()
+
+    def _unload_impl(self) -> None:
+        self._close_impl()
+        if not isinstance(self._module_or_factory, nn.Module) and not self._weights_updated:
+            # Built again by the factory on the next load: no host memory kept while unloaded.
+            self._module = None
+            self._host_weights = None
+
+    def _weights_device_bytes_impl(self) -> int:
+        if self._weights is not None:
+            return self._weights.mapped_bytes
+        if resolve_device(self._device_spec).type == "cpu":
+            return self._weights_bytes if self._module is not None else self.describe().weights_bytes
+        # VMM rounds to its granularity (2 MiB on every NVIDIA GPU seen so far).
+        return _cuda.round_up(WeightsLayout(self._module_cpu()).total_bytes, 2 * MiB)
+
+    def _set_physical_source_impl(self, source: PhysicalSource) -> None:
+        self._physical_source = source
 
     def _unload_cuda(self) -> None:
         if self._stream is not None:
@@ -438,7 +501,12 @@ class PyTorchEngine(BaseEngine):
         if self._arena is not None:
             self._arena.close()
             self._arena = None
-        if self._module is not None:
+        if self._weights is not None:
+            # Back to CPU tensors (from the device, or from the host copy when paged out).
+            weights, self._weights = self._weights, None
+            weights.detach_to_cpu()
+            weights.close()
+        elif self._module is not None:
             self._module = self._module.to("cpu")
         torch.cuda.synchronize(self._device)
         if self._stream_handle:
