@@ -53,13 +53,13 @@ from engine_runtime.stats import EngineStats, StatsSnapshot
 from engine_runtime.weights_tier import GroupBudget, ModelTierStatus, WeightsTier
 
 __all__ = [
+    "DEFAULT_STACK_LIMIT_BYTES",
     "Admission",
     "BaseEngine",
     "BatchTooLargeError",
     "ContextBlock",
     "ContextMechanism",
     "ContextMemoryUnavailable",
-    "DEFAULT_STACK_LIMIT_BYTES",
     "EbbError",
     "EbbInternalError",
     "Engine",

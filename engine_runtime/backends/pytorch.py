@@ -27,11 +27,8 @@ from torch import nn
 from engine_runtime import _cuda, cuda_process
 from engine_runtime.architectures import build
 from engine_runtime.backends import _graph_alloc
-from engine_runtime.backends._weights_store import (
-    HostWeights,
-    VmmWeights,
-    WeightsLayout,
-)
+from engine_runtime.backends._tiers import PyTorchTiers
+from engine_runtime.backends._weights_store import VmmWeights
 from engine_runtime.engine import BaseEngine
 from engine_runtime.errors import EngineLoadError, InputValueError, WeightsUpdateError
 from engine_runtime.memory import (
@@ -85,7 +82,7 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-class PyTorchEngine(BaseEngine):
+class PyTorchEngine(PyTorchTiers, BaseEngine):
     def __init__(
         self,
         name: str,
@@ -127,7 +124,7 @@ class PyTorchEngine(BaseEngine):
         self._weights_bytes = 0
         # Weights tiers: at stable device addresses on a GPU with VMM, a host buffer on a CPU.
         self._weights: VmmWeights | None = None
-        self._host_weights: HostWeights | None = None
+        self._host_weights = None  # _weights_store.HostWeights, made on the first page-out (CPU)
         self._weights_updated = False
 
     @classmethod
@@ -139,7 +136,13 @@ class PyTorchEngine(BaseEngine):
         opt = opt_batch or max_batch
         profile = ShapeProfile((min_batch, *model.sample_shape), (opt, *model.sample_shape),
                                (max_batch, *model.sample_shape))
-        return cls(name, model.module, input_name=model.input_name, input_dtype=model.input_dtype,
+        first = [model.module]
+
+        def factory() -> nn.Module:
+            # The module built above first; after an unload, built again (same seed, same weights).
+            return first.pop() if first else build(arch, seed=seed, image_size=image_size, seq_len=seq_len).module
+
+        return cls(name, factory, input_name=model.input_name, input_dtype=model.input_dtype,
                    profile=profile, output_name=model.output_name, output_shape=model.output_shape,
                    input_range=model.input_range, **kwargs)
 
@@ -447,43 +450,6 @@ class PyTorchEngine(BaseEngine):
             self._unload_cuda()
         elif self._host_weights is not None and self._host_weights.paged_out:
             self._host_weights.page_in()
-
-    # -- weights tiers ----------------------------------------------------------
-
-    def _host_tier_supported(self) -> bool:
-        return self._mech is ContextMechanism.HOST_ACCOUNTING or self._weights is not None
-
-    def _page_out_impl(self) -> None:
-        if self._weights is not None:
-            self._weights.page_out()
-            return
-        if self._host_weights is None:
-            self._host_weights = HostWeights(self._module)
-        self._host_weights.page_out()
-
-    def _page_in_impl(self) -> None:
-        if self._weights is not None:
-            self._weights.page_in()
-        else:
-            self._host_weights.page_in()
-
-    def _unload_impl(self) -> None:
-        self._close_impl()
-        if not isinstance(self._module_or_factory, nn.Module) and not self._weights_updated:
-            # Built again by the factory on the next load: no host memory kept while unloaded.
-            self._module = None
-            self._host_weights = None
-
-    def _weights_device_bytes_impl(self) -> int:
-        if self._weights is not None:
-            return self._weights.mapped_bytes
-        if resolve_device(self._device_spec).type == "cpu":
-            return self._weights_bytes if self._module is not None else self.describe().weights_bytes
-        # VMM rounds to its granularity (2 MiB on every NVIDIA GPU seen so far).
-        return _cuda.round_up(WeightsLayout(self._module_cpu()).total_bytes, 2 * MiB)
-
-    def _set_physical_source_impl(self, source: PhysicalSource) -> None:
-        self._physical_source = source
 
     def _unload_cuda(self) -> None:
         if self._stream is not None:

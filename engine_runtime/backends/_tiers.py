@@ -1,0 +1,99 @@
+"""The backends' weights-tier hooks (``BaseEngine``'s ``_page_*_impl``), kept beside them.
+
+PyTorch: on a GPU with VMM the weights live at stable addresses (``_weights_store``)
+and page-out/page-in move them to pinned host memory and back, captured graphs
+untouched; on a CPU they move into one host buffer and back. Without VMM on a GPU
+there is no host tier: page-out unloads and the next call reloads (graphs recaptured).
+
+TensorRT: its API offers no stable address for an engine's weights, so the host tier
+keeps the serialized plan in host memory (re-serialised if the engine was refitted,
+so refits survive) and destroys the engine and its execution contexts; page-in
+deserialises the plan again. That is a rebuild, correct but slower than a copy
+(deserialisation costs tens of milliseconds for a ResNet-50 plan, not ~2 ms).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine_runtime.memory import ContextMechanism
+from engine_runtime.units import MiB
+
+
+class PyTorchTiers:
+    """Weights-tier hooks of ``PyTorchEngine``."""
+
+    def _host_tier_supported(self) -> bool:
+        return self._mech is ContextMechanism.HOST_ACCOUNTING or self._weights is not None
+
+    def _page_out_impl(self) -> None:
+        if self._weights is not None:
+            self._weights.page_out()
+            return
+        from engine_runtime.backends._weights_store import HostWeights
+
+        if self._host_weights is None:
+            self._host_weights = HostWeights(self._module)
+        self._host_weights.page_out()
+
+    def _page_in_impl(self) -> None:
+        if self._weights is not None:
+            self._weights.page_in()
+        else:
+            self._host_weights.page_in()
+
+    def _unload_impl(self) -> None:
+        from torch import nn
+
+        self._close_impl()
+        if not isinstance(self._module_or_factory, nn.Module) and not self._weights_updated:
+            # Built again by the factory on the next load: no host memory kept while unloaded.
+            self._module = None
+            self._host_weights = None
+
+    def _weights_device_bytes_impl(self) -> int:
+        from engine_runtime.backends._weights_store import WeightsLayout
+        from engine_runtime.backends.pytorch import resolve_device
+
+        if self._weights is not None:
+            return self._weights.mapped_bytes
+        module = self._module_cpu()
+        if resolve_device(self._device_spec).type == "cpu":
+            return self._weights_bytes
+        # VMM rounds the flat range up to its granularity (2 MiB on every NVIDIA GPU seen so far).
+        return -(-WeightsLayout(module).total_bytes // (2 * MiB)) * (2 * MiB)
+
+    def _set_physical_source_impl(self, source: Any) -> None:
+        self._physical_source = source
+
+
+class TensorRTTiers:
+    """Weights-tier hooks of ``TensorRTEngine``: the plan kept on the host, the engine rebuilt."""
+
+    def _host_tier_supported(self) -> bool:
+        return True
+
+    def _page_out_impl(self) -> None:
+        engine = self._engine
+        if getattr(self, "_refitted", False) and engine is not None:
+            # The plan on disk has the old weights: keep the refitted engine's own.
+            self._plan = bytes(engine.serialize())
+        elif self._plan is None:
+            self._plan = self._read_plan()  # page-in must not depend on the file still being there
+        if self._stream is not None:
+            self._device.synchronize(self._stream)
+        # Reverse order of creation; the stream and the context allocator (an address
+        # range, no memory between calls) stay for page-in.
+        self._static_ctx = None
+        self._dynamic_ctx = None
+        self._engine = None
+        self._runtime = None
+
+    def _page_in_impl(self) -> None:
+        self._deserialized()
+
+    def _weights_device_bytes_impl(self) -> int:
+        return int(self.describe().weights_bytes)
+
+    def _set_physical_source_impl(self, source: Any) -> None:
+        self._physical_source = source
