@@ -159,12 +159,36 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def measure_process_floor(device: int = 0) -> int | None:
-    """Initialise CUDA (if not yet), read this process's NVML memory and keep it as the floor.
+def warm_cuda_libraries(device: int = 0) -> None:
+    """Initialise CUDA, cuBLAS and cuDNN as any PyTorch replica must, then hand back every cached byte.
+
+    What the process holds afterwards is paid by every process serving these models, with
+    Ebb or without: the context and the libraries' handles and modules. The caching
+    allocator's blocks and cuBLAS workspaces are not, so they are freed.
+    """
+    import torch
+
+    dev = torch.device("cuda", device)
+    a = torch.randn(256, 256, device=dev)
+    (a @ a).sum().item()
+    x = torch.randn(2, 3, 32, 32, device=dev)
+    w = torch.randn(8, 3, 3, 3, device=dev)
+    torch.nn.functional.conv2d(x, w).sum().item()
+    torch.cuda.synchronize(dev)
+    del a, x, w
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+
+
+def measure_process_floor(device: int = 0, libraries: bool = True) -> int | None:
+    """Initialise CUDA (and, with ``libraries``, cuBLAS and cuDNN: :func:`warm_cuda_libraries`),
+    read this process's NVML memory and keep it as the process's floor.
 
     Call it after :func:`set_cuda_stack_limit` and before any engine loads; later calls
     return the kept figure. None without a GPU or NVML, or when an engine had already
-    loaded (the reading would not be a floor).
+    loaded (the reading would not be a floor). Kernels a model loads on first use (CUDA's
+    lazy module loading) come on top, with the first engine of each architecture.
     """
     global _floor_bytes, _floor_measured
     with _lock:
@@ -183,10 +207,14 @@ def measure_process_floor(device: int = 0) -> int | None:
             import torch
 
             if not torch.cuda.is_available():
+                _floor_measured = True
                 return None
-            # The context exists once a tensor lives on the device (torch initialises lazily).
-            torch.zeros(1, device=f"cuda:{device}")
-            torch.cuda.synchronize(device)
+            if libraries:
+                warm_cuda_libraries(device)
+            else:
+                # The context exists once a tensor lives on the device (torch initialises lazily).
+                torch.zeros(1, device=f"cuda:{device}")
+                torch.cuda.synchronize(device)
             _floor_bytes = int(reader.read())
             _floor_measured = True
         except Exception as err:  # noqa: BLE001 - reported as no floor

