@@ -238,6 +238,11 @@ class AppConfig(_Strict):
             raise ValueError("\n".join(problems))
         return self
 
+    def dump_for_replicas(self) -> dict:
+        """What replicas validate again: only the keys the user set (defaults fill in as
+        here), so that checks on what a user set (``GROUP_WIDE_FIELDS``) hold the same there."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
     def group(self, name: str) -> GroupConfig:
         """The group called ``name`` (validated to exist for every ``models[].group``)."""
         return next(g for g in self.groups if g.name == name)

@@ -110,8 +110,7 @@ class CoordinatorClient:
                 switched = self.report_once()
             except Exception as err:  # noqa: BLE001 - the coordinator may be restarting; keep serving
                 if self._last_error != str(err):
-                    logger.warning("coordinator unreachable (%s); keeping mode %s", err,
-                                   self.replica.engine.mode.value)
+                    logger.warning("coordinator unreachable (%s); keeping mode %s", err, self.current_mode())
                 self._last_error = str(err)
                 self._handle = None
             if not switched:
@@ -137,7 +136,6 @@ class CoordinatorClient:
         stats = engine.stats()
         desc = rep.desc
         reading, reading_error = self._read_gpu()
-        pool = rep.pool
         return ReplicaReport(
             replica_id=rep.replica_id, model=rep.model.name, pid=os.getpid(), node_id=rep.gpu.node_id,
             gpu=rep.gpu.uuid, virtual=rep.gpu.virtual and self._fault_nvml_error is None, pin=rep.pin,
@@ -147,11 +145,26 @@ class CoordinatorClient:
             held_bytes=stats.context_bytes_held, request_rate_per_s=stats.request_rate_per_s,
             latency_static_s=stats.latency_p50_s.get("static"), latency_dynamic_s=stats.latency_p50_s.get("dynamic"),
             in_flight=stats.calls_in_flight, loaded=engine.loaded, reading=reading, reading_error=reading_error,
-            pool=rep.pool_status,
-            pool_bytes=None if pool is None else pool.snapshot().pool_bytes,
-            pool_chunk_bytes=None if pool is None else pool.chunk_bytes,
-            pool_max_bytes=None if pool is None else rep.app.context_pool.max_bytes,
+            floor_bytes=rep.process.floor_bytes, **self._pool_fields(),
         )
+
+    def _pool_fields(self) -> dict[str, Any]:
+        rep = self.replica
+        pool = rep.pool
+        return {"pool": rep.pool_status, "pool_bytes": None if pool is None else pool.snapshot().pool_bytes,
+                "pool_chunk_bytes": None if pool is None else pool.chunk_bytes,
+                "pool_max_bytes": None if pool is None else rep.app.context_pool.max_bytes}
+
+    # -- what differs for a group replica (``GroupCoordinatorClient``) ------------
+
+    def current_mode(self) -> str:
+        return self.replica.engine.mode.value
+
+    def switch_mode(self, mode: str) -> None:
+        self.replica.engine.set_mode(MemoryMode(mode))
+
+    def page_out(self, models: list[str], reason: str) -> None:
+        """A single-model replica has no weights tier: nothing to page out."""
 
     def _read_gpu(self):
         if self._fault_nvml_error is not None:
@@ -177,10 +190,13 @@ class CoordinatorClient:
         # Before the switch: a replica told to go static leases from a pool sized for it.
         self._resize_pool(directive.pool_target_bytes)
         # A pinned replica keeps its pin whatever a (possibly stale) directive says.
+        page_out = getattr(directive, "page_out", None)
+        if page_out:
+            self.page_out(list(page_out), directive.page_out_reason)
         target = directive.mode if rep.pin == "auto" else rep.pin
-        if target and target != rep.engine.mode.value:
-            logger.info("coordinator: %s -> %s (%s)", rep.engine.mode.value, target, directive.reason)
-            rep.engine.set_mode(MemoryMode(target))
+        if target and target != self.current_mode():
+            logger.info("coordinator: %s -> %s (%s)", self.current_mode(), target, directive.reason)
+            self.switch_mode(target)
             return True
         return False
 
@@ -209,3 +225,44 @@ class CoordinatorClient:
         logger.info("context pool: %d -> %d chunk(s) of %.0f MiB (coordinator's target %.0f MiB)%s", capacity,
                     result["capacity"], pool.chunk_bytes / MiB, target_bytes / MiB,
                     f"; {result['error']}" if result.get("error") else "")
+
+
+class GroupCoordinatorClient(CoordinatorClient):
+    """The client of a group replica (``deployments.group``): one report for the whole
+    process (its engines summed, resident weights, every model's tier), one mode for
+    every engine, and the coordinator's page-out orders carried out where still cold."""
+
+    def current_mode(self) -> str:
+        return self.replica.mode.value
+
+    def switch_mode(self, mode: str) -> None:
+        self.replica.apply_mode(MemoryMode(mode))
+
+    def page_out(self, models: list[str], reason: str) -> None:
+        self.replica.page_out_cold(models, reason)
+
+    def _publish_metrics(self) -> None:
+        try:
+            self.replica.publish_metrics()
+            self._last_metrics_error = None
+        except Exception as err:  # noqa: BLE001 - metrics must never stop the reports
+            if self._last_metrics_error != str(err):
+                logger.warning("metrics not published: %s", err)
+            self._last_metrics_error = str(err)
+
+    def build_report(self) -> ReplicaReport:
+        rep = self.replica
+        stats = rep.stats()
+        reading, reading_error = self._read_gpu()
+        return ReplicaReport(
+            replica_id=rep.replica_id, model=rep.group.name, pid=os.getpid(), node_id=rep.gpu.node_id,
+            gpu=rep.gpu.uuid, virtual=rep.gpu.virtual and self._fault_nvml_error is None, pin=rep.pin,
+            mode=rep.mode.value, mechanism=rep.mechanism(), weights_bytes=stats.weights_bytes,
+            context_bytes=rep.static_context_bytes(), held_bytes=stats.context_bytes_held,
+            request_rate_per_s=stats.request_rate_per_s, latency_static_s=stats.latency_p50_s.get("static"),
+            latency_dynamic_s=stats.latency_p50_s.get("dynamic"), in_flight=stats.calls_in_flight,
+            loaded=rep.loaded(), reading=reading, reading_error=reading_error, floor_bytes=rep.process.floor_bytes,
+            group=rep.group.name, models=rep.tier_reports(),
+            page_out_under_pressure=rep.group.page_out_under_pressure, cold_after_s=rep.group.cold_after_s,
+            **self._pool_fields(),
+        )

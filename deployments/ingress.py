@@ -1,6 +1,7 @@
 """The HTTP ingress: the Open Inference Protocol (KServe v2) over Ray Serve.
 
-Routes requests to the model deployments through their handles. Parsing and
+Routes requests to the model deployments through their handles; a grouped model's
+handle is its group's, with the model name as Serve's multiplexed model id. Parsing and
 encoding are in ``deployments.protocol`` (pure); this module only moves bytes and
 maps exceptions to statuses: client mistakes 4xx, no GPU memory in time 503 with
 ``Retry-After``, a replica that died mid-call 503, and anything else 500 (a bug).
@@ -70,8 +71,14 @@ def _error(exc: BaseException, retry_after_s: int) -> Response:
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(api)
 class EbbIngress:
-    def __init__(self, handles: dict[str, Any], http: dict, coordinator_namespace: str = "ebb") -> None:
-        self.handles = handles
+    def __init__(self, handles: dict[str, Any], http: dict, coordinator_namespace: str = "ebb",
+                 model_groups: dict[str, str] | None = None) -> None:
+        groups = model_groups or {}
+        group_names = set(groups.values())
+        #: Model name -> the handle that serves it (a group's, routed by the model id).
+        self.handles = {name: h for name, h in handles.items() if name not in group_names}
+        self.handles.update({model: handles[group].options(multiplexed_model_id=model)
+                             for model, group in groups.items()})
         self.http = HttpConfig.model_validate(http)
         self.coordinator_namespace = coordinator_namespace
         self._descs: dict[str, EngineDescription] = {}

@@ -91,3 +91,11 @@ def test_the_groups_example_is_a_valid_serve_config_whose_deployments_name_group
     assert cfg.groups, "the example is about groups"
     assert {d["name"] for d in app["deployments"]} == set(cfg.deployment_names()) | {"EbbIngress"}
     assert all(len(cfg.group_models(g.name)) >= 2 for g in cfg.groups)
+
+
+def test_replicas_validate_the_same_config_again():
+    cfg = parse_app_config(args([model("a", group="g", lazy=False), model("b", mode="static")],
+                                [{"name": "g", "mode": "static", "gpu_weights_budget_bytes": 1 << 30}]))
+    from deployments.config import AppConfig
+
+    assert AppConfig.model_validate(cfg.dump_for_replicas()) == cfg
