@@ -238,6 +238,7 @@ def test_a_lease_larger_than_the_pool_grows_it_up_to_the_limit(owner):  # noqa: 
 
 def test_reports_carry_the_pool_status_and_bytes(owner):  # noqa: F811
     from deployments.gpu_identity import GpuIdentity
+    from deployments.replica import ProcessSetup
     from engine_runtime.memory.pool import PoolPhysical
 
     a = app(enabled=True, max_bytes=GiB)
@@ -245,7 +246,8 @@ def test_reports_carry_the_pool_status_and_bytes(owner):  # noqa: F811
     try:
         replica = SimpleNamespace(replica_id="r1", model=a.models[0], app=a, engine=engine, desc=engine.describe(),
                                   gpu=GpuIdentity("vgpu-node0-0", None, True, "node0"), pin="auto", pool=None,
-                                  pool_status="unavailable: this replica has no CUDA device")
+                                  pool_status="unavailable: this replica has no CUDA device",
+                                  process=ProcessSetup(256, None, None))
         r = CoordinatorClient(replica, a.coordinator).build_report()
         assert r.pool == "unavailable: this replica has no CUDA device" and r.pool_bytes is None
         with PoolPhysical(owner.socket_path, 0) as pool:
