@@ -110,6 +110,35 @@ class EngineGroup:
         if not lazy:
             self.ensure_resident(name)
 
+    def remove(self, name: str) -> None:
+        """Close ``name``'s engine (after its calls in flight) and forget the model."""
+        entry = self._entry(name)
+        t0 = time.monotonic()
+        end = t0 + self.deadline_s
+        with self._cond:
+            while entry.moving or entry.in_flight:
+                self._wait_locked(entry, end, t0)
+            entry.moving = True  # nobody plans with it any more
+            del self._entries[name]
+        try:
+            entry.engine.close()
+        finally:
+            with self._cond:
+                if entry.committed:
+                    self._committed_bytes -= entry.weights_bytes
+                    entry.committed = False
+                self._cond.notify_all()
+
+    def set_budget(self, budget: GroupBudget) -> list[str]:
+        """A new budget from now on; idle models over it are paged out at once (least
+        recently used first), busy ones as later calls make room. Returns those paged out."""
+        with self._cond:
+            self._check_open()
+            self.budget = budget
+            limit = budget.gpu_weights_budget_bytes
+            over = 0 if limit is None else self._committed_bytes - limit
+        return self.page_out_cold(over) if over > 0 else []
+
     def names(self) -> list[str]:
         with self._cond:
             return list(self._entries)

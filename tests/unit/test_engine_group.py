@@ -426,3 +426,17 @@ def test_weights_layout_ties_dtypes_and_alignment():
     for k in ref:
         assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
     assert m.tied.weight is m.a.weight  # still one Parameter
+
+
+def test_set_budget_pages_out_down_to_it_and_remove_forgets_the_model():
+    group, log = make_group({"a": 2 * MiB, "b": 2 * MiB, "c": 2 * MiB}, budget=None)
+    for name in ("a", "b", "c"):
+        group.infer(name, {"x": X})
+    assert group.set_budget(GroupBudget(gpu_weights_budget_bytes=4 * MiB, host_tier=True)) == ["a"]
+    assert group.resident_weights_bytes() == 4 * MiB
+    group.remove("b")
+    assert group.names() == ["a", "c"] and ("close", "b") in log
+    assert group.resident_weights_bytes() == 2 * MiB
+    with pytest.raises(UnknownModelError):
+        group.infer("b", {"x": X})
+    assert group.infer("a", {"x": X})["y"][0, 0] == 1  # room made without b
