@@ -111,10 +111,7 @@ def main(cfg: dict) -> dict:
     from engine_runtime.backends.pytorch import PyTorchEngine
     from engine_runtime.spec import ShapeProfile
 
-    try:
-        from engine_runtime.architectures import build
-    except ImportError:  # before the layout change
-        from engine_runtime.models import build
+    from engine_runtime.architectures import build
 
     base = build(cfg["arch"], seed=0, image_size=cfg["image_size"])
     sample = base.sample_shape

@@ -109,7 +109,7 @@ def _measure() -> dict:
     import torch
 
     from engine_runtime.backends.pytorch import PyTorchEngine
-    from engine_runtime.models import build
+    from engine_runtime.architectures import build
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((BATCH, 3, 224, 224), dtype=np.float32))

@@ -16,7 +16,7 @@ import torch
 from engine_runtime import _cuda
 from engine_runtime.backends import _weights_store
 from engine_runtime.backends._weights_store import VmmWeights
-from engine_runtime.models import build
+from engine_runtime.architectures import build
 
 GRAN = 2 * 2**20
 
