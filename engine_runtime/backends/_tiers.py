@@ -45,11 +45,17 @@ class PyTorchTiers:
     def _unload_impl(self) -> None:
         from torch import nn
 
-        self._close_impl()
-        if not isinstance(self._module_or_factory, nn.Module) and not self._weights_updated:
-            # Built again by the factory on the next load: no host memory kept while unloaded.
+        # A module given as an object, or updated in place, cannot be built again: keep it
+        # (on the CPU). Otherwise the factory builds it again on the next load, and nothing
+        # is kept in host memory while unloaded.
+        keep = isinstance(self._module_or_factory, nn.Module) or self._weights_updated
+        if self._device is not None and self._device.type == "cuda":
+            self._unload_cuda(restore=keep)
+        elif keep and self._host_weights is not None and self._host_weights.paged_out:
+            self._host_weights.page_in()
+        self._host_weights = None
+        if not keep:
             self._module = None
-            self._host_weights = None
 
     def _weights_device_bytes_impl(self) -> int:
         from engine_runtime.backends._weights_store import WeightsLayout

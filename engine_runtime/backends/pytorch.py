@@ -447,11 +447,15 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
 
     def _close_impl(self) -> None:
         if self._device is not None and self._device.type == "cuda":
-            self._unload_cuda()
-        elif self._host_weights is not None and self._host_weights.paged_out:
-            self._host_weights.page_in()
+            self._unload_cuda(restore=None)
+        # On a CPU a host copy of paged-out weights is just dropped: closing must not make
+        # tensors (close() runs from __del__ at interpreter exit, where that aborted).
+        self._host_weights = None
 
-    def _unload_cuda(self) -> None:
+    def _unload_cuda(self, restore: bool | None = True) -> None:
+        """Free everything on the device. The module's tensors afterwards: CPU copies
+        (``restore``), left as they were (``False``: the module is dropped), or CPU copies
+        only if the weights were resident (``None``, closing: nothing made from a paged-out copy)."""
         if self._stream is not None:
             self._stream.synchronize()
         # Order matters: graphs first, then the tensors living in each private pool, then
@@ -470,7 +474,10 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
         if self._weights is not None:
             # Back to CPU tensors (from the device, or from the host copy when paged out).
             weights, self._weights = self._weights, None
-            weights.detach_to_cpu()
+            if restore or (restore is None and weights.resident):
+                weights.detach_to_cpu()
+            # Else the module's tensors stay views of the freed range: they own nothing, so
+            # dropping them later frees nothing; the module is not used again.
             weights.close()
         elif self._module is not None:
             self._module = self._module.to("cpu")

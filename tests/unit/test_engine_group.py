@@ -440,3 +440,34 @@ def test_set_budget_pages_out_down_to_it_and_remove_forgets_the_model():
     with pytest.raises(UnknownModelError):
         group.infer("b", {"x": X})
     assert group.infer("a", {"x": X})["y"][0, 0] == 1  # room made without b
+
+
+def test_closing_at_interpreter_exit_with_weights_on_the_host_does_not_abort(tmp_path):
+    """Serve closes a replica from ``__del__``, possibly while Python shuts down: making tensors
+    then (restoring paged-out weights) aborted the process in THPVariable_dealloc."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import builtins, numpy as np\n"
+        "from engine_runtime import EngineGroup, GroupBudget\n"
+        "from engine_runtime.backends.pytorch import PyTorchEngine\n"
+        "g = EngineGroup(GroupBudget(gpu_weights_budget_bytes=80 * 2**20, host_tier=True))\n"
+        "for n in 'abc':\n"
+        "    g.add(n, lambda n=n: PyTorchEngine.from_architecture(n, 'resnet18', max_batch=1, image_size=32,"
+        " device='cpu'))\n"
+        "x = np.random.rand(1, 3, 32, 32).astype(np.float32)\n"
+        "for n in 'abca':\n"
+        "    g.infer(n, {'input': x})\n"
+        "assert [s.tier.value for s in g.status()] == ['gpu', 'host', 'host']\n"
+        "class Holder:\n"
+        "    def __del__(self):\n"
+        "        g.close()\n"
+        "builtins._keep = Holder()\n")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "frame #" not in proc.stderr and "terminate" not in proc.stderr, proc.stderr[-2000:]
