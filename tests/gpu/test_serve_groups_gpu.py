@@ -119,7 +119,9 @@ def test_between_calls_the_group_replica_holds_floor_plus_resident_weights_plus_
     assert st["stats"]["calls_in_flight"] == 0
     held = nvml_process_bytes(st["pid"])
     floor, resident = st["process"]["floor_bytes"], st["resident_weights_bytes"]
-    print(f"\ngroup replica pid {st['pid']}: NVML {None if held is None else held / MiB:.0f} MiB, floor "
+    assert floor is not None, f"the replica measured no floor: {st['process']}"
+    nvml = "not listed" if held is None else f"{held / MiB:.0f} MiB"
+    print(f"\ngroup replica pid {st['pid']}: NVML {nvml}, floor "
           f"{floor / MiB:.0f} MiB, resident weights {resident / MiB:.0f} MiB "
           f"({[m['name'] for m in st['models'] if m['tier'] == 'gpu']}), context per call "
           f"{st['context_bytes_per_call'] / MiB:.0f} MiB")
