@@ -4,7 +4,9 @@ Six built-in models (three ResNet-18s at 32x32 and three BERT-tinys at sequence 
 16, each with its own seed) form one group served by ONE replica process. Its GPU
 weights budget holds about one ResNet-18 and a BERT-tiny, so calling every model in
 turn pages weights out to the host tier and back in. A model without a group keeps
-its own deployment beside it (the ``solo`` BERT-tiny).
+its own deployment beside it (the ``solo`` BERT-tiny). Last, memory "another process"
+holds on the logical GPU pushes it over the high watermark, and the coordinator has the
+group page out its cold weights.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ MODELS = RESNETS + ENCODERS
 #: ResNet-18 weights are ~44.7 MiB, BERT-tiny's ~16.8 MiB: one ResNet and a BERT fit, not two ResNets.
 BUDGET_BYTES = 80 * 2**20
 RTOL, ATOL = 1e-4, 1e-5
+#: Short, so that the pressure test (last) finds every model cold without a long wait.
+COLD_AFTER_S = 1.0
 
 
 def group_args() -> dict[str, Any]:
@@ -45,7 +49,8 @@ def group_args() -> dict[str, Any]:
         "coordinator": {"poll_interval_s": 0.2, "min_dwell_s": 0.0, "admission_deadline_s": 5.0,
                         "virtual_gpu_memory_bytes": 2 << 30},
         "groups": [{"name": GROUP, "gpu_weights_budget_bytes": BUDGET_BYTES, "host_tier": True,
-                    "mode": "dynamic", "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}}],
+                    "mode": "dynamic", "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
+                    "cold_after_s": COLD_AFTER_S}],
         "models": [resnet(n, s) for s, n in enumerate(RESNETS)] + [bert(n, s) for s, n in enumerate(ENCODERS)]
                   + [bert("solo", 9, group=None)],
     }
@@ -224,3 +229,37 @@ def test_status_view_lists_the_group_replica_s_models_tiers_and_page_ins(zoo: Zo
     text = cli.render({"gpus": [{"gpu": "vgpu", "virtual": True, "total_bytes": 1, "used_bytes": 0,
                                  "pressure": 0.0, "replicas": [row]}]})
     assert f"group {GROUP}: 6 models" in text and "resnet-a" in text
+
+
+# -- pressure (last: it pages every model out) -----------------------------------------------
+
+
+def test_under_pressure_the_coordinator_has_the_group_page_out_its_cold_weights(zoo: Zoo):
+    import ray
+
+    from deployments.coordinator import get_existing
+
+    status = zoo.status()
+    gpu, replica_id = status["gpu"], status["replica_id"]
+    resident = [m["name"] for m in status["models"] if m["tier"] == "gpu"]
+    assert resident, "nothing on the GPU to page out"
+    coordinator = get_existing("ebb")
+    # 2 GiB logical GPU, high watermark 90 %: "another process" takes 1.75 GiB, so the
+    # replicas' ~0.1 GiB pass the watermark and the target (85 %) cannot be met without
+    # every cold model's weights leaving.
+    ray.get(coordinator.inject_external_bytes.remote(gpu_uuid=gpu, nbytes=int(1.75 * 2**30)), timeout=10)
+    try:
+        def paged_out():
+            tiers = zoo.tiers()
+            return tiers if all(tiers[m]["tier"] == "host" for m in resident) else None
+
+        tiers = wait_for(paged_out, 30, f"the coordinator to have {resident} paged out")
+        history = ray.get(coordinator.status.remote(), timeout=10)["history"]
+        orders = [h for h in history if h["replica_id"] == replica_id and h.get("page_out")]
+        assert orders and set(resident) <= {m for h in orders for m in h["page_out"]}, history[-3:]
+        assert "above the high watermark" in orders[0]["reason"] and "paging out cold weights" in orders[0]["reason"]
+        assert zoo.status()["resident_weights_bytes"] == 0 and all(tiers[m]["page_outs"] >= 1 for m in resident)
+    finally:
+        ray.get(coordinator.inject_external_bytes.remote(gpu_uuid=gpu, nbytes=0), timeout=10)
+    # A paged-out model answers again (paged in on its call).
+    assert only(zoo.infer(resident[0], inputs_for(resident[0]))).shape[0] == 1
