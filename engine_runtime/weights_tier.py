@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from engine_runtime.errors import EbbInternalError, WeightsPageError
+from engine_runtime.errors import ContextMemoryUnavailable, EbbInternalError, WeightsPageError
 from engine_runtime.memory import MemoryMode
 from engine_runtime.units import MiB
 
@@ -142,7 +142,7 @@ class TieredWeights:
         t0 = time.perf_counter()
         try:
             self._page_in_impl()
-        except WeightsPageError:
+        except (WeightsPageError, ContextMemoryUnavailable):
             raise
         except Exception as err:
             # The backend left the weights on the host: a later call retries.

@@ -14,8 +14,10 @@ deserialises the plan again. That is a rebuild, correct but slower than a copy
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from engine_runtime.errors import ContextMemoryUnavailable
 from engine_runtime.memory import ContextMechanism
 from engine_runtime.units import MiB
 
@@ -37,10 +39,29 @@ class PyTorchTiers:
         self._host_weights.page_out()
 
     def _page_in_impl(self) -> None:
-        if self._weights is not None:
-            self._weights.page_in()
-        else:
+        if self._weights is None:
             self._host_weights.page_in()
+            return
+        from engine_runtime import _cuda
+
+        # Out of device memory is retried until the deadline (a neighbour's call ending is the
+        # usual way out), then a 503-kind ContextMemoryUnavailable; the weights stay on the host.
+        start = time.monotonic()
+        delay = 0.0005
+        while True:
+            try:
+                self._weights.page_in()
+                return
+            except _cuda.CudaError as err:
+                waited = time.monotonic() - start
+                if not err.oom:
+                    raise
+                if waited >= self.call_deadline_s:
+                    free = _cuda.mem_get_info(self._weights.device)[0]
+                    raise ContextMemoryUnavailable(self._weights.mapped_bytes, free, waited,
+                                                   f"cuda:{self._weights.device} (weights of {self.name})") from err
+                time.sleep(min(delay, max(self.call_deadline_s - waited, 0)))
+                delay = min(delay * 2, 0.02)
 
     def _unload_impl(self) -> None:
         from torch import nn

@@ -126,6 +126,8 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
         self._weights: VmmWeights | None = None
         self._host_weights = None  # _weights_store.HostWeights, made on the first page-out (CPU)
         self._weights_updated = False
+        #: Why the weights could not be put at stable addresses on this GPU (None: they are).
+        self.stable_weights_error: str | None = None
 
     @classmethod
     def from_architecture(cls, name: str, arch: str, *, max_batch: int, opt_batch: int | None = None,
@@ -203,12 +205,23 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
         self._stream_handle = _cuda.create_stream(index)
         self._stream = torch.cuda.ExternalStream(self._stream_handle, device=self._device)
         cuda_process.note_engine_loaded()
+        self._module = None
         if _cuda.vmm_supported(index):
             # One reserved range for every parameter and buffer: page-out and page-in keep
             # the addresses captured graphs read (engine_runtime.backends._weights_store).
-            self._weights = VmmWeights(module, index, self._stream)
-            self._module = module
-        else:
+            try:
+                self._weights = VmmWeights(module, index, self._stream)
+                self._module = module
+            except _cuda.CudaError as err:
+                if err.oom:
+                    raise
+                self.stable_weights_error = str(err)
+            except Exception as err:  # noqa: BLE001 - the engine still serves, without a host tier
+                self.stable_weights_error = f"{type(err).__name__}: {err}"
+            if self._module is None:
+                logger.warning("engine %s: weights not at stable addresses (%s); page-out will unload",
+                               self.name, self.stable_weights_error)
+        if self._module is None:
             self._module = module.to(self._device)
         lib = _graph_alloc.load() if self._use_cuda_graphs else None
         if lib is None or not _cuda.vmm_supported(index):

@@ -38,7 +38,7 @@ class TierEngine(BaseEngine):
 
     def __init__(self, name: str, nbytes: int, log: list, scale: float = 1.0, host: bool = True,
                  on_call=None) -> None:
-        super().__init__(name, admission_deadline_s=2.0)
+        super().__init__(name, admission_deadline_s=30.0)
         self.nbytes, self.log, self.scale, self.host = nbytes, log, scale, host
         self.w: float | None = None
         self.saved: float | None = None
@@ -94,9 +94,9 @@ class TierEngine(BaseEngine):
 X = np.ones((1, 2), np.float32)
 
 
-def make_group(sizes: dict[str, int], budget: int | None, host_tier: bool = True, **kw):
+def make_group(sizes: dict[str, int], budget: int | None, host_tier: bool = True, deadline_s: float = 30.0, **kw):
     log: list = []
-    group = EngineGroup(GroupBudget(gpu_weights_budget_bytes=budget, host_tier=host_tier), deadline_s=0.5)
+    group = EngineGroup(GroupBudget(gpu_weights_budget_bytes=budget, host_tier=host_tier), deadline_s=deadline_s)
     for i, (name, n) in enumerate(sizes.items()):
         group.add(name, lambda name=name, n=n, i=i: TierEngine(name, n, log, scale=i + 1, **kw))
     return group, log
