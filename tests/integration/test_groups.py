@@ -18,7 +18,16 @@ import numpy as np
 import pytest
 import requests
 
-from serve_harness import APP_NAME, ServeApp, application, model_deployment_options, wait_for
+from serve_harness import (
+    APP_NAME,
+    ServeApp,
+    application,
+    free_port,
+    metric_value,
+    metrics_options,
+    model_deployment_options,
+    wait_for,
+)
 
 IMAGE = (3, 32, 32)
 SEQ_LEN = 16
@@ -31,6 +40,8 @@ BUDGET_BYTES = 80 * 2**20
 RTOL, ATOL = 1e-4, 1e-5
 #: Short, so that the pressure test (last) finds every model cold without a long wait.
 COLD_AFTER_S = 1.0
+METRICS_PORT = free_port()
+RAY_INIT_OPTIONS = metrics_options(METRICS_PORT)
 
 
 def group_args() -> dict[str, Any]:
@@ -229,6 +240,23 @@ def test_status_view_lists_the_group_replica_s_models_tiers_and_page_ins(zoo: Zo
     text = cli.render({"gpus": [{"gpu": "vgpu", "virtual": True, "total_bytes": 1, "used_bytes": 0,
                                  "pressure": 0.0, "replicas": [row]}]})
     assert f"group {GROUP}: 6 models" in text and "resnet-a" in text
+
+
+def test_metrics_per_model_give_the_tier_and_page_ins(zoo: Zoo):
+    tiers = zoo.tiers()
+    paged = next(m for m in MODELS if tiers[m]["page_ins"] > 0)
+
+    def published():
+        ins = metric_value(METRICS_PORT, "ray_ebb_model_page_ins_total", model=paged, group=GROUP)
+        seconds = metric_value(METRICS_PORT, "ray_ebb_model_page_in_seconds_total", model=paged, group=GROUP)
+        tier = {t: metric_value(METRICS_PORT, "ray_ebb_model_weights_tier", model=paged, tier=t)
+                for t in ("gpu", "host", "unloaded")}
+        return (ins, seconds, tier) if ins and seconds and None not in tier.values() else None
+
+    ins, seconds, tier = wait_for(published, 60, f"per-model metrics of {paged}", interval_s=0.5)
+    assert ins >= 1 and seconds > 0
+    assert sorted(tier.values()) == [0.0, 0.0, 1.0], tier  # one tier at a time
+    assert metric_value(METRICS_PORT, "ray_ebb_model_weights_bytes", model=paged) == tiers[paged]["weights_bytes"]
 
 
 # -- pressure (last: it pages every model out) -----------------------------------------------
