@@ -117,7 +117,8 @@ def test_model_names_cannot_be_paths(name):
 #: Modules a request passes through, HTTP and handle: ingress, protocol, the replica,
 #: the input checks and the engine's call path (backends included).
 REQUEST_PATH = [
-    "deployments/ingress.py", "deployments/protocol.py", "deployments/model.py", "engine_runtime/spec.py",
+    "deployments/ingress.py", "deployments/protocol.py", "deployments/model.py", "deployments/group.py",
+    "deployments/replica.py", "engine_runtime/spec.py",
     "engine_runtime/engine.py", "engine_runtime/memory/admission.py", "engine_runtime/backends/pytorch.py",
     "engine_runtime/backends/tensorrt.py",
 ]
