@@ -45,6 +45,7 @@ from engine_runtime import (
     UnknownModelError,
     WeightsTier,
 )
+from engine_runtime.device import check_reachable
 from engine_runtime.spec import validate_inputs
 
 logger = logging.getLogger(__name__)
@@ -314,9 +315,11 @@ class GroupDeployment:
                                  float(user_config.get("batch_wait_timeout_s", batching.batch_wait_timeout_s)))
 
     def check_health(self) -> None:
-        """Raise if the group cannot answer (Serve restarts the replica)."""
+        """Raise if the group cannot answer or its GPU is unreachable (Serve restarts the replica)."""
         if self._closed():
             raise RuntimeError(f"group {self.group.name!r} is closed")
+        if self.gpu.cuda_index is not None and self.loaded():
+            check_reachable(self.gpu.cuda_index)
 
     def __del__(self) -> None:
         # Serve's graceful shutdown calls __del__: give back every byte this replica held.
