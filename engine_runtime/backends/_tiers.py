@@ -14,6 +14,7 @@ deserialises the plan again. That is a rebuild, correct but slower than a copy
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -21,9 +22,31 @@ from engine_runtime.errors import ContextMemoryUnavailable
 from engine_runtime.memory import ContextMechanism
 from engine_runtime.units import MiB
 
+logger = logging.getLogger("engine_runtime.backends.pytorch")
+
 
 class PyTorchTiers:
     """Weights-tier hooks of ``PyTorchEngine``."""
+
+    def _place_weights(self, module: Any, index: int) -> Any:
+        """Put the module's weights on cuda:``index``: in one VMM range at stable addresses
+        where the GPU has VMM (the host tier keeps captured graphs valid), else ``module.to``."""
+        from engine_runtime import _cuda
+        from engine_runtime.backends._weights_store import VmmWeights
+
+        if _cuda.vmm_supported(index):
+            try:
+                self._weights = VmmWeights(module, index, self._stream)
+                return module
+            except _cuda.CudaError as err:
+                if err.oom:
+                    raise
+                self.stable_weights_error = str(err)
+            except Exception as err:  # noqa: BLE001 - the engine still serves, without a host tier
+                self.stable_weights_error = f"{type(err).__name__}: {err}"
+            logger.warning("engine %s: weights not at stable addresses (%s); page-out will unload",
+                           self.name, self.stable_weights_error)
+        return module.to(self._device)
 
     def _host_tier_supported(self) -> bool:
         return self._mech is ContextMechanism.HOST_ACCOUNTING or self._weights is not None

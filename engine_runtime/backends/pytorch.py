@@ -28,7 +28,6 @@ from engine_runtime import _cuda, cuda_process
 from engine_runtime.architectures import build
 from engine_runtime.backends import _graph_alloc
 from engine_runtime.backends._tiers import PyTorchTiers
-from engine_runtime.backends._weights_store import VmmWeights
 from engine_runtime.engine import BaseEngine
 from engine_runtime.errors import EngineLoadError, InputValueError, WeightsUpdateError
 from engine_runtime.memory import (
@@ -122,9 +121,9 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
         self._input = TensorSpec(input_name, input_dtype, (-1,) + tuple(profile.max[1:]), value_range=input_range)
         self._output = TensorSpec(output_name, output_dtype, (-1,) + tuple(output_shape))
         self._weights_bytes = 0
-        # Weights tiers: at stable device addresses on a GPU with VMM, a host buffer on a CPU.
-        self._weights: VmmWeights | None = None
-        self._host_weights = None  # _weights_store.HostWeights, made on the first page-out (CPU)
+        # Weights tiers (backends/_tiers.py): _weights_store.VmmWeights on a GPU with VMM,
+        # HostWeights on a CPU (made on the first page-out).
+        self._weights = self._host_weights = None
         self._weights_updated = False
         #: Why the weights could not be put at stable addresses on this GPU (None: they are).
         self.stable_weights_error: str | None = None
@@ -205,24 +204,7 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
         self._stream_handle = _cuda.create_stream(index)
         self._stream = torch.cuda.ExternalStream(self._stream_handle, device=self._device)
         cuda_process.note_engine_loaded()
-        self._module = None
-        if _cuda.vmm_supported(index):
-            # One reserved range for every parameter and buffer: page-out and page-in keep
-            # the addresses captured graphs read (engine_runtime.backends._weights_store).
-            try:
-                self._weights = VmmWeights(module, index, self._stream)
-                self._module = module
-            except _cuda.CudaError as err:
-                if err.oom:
-                    raise
-                self.stable_weights_error = str(err)
-            except Exception as err:  # noqa: BLE001 - the engine still serves, without a host tier
-                self.stable_weights_error = f"{type(err).__name__}: {err}"
-            if self._module is None:
-                logger.warning("engine %s: weights not at stable addresses (%s); page-out will unload",
-                               self.name, self.stable_weights_error)
-        if self._module is None:
-            self._module = module.to(self._device)
+        self._module = self._place_weights(module, index)
         lib = _graph_alloc.load() if self._use_cuda_graphs else None
         if lib is None or not _cuda.vmm_supported(index):
             self._mech = ContextMechanism.TORCH_EMPTY_CACHE
