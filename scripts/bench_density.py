@@ -114,6 +114,67 @@ def run_system(system: str, args, x: np.ndarray, sampler: benchlib.NvmlSampler) 
     return rows
 
 
+def _groups_serve_app(args, n: int):
+    """One group deployment, one replica, ``n`` models of ``--arch`` (seeds 0..n-1), all weights on the GPU."""
+    from deployments.app import bind
+    from deployments.config import parse_app_config
+
+    cfg = parse_app_config({
+        "groups": [{"name": "g", "gpu_weights_budget_bytes": None, "host_tier": True, "mode": "dynamic",
+                    "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}}],
+        "cuda": {"stack_limit_bytes": args.stack_limit_bytes},
+        "models": [{
+            "name": f"m{i}", "group": "g", "source": {"architecture": args.arch, "seed": i},
+            "input": {"min_batch": args.batch, "opt_batch": args.batch, "max_batch": args.batch,
+                      "image_size": args.image_size},
+            "backend": "pytorch"} for i in range(n)],
+        "coordinator": {"poll_interval_s": 0.5, "min_dwell_s": 2.0, "admission_deadline_s": 10.0,
+                        "virtual_gpu_memory_bytes": int(args.card_gib * GiB)},
+    })
+    return bind(cfg, {"g": {"num_replicas": 1, "max_ongoing_requests": 64,
+                            "ray_actor_options": {"num_gpus": args.gpu_share, "num_cpus": 0.1}}})
+
+
+def run_groups_serve(args, x: np.ndarray, sampler) -> dict:
+    """ebb-groups through Serve: one group replica holding ``--group-serve-models`` models,
+    called by model id (Serve's multiplexing), at ``--group-rate`` calls/s in all."""
+    from ray import serve
+
+    n = args.group_serve_models
+    t = time.perf_counter()
+    try:
+        serve.run(_groups_serve_app(args, n), name="density-groups", route_prefix="/density-groups")
+        base = serve.get_deployment_handle("g", app_name="density-groups")
+        handles = [base.options(multiplexed_model_id=f"m{i}") for i in range(n)]
+        for h in handles:  # the first call of each model loads it (graphs captured)
+            h.infer.remote({"input": x}).result(timeout_s=300)
+        deploy_s = time.perf_counter() - t
+        results = benchlib.drive(handles, {"input": x}, rate_per_s=args.group_rate, duration_s=args.measure_s,
+                                 timeout_s=60)
+        s = benchlib.summarize(results)
+        mem = sampler.read() if sampler.available else None
+        try:
+            st = handles[0].status.remote().result(timeout_s=30)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            st = {"error": benchlib.classify(exc)}
+    except Exception as exc:  # noqa: BLE001 - what stopped it is the result
+        return {"models": n, "held": False, "why": f"failed: {benchlib.classify(exc)}"}
+    finally:
+        try:
+            serve.delete("density-groups")
+        except Exception:  # noqa: BLE001 - nothing to delete
+            pass
+    failed = sum(v for k, v in s["outcomes"].items() if k != "ok")
+    tiers = [m.get("tier") for m in st.get("models", [])] if isinstance(st.get("models"), list) else []
+    row = {"models": n, "held": failed == 0, "why": f"{failed} failed calls {s['outcomes']}" if failed else "",
+           "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "outcomes": s["outcomes"], "deploy_s": deploy_s,
+           "on_gpu": tiers.count("gpu") if tiers else None, "floor_bytes": (st.get("process") or {}).get("floor_bytes"),
+           "card_used_gib": None if mem is None else mem["used"] / GiB}
+    print(f"  ebb-groups (Serve): {n} models in one replica p50 {s['p50_ms']:.1f} ms p99 {s['p99_ms']:.1f} ms "
+          f"{s['outcomes']}" + ("" if mem is None else f" card {mem['used'] / GiB:.1f} GiB"), flush=True)
+    return row
+
+
 def run_groups(args) -> dict:
     """The ebb-groups system, in a fresh process (the stack limit must be set before any capture)."""
     import bench_groups
@@ -172,7 +233,8 @@ def groups_rows(g: dict, held: dict) -> tuple[list[list], list[list]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny CPU configuration (CI smoke, no claims)")
-    p.add_argument("--system", choices=["plain", "ebb", "ebb-pool", "ebb-groups", "both", "all"], default="both",
+    p.add_argument("--system", choices=["plain", "ebb", "ebb-pool", "ebb-groups", "ebb-groups-serve", "both", "all"],
+                   default="both",
                    help="both: plain and ebb; all: plain, ebb and ebb-groups")
     p.add_argument("--pool-mib", type=int, default=1024, help="ebb-pool: the most the pool may hold")
     p.add_argument("--pool-chunk-mib", type=int, default=128, help="ebb-pool: chunk size")
@@ -191,6 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--group-rate", type=float, default=40.0, help="ebb-groups: calls/s in all, Zipf and alone")
     p.add_argument("--group-zipf-s", type=float, default=1.1, help="ebb-groups: Zipf exponent (rank k ~ 1/k^s)")
     p.add_argument("--group-timeout-s", type=float, default=420.0)
+    p.add_argument("--group-serve", action="store_true",
+                   help="ebb-groups also through Serve (one group replica of --group-serve-models models)")
+    p.add_argument("--group-serve-models", type=int, default=40)
     p.add_argument("--stack-limit-bytes", type=int, default=256, help="ebb-groups: CUDA stack limit set first")
     p.add_argument("--out-dir", default="out")
     args = p.parse_args(argv)
@@ -198,6 +263,7 @@ def main(argv=None) -> int:
         args.arch, args.batch, args.image_size = "resnet18", 2, 32
         args.max_replicas, args.measure_s, args.card_gib, args.rate_per_replica = 2, 2.0, 1.0, 2.0
         args.group_max_models, args.group_host_models, args.group_budget_models, args.group_rate = 4, 8, 2, 10.0
+        args.group_serve_models = 3
 
     import ray
 
@@ -212,8 +278,11 @@ def main(argv=None) -> int:
         ballast.take()
     x = np.random.default_rng(0).standard_normal((args.batch, 3, args.image_size, args.image_size)).astype(np.float32)
     systems = {"both": ["plain", "ebb"], "all": ["plain", "ebb", "ebb-groups"]}.get(args.system, [args.system])
+    if args.group_serve and "ebb-groups" in systems:
+        systems.insert(systems.index("ebb-groups"), "ebb-groups-serve")
     results = {}
     groups: dict | None = None
+    groups_serve: dict | None = None
     serve_systems = [s for s in systems if s != "ebb-groups"]
     try:
         if serve_systems:
@@ -221,7 +290,10 @@ def main(argv=None) -> int:
 
             serve.start(http_options={"host": "127.0.0.1", "port": 18998})
             for system in serve_systems:
-                results[system] = run_system(system, args, x, sampler)
+                if system == "ebb-groups-serve":
+                    groups_serve = run_groups_serve(args, x, sampler)
+                else:
+                    results[system] = run_system(system, args, x, sampler)
             # Serve's replicas are gone (deleted); the group gets the same card to itself.
             serve.shutdown()
         if "ebb-groups" in systems:
@@ -237,7 +309,8 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.out_dir)
     benchlib.write_json(out_dir, "bench_density.json", {"card": benchlib.card_name(), "args": vars(args),
-                                                        "results": results, "ebb-groups": groups})
+                                                        "results": results, "ebb-groups": groups,
+                                                        "ebb-groups-serve": groups_serve})
     _plot(out_dir / "bench_density.png", results, args, groups)
     held = {s: max([r["replicas"] for r in rows if r.get("held")], default=0) for s, rows in results.items()}
     print(f"\nDensity on {benchlib.card_name()} with {args.card_gib:g} GiB free: {args.arch} b{args.batch}, "
@@ -247,6 +320,9 @@ def main(argv=None) -> int:
         if "plain" in held and system in held and held["plain"]:
             table.append([f"ratio {system} / plain", f"{held[system] / held['plain']:.2f}x", ""])
     targets = []
+    if groups_serve is not None:
+        table.append([f"ebb-groups through Serve (one replica, {groups_serve['models']} models tried)",
+                      groups_serve["models"] if groups_serve["held"] else 0, groups_serve["why"] or "held"])
     if groups is not None:
         rows, targets = groups_rows(groups, held)
         table.extend(rows)
@@ -258,7 +334,7 @@ def main(argv=None) -> int:
 
 
 def systems_need_ray(args) -> bool:
-    return args.system != "ebb-groups"
+    return args.system != "ebb-groups" or args.group_serve
 
 
 def _plot(path: Path, results: dict, args, groups: dict | None = None) -> None:

@@ -180,13 +180,16 @@ def main(cfg: dict) -> dict:
     stop = None
     held = 0
     for i in range(cfg["max_models"]):
+        if time.perf_counter() - t_a > cfg["gpu_load_budget_s"]:
+            stop = f"time budget: {cfg['gpu_load_budget_s']:.0f} s of loading spent"
+            break
         stop = add(i)
         if stop:
             break
         n = len(group.names())
         if n % cfg["step"] == 0 or n == cfg["max_models"]:
             names = group.names()
-            r = traffic.run(lambda k: names[k % len(names)], cfg["rate_per_s"], cfg["check_s"])
+            r = traffic.run(lambda k, names=names: names[k % len(names)], cfg["rate_per_s"], cfg["check_s"])
             ok = r["failed"] == 0 and not r["wrong"]
             out["checkpoints"].append({"models": n, "held": ok, "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
                                        "failed": r["failed"], "failures": r["failures"], "used_bytes": used()})
@@ -200,7 +203,7 @@ def main(cfg: dict) -> dict:
     # The largest count whose traffic had no failure (the last checkpoint may lag the count loaded).
     names = group.names()
     while len(names) > held and names:
-        r = traffic.run(lambda k: names[k % len(names)], cfg["rate_per_s"], cfg["check_s"])
+        r = traffic.run(lambda k, names=names: names[k % len(names)], cfg["rate_per_s"], cfg["check_s"])
         if r["failed"] == 0 and not r["wrong"]:
             held = len(names)
             out["checkpoints"].append({"models": held, "held": True, "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
@@ -221,11 +224,16 @@ def main(cfg: dict) -> dict:
     group.set_budget(GroupBudget(gpu_weights_budget_bytes=budget_models * wb, host_tier=True))
     load_fail = None
     for i in range(len(group.names()), cfg["host_models"]):
+        if time.perf_counter() - t_b > cfg["host_load_budget_s"]:
+            load_fail = f"time budget: {cfg['host_load_budget_s']:.0f} s of loading spent"
+            break
         why = add(i)
         if why:
             load_fail = why
             break
     names = group.names()
+    print(f"  ebb-groups: {len(names)} models loaded ({budget_models} on the GPU) in "
+          f"{time.perf_counter() - t_b:.0f} s" + (f"; stopped: {load_fail}" if load_fail else ""), flush=True)
     out["host_models"] = len(names)
     out["budget_models"] = budget_models
     out["host_load_stop"] = load_fail
@@ -289,8 +297,9 @@ def main(cfg: dict) -> dict:
 
 DEFAULTS = {"arch": "resnet50", "batch": 32, "image_size": 224, "max_models": 56, "step": 8, "check_s": 3.0,
             "rate_per_s": 20.0, "budget_models": 32, "host_models": 200, "zipf_s": 1.1, "zipf_rate_per_s": 40.0,
-            "zipf_s_duration": 20.0, "alone_s": 8.0, "hot_models": 3, "page_in_repeats": 10, "deadline_s": 10.0,
-            "stack_limit_bytes": 256, "load_margin_mib": 192}
+            "zipf_s_duration": 15.0, "alone_s": 6.0, "hot_models": 3, "page_in_repeats": 10, "deadline_s": 10.0,
+            "stack_limit_bytes": 256, "load_margin_mib": 192,
+            "gpu_load_budget_s": 90.0, "host_load_budget_s": 150.0}
 
 
 if __name__ == "__main__":
