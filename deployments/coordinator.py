@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from deployments.config import CoordinatorConfig
+from deployments.messages import Directive, GpuFigures, ModelTierReport, ReplicaReport
 from deployments.policy import (
     ColdModel,
     Decision,
@@ -53,89 +54,6 @@ from engine_runtime.pressure import GpuPressure
 logger = logging.getLogger(__name__)
 
 COORDINATOR_NAME = "ebb-coordinator"
-
-
-@dataclass
-class ModelTierReport:
-    """One model of a group replica (``engine_runtime.ModelTierStatus`` as plain data)."""
-
-    name: str
-    #: "gpu", "host" or "unloaded".
-    tier: str
-    weights_bytes: int
-    #: ``time.time()`` of the last call on the replica's clock; None before any.
-    last_used_s: float | None
-    #: Seconds since the last call (since the replica started, if none), on the replica's clock.
-    idle_s: float
-    page_ins: int
-    page_in_seconds_total: float
-    page_outs: int
-    calls: int
-
-
-@dataclass
-class ReplicaReport:
-    """What a replica tells the coordinator; plain data."""
-
-    replica_id: str
-    model: str
-    pid: int
-    node_id: str
-    gpu: str
-    virtual: bool
-    pin: str
-    mode: str
-    mechanism: str
-    weights_bytes: int
-    #: Context bytes the replica holds when static (its largest call).
-    context_bytes: int
-    #: Bytes of context memory held right now (static block or calls in flight).
-    held_bytes: int
-    request_rate_per_s: float
-    latency_static_s: float | None
-    latency_dynamic_s: float | None
-    in_flight: int
-    loaded: bool
-    #: A fresh NVML reading of the replica's card; None for virtual GPUs or when NVML failed.
-    reading: GpuPressure | None = None
-    #: Why there is no reading on a real GPU (NVML failing).
-    reading_error: str | None = None
-    #: "in use" when the replica leases context memory from its GPU's pool, else why not.
-    pool: str = "not used"
-    #: What the GPU's pool holds now (its lease table), read by a replica using it; else None.
-    pool_bytes: int | None = None
-    #: The pool's chunk size, and the most it may hold (``context_pool.max_bytes``; None: no cap).
-    pool_chunk_bytes: int | None = None
-    pool_max_bytes: int | None = None
-    #: This process's NVML memory after CUDA initialised, before any engine; None without a GPU.
-    floor_bytes: int | None = None
-    #: The group a group replica serves (``model`` is the group's name too); None otherwise.
-    group: str | None = None
-    #: A group replica's models, their weights tiers and use; None otherwise.
-    models: list[ModelTierReport] | None = None
-    #: Whether the coordinator may page out this group's cold weights, and when a model is cold.
-    page_out_under_pressure: bool = False
-    cold_after_s: float | None = None
-
-
-@dataclass
-class Directive:
-    """The coordinator's answer: the mode to be in and the GPU's admission budget."""
-
-    mode: str | None
-    budget_bytes: int | None
-    reason: str = ""
-    #: What the GPU's context pool should hold (``deployments.policy.pool_target_bytes``);
-    #: None where the replica has no pool or the GPU is unknown.
-    pool_target_bytes: int | None = None
-    #: Bytes another replica may take on this GPU below its high watermark (for the
-    #: autoscaling policy, ``deployments.autoscaling``); None where the GPU is unknown.
-    room_bytes: int | None = None
-    #: Static context bytes the coordinator could free here by moving unpinned replicas to dynamic.
-    reclaimable_bytes: int = 0
-    #: Models whose weights a group replica should page out (still cold when it acts), and why.
-    page_out: list[str] = field(default_factory=list)
-    page_out_reason: str = ""
 
 
 @dataclass
@@ -398,6 +316,15 @@ class CoordinatorState:
 
     # -- output -----------------------------------------------------------------
 
+    def gpu_figures(self) -> list[GpuFigures]:
+        """Every GPU whose size is known, as measured: what the per-GPU gauges show."""
+        figures = []
+        for uuid in list(self.gpus):
+            view = self.measured_view(uuid)
+            if view.known and view.total_bytes:
+                figures.append(GpuFigures(uuid, view.used_bytes, view.total_bytes))
+        return figures
+
     def status(self, now_s: float) -> dict[str, Any]:
         self._expire(now_s)
         gpus = []
@@ -455,7 +382,7 @@ class Coordinator:
             # Every report can decide; the per-GPU gauges need no more than one update a poll.
             if now_s - self._metrics_at_s >= self._state.cfg.poll_interval_s:
                 self._metrics_at_s = now_s
-                self._metrics.update(self._state)
+                self._metrics.update(self._state.gpu_figures(), dict(self._state.decisions_by_reason))
             return directive
 
     def reserve_room(self, replica_id: str, nbytes: int, ttl_s: float) -> bool:

@@ -12,21 +12,22 @@ coordinator.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from deployments.config import CoordinatorConfig
-from deployments.coordinator import ReplicaReport, get_or_create
+from deployments.coordinator import get_or_create
 from deployments.gpu_identity import GpuIdentity
-from engine_runtime.memory import MemoryMode, SharedBudget
-from engine_runtime.units import MiB
+from deployments.messages import Directive, ReplicaReport
+from deployments.reporting import ReplicaIdentity, directive_actions, engine_figures, make_report
+from engine_runtime import StatsSnapshot
+from engine_runtime.memory import ContextMechanism, MemoryMode, SharedBudget, remove_unused_budgets
 from engine_runtime.memory.pool import PoolUnavailableError
-
-if TYPE_CHECKING:
-    from deployments.model import ModelDeployment
+from engine_runtime.units import MiB
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,72 @@ def admission_for(gpu: GpuIdentity) -> SharedBudget:
     """The node-local byte budget every replica on this GPU shares.
 
     Unbounded until the coordinator sets a capacity from what the card has free.
+    First removes the budget files nobody alive uses (a cluster stopped by ``ray stop``
+    leaves its virtual GPUs' files behind; see ``SharedBudget``).
     """
+    remove_unused_budgets()
     return SharedBudget(key=gpu.uuid)
 
 
+# -- the ports: what the client may use of its replica ------------------------------
+
+
+class EnginePort(Protocol):
+    """The engine as the client sees it (``engine_runtime.Engine`` satisfies it)."""
+
+    @property
+    def mode(self) -> MemoryMode: ...
+    @property
+    def mechanism(self) -> ContextMechanism: ...
+    @property
+    def loaded(self) -> bool: ...
+    def stats(self) -> StatsSnapshot: ...
+    def context_bytes(self, shapes: Mapping[str, tuple[int, ...]]) -> int: ...
+    def set_mode(self, mode: MemoryMode | str) -> MemoryMode: ...
+
+
+class AdmissionPort(Protocol):
+    def set_capacity(self, capacity_bytes: int) -> None: ...
+
+
+class GroupPort(Protocol):
+    """A group replica's tiers (``deployments.group``): what its report adds, and the
+    coordinator's page-out orders."""
+
+    def report_fields(self) -> dict[str, Any]: ...
+    def page_out_cold(self, models: list[str], reason: str) -> list[str]: ...
+
+
+class PoolPort(Protocol):
+    """The GPU's context pool as the client sees it (``memory.pool.PoolPhysical``)."""
+
+    chunk_bytes: int
+
+    def snapshot(self) -> Any: ...
+    def resize(self, nchunks: int) -> dict: ...
+
+
+@dataclass
+class ReplicaPorts:
+    """All the client touches of its replica: narrow, so it needs no ``ModelDeployment``."""
+
+    identity: ReplicaIdentity
+    engine: EnginePort
+    admission: AdmissionPort
+    #: The GPU's pool; None where the replica does not lease from one.
+    pool: PoolPort | None
+    #: The largest shapes of the engine's profiles (the bytes a static engine holds).
+    max_shapes: Mapping[str, tuple[int, ...]]
+    #: The replica's pin now (``user_config`` may change it).
+    pin: Callable[[], str]
+    #: Publish the replica's metrics (called before every report).
+    publish_metrics: Callable[[], None] = lambda: None
+    #: A group replica's tiers; None for a single-model replica.
+    group: GroupPort | None = None
+
+
 class CoordinatorClient:
-    def __init__(self, replica: ModelDeployment, cfg: CoordinatorConfig) -> None:
+    def __init__(self, replica: ReplicaPorts, cfg: CoordinatorConfig) -> None:
         self.replica = replica
         self.cfg = cfg
         self.interval_s = cfg.poll_interval_s / 2
@@ -58,14 +119,14 @@ class CoordinatorClient:
         self._probe = None
         self._last_ok_s: float | None = None
         self._last_error: str | None = None
-        self._last_directive: Any = None
+        self._last_directive: Directive | None = None
         self._last_report: ReplicaReport | None = None
         self._last_metrics_error: str | None = None
         self._last_pool_error: str | None = None
         self._fault_nvml_error = os.environ.get(FAULT_NVML_ERROR_ENV) or None
         if self._fault_nvml_error is not None:
             logger.warning("fault injection on (%s): NVML readings of %s fail with %r", FAULT_NVML_ERROR_ENV,
-                           replica.gpu.uuid, self._fault_nvml_error)
+                           replica.identity.gpu.uuid, self._fault_nvml_error)
 
     def start(self) -> None:
         self._thread.start()
@@ -88,14 +149,14 @@ class CoordinatorClient:
         return self._last_report
 
     @property
-    def last_directive(self) -> Any:
+    def last_directive(self) -> Directive | None:
         return self._last_directive
 
     # -- loop -------------------------------------------------------------------
 
     def _publish_metrics(self) -> None:
         try:
-            self.replica.metrics.update_from(self.replica.engine)
+            self.replica.publish_metrics()
             self._last_metrics_error = None
         except Exception as err:  # noqa: BLE001 - metrics must never stop the reports
             if self._last_metrics_error != str(err):
@@ -133,86 +194,56 @@ class CoordinatorClient:
     def build_report(self) -> ReplicaReport:
         rep = self.replica
         engine = rep.engine
-        stats = engine.stats()
-        desc = rep.desc
+        figures = engine_figures(mode=engine.mode.value, mechanism=engine.mechanism.value, loaded=engine.loaded,
+                                 stats=engine.stats(),
+                                 largest_context_bytes=engine.context_bytes(rep.max_shapes) if engine.loaded else None)
         reading, reading_error = self._read_gpu()
-        return ReplicaReport(
-            replica_id=rep.replica_id, model=rep.model.name, pid=os.getpid(), node_id=rep.gpu.node_id,
-            gpu=rep.gpu.uuid, virtual=rep.gpu.virtual and self._fault_nvml_error is None, pin=rep.pin,
-            mode=engine.mode.value,
-            mechanism=engine.mechanism.value, weights_bytes=desc.weights_bytes,
-            context_bytes=engine.context_bytes(desc.max_shapes()) if engine.loaded else stats.peak_context_bytes,
-            held_bytes=stats.context_bytes_held, request_rate_per_s=stats.request_rate_per_s,
-            latency_static_s=stats.latency_p50_s.get("static"), latency_dynamic_s=stats.latency_p50_s.get("dynamic"),
-            in_flight=stats.calls_in_flight, loaded=engine.loaded, reading=reading, reading_error=reading_error,
-            floor_bytes=rep.process.floor_bytes, **self._pool_fields(),
-        )
-
-    def _pool_fields(self) -> dict[str, Any]:
-        rep = self.replica
         pool = rep.pool
-        return {"pool": rep.pool_status, "pool_bytes": None if pool is None else pool.snapshot().pool_bytes,
-                "pool_chunk_bytes": None if pool is None else pool.chunk_bytes,
-                "pool_max_bytes": None if pool is None else rep.app.context_pool.max_bytes}
-
-    # -- what differs for a group replica (``GroupCoordinatorClient``) ------------
-
-    def current_mode(self) -> str:
-        return self.replica.engine.mode.value
-
-    def switch_mode(self, mode: str) -> None:
-        self.replica.engine.set_mode(MemoryMode(mode))
-
-    def page_out(self, models: list[str], reason: str) -> None:
-        """A single-model replica has no weights tier: nothing to page out."""
+        return make_report(rep.identity, figures, pid=os.getpid(), pin=rep.pin(), reading=reading,
+                           reading_error=reading_error, fault_injected=self._fault_nvml_error is not None,
+                           pool_bytes=None if pool is None else pool.snapshot().pool_bytes,
+                           pool_chunk_bytes=None if pool is None else pool.chunk_bytes,
+                           group=None if rep.group is None else rep.group.report_fields())
 
     def _read_gpu(self):
         if self._fault_nvml_error is not None:
             return None, f"injected fault ({FAULT_NVML_ERROR_ENV}): {self._fault_nvml_error}"
-        if self.replica.gpu.virtual:
+        gpu = self.replica.identity.gpu
+        if gpu.virtual:
             return None, None
         try:
             if self._probe is None:
                 from engine_runtime.pressure import NvmlProbe
 
-                self._probe = NvmlProbe([self.replica.gpu.uuid])
+                self._probe = NvmlProbe([gpu.uuid])
             readings = self._probe.read()
             return (readings[0] if readings else None), (None if readings else "no NVML reading")
         except Exception as err:  # noqa: BLE001 - NVML failing: report it, the policy holds modes
             self._probe = None
             return None, str(err)
 
-    def apply(self, directive) -> bool:
-        """Set the budget and switch mode as told; return whether the mode changed."""
+    def apply(self, directive: Directive) -> bool:
+        """Set the budget, size the pool and switch mode as told; return whether the mode changed."""
         rep = self.replica
-        if directive.budget_bytes is not None:
-            rep.admission.set_capacity(int(directive.budget_bytes))
-        # Before the switch: a replica told to go static leases from a pool sized for it.
-        self._resize_pool(directive.pool_target_bytes)
-        # A pinned replica keeps its pin whatever a (possibly stale) directive says.
-        page_out = getattr(directive, "page_out", None)
-        if page_out:
-            self.page_out(list(page_out), directive.page_out_reason)
-        target = directive.mode if rep.pin == "auto" else rep.pin
-        if target and target != self.current_mode():
-            logger.info("coordinator: %s -> %s (%s)", self.current_mode(), target, directive.reason)
-            self.switch_mode(target)
+        pool = rep.pool
+        capacity = None if pool is None or directive.pool_target_bytes is None else pool.snapshot().capacity
+        actions = directive_actions(directive, pin=rep.pin(), mode=rep.engine.mode.value,
+                                    pool_chunk_bytes=None if pool is None else pool.chunk_bytes,
+                                    pool_capacity_chunks=capacity)
+        if actions.budget_bytes is not None:
+            rep.admission.set_capacity(actions.budget_bytes)
+        if actions.pool_chunks is not None:
+            self._resize_pool(actions.pool_chunks, capacity, directive.pool_target_bytes)
+        if actions.page_out and rep.group is not None:
+            rep.group.page_out_cold(list(actions.page_out), directive.page_out_reason)
+        if actions.switch_to is not None:
+            logger.info("coordinator: %s -> %s (%s)", rep.engine.mode.value, actions.switch_to, directive.reason)
+            rep.engine.set_mode(MemoryMode(actions.switch_to))
             return True
         return False
 
-    def _resize_pool(self, target_bytes: int | None) -> None:
-        """Bring the GPU's pool to the coordinator's target.
-
-        Every replica on the pool gets the same target and may act on it: a resize is
-        absolute and idempotent, and asked for only when the pool's capacity differs.
-        """
+    def _resize_pool(self, nchunks: int, capacity: int, target_bytes: int) -> None:
         pool = self.replica.pool
-        if pool is None or target_bytes is None:
-            return
-        nchunks = math.ceil(int(target_bytes) / pool.chunk_bytes)
-        capacity = pool.snapshot().capacity
-        if nchunks == capacity:
-            return
         try:
             result = pool.resize(nchunks)
         except PoolUnavailableError as err:
@@ -226,43 +257,3 @@ class CoordinatorClient:
                     result["capacity"], pool.chunk_bytes / MiB, target_bytes / MiB,
                     f"; {result['error']}" if result.get("error") else "")
 
-
-class GroupCoordinatorClient(CoordinatorClient):
-    """The client of a group replica (``deployments.group``): one report for the whole
-    process (its engines summed, resident weights, every model's tier), one mode for
-    every engine, and the coordinator's page-out orders carried out where still cold."""
-
-    def current_mode(self) -> str:
-        return self.replica.mode.value
-
-    def switch_mode(self, mode: str) -> None:
-        self.replica.apply_mode(MemoryMode(mode))
-
-    def page_out(self, models: list[str], reason: str) -> None:
-        self.replica.page_out_cold(models, reason)
-
-    def _publish_metrics(self) -> None:
-        try:
-            self.replica.publish_metrics()
-            self._last_metrics_error = None
-        except Exception as err:  # noqa: BLE001 - metrics must never stop the reports
-            if self._last_metrics_error != str(err):
-                logger.warning("metrics not published: %s", err)
-            self._last_metrics_error = str(err)
-
-    def build_report(self) -> ReplicaReport:
-        rep = self.replica
-        stats = rep.stats()
-        reading, reading_error = self._read_gpu()
-        return ReplicaReport(
-            replica_id=rep.replica_id, model=rep.group.name, pid=os.getpid(), node_id=rep.gpu.node_id,
-            gpu=rep.gpu.uuid, virtual=rep.gpu.virtual and self._fault_nvml_error is None, pin=rep.pin,
-            mode=rep.mode.value, mechanism=rep.mechanism(), weights_bytes=stats.weights_bytes,
-            context_bytes=rep.static_context_bytes(), held_bytes=stats.context_bytes_held,
-            request_rate_per_s=stats.request_rate_per_s, latency_static_s=stats.latency_p50_s.get("static"),
-            latency_dynamic_s=stats.latency_p50_s.get("dynamic"), in_flight=stats.calls_in_flight,
-            loaded=rep.loaded(), reading=reading, reading_error=reading_error, floor_bytes=rep.process.floor_bytes,
-            group=rep.group.name, models=rep.tier_reports(),
-            page_out_under_pressure=rep.group.page_out_under_pressure, cold_after_s=rep.group.cold_after_s,
-            **self._pool_fields(),
-        )

@@ -26,7 +26,7 @@ import numpy as np
 from ray import serve
 
 from deployments.config import AppConfig, GroupConfig, ModelConfig
-from deployments.engine_factory import join_context_pool, make_engine
+from deployments.engine_factory import make_engine, plan_replica_context
 from deployments.gpu_identity import current_replica_gpu
 from deployments.group_report import aggregate_stats, tier_reports
 from deployments.replica import (
@@ -36,6 +36,7 @@ from deployments.replica import (
     to_numpy_inputs,
 )
 from engine_runtime import (
+    ContextMechanism,
     EngineDescription,
     EngineGroup,
     GroupBudget,
@@ -70,12 +71,14 @@ class GroupDeployment:
         self.process = setup_cuda_process(self.app.cuda, self.gpu.cuda_index)
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id if ctx else f"local-{os.getpid()}"
-        from deployments.coordinator_client import GroupCoordinatorClient, admission_for
+        from deployments.coordinator_client import CoordinatorClient, ReplicaPorts, admission_for
+        from deployments.reporting import ReplicaIdentity
 
         self.admission = admission_for(self.gpu)
-        # One pool client for the process; the group hands it to every engine.
-        self.pool, self.pool_status = join_context_pool(next(iter(self.models.values())), self.app,
-                                                        self.gpu.cuda_index)
+        # One pool client for the process; the group hands it to every engine, each of
+        # which plans its own mechanism from its device's facts when it loads.
+        self.pool, plan = plan_replica_context(next(iter(self.models.values())), self.app, self.gpu.cuda_index)
+        self.pool_status = plan.pool_status
         self.engines = EngineGroup(
             GroupBudget(self.group.gpu_weights_budget_bytes, self.group.host_tier),
             # With the pool the lease is the admission (as for a single model, engine_factory).
@@ -110,7 +113,11 @@ class GroupDeployment:
 
         self.metrics = ReplicaMetrics(self.group.name, self.replica_id, self.gpu.uuid)
         self.tier_metrics = ModelTierMetrics(self.group.name, self.replica_id, self.gpu.uuid)
-        self.client = GroupCoordinatorClient(self, self.app.coordinator)
+        self.client = CoordinatorClient(ReplicaPorts(
+            identity=ReplicaIdentity(self.replica_id, self.group.name, self.gpu, 0, self.pool_status,
+                                     self.app.context_pool.max_bytes, self.process.floor_bytes),
+            engine=_GroupEngineView(self), admission=self.admission, pool=self.pool, max_shapes={},
+            pin=lambda: self.pin, publish_metrics=self.publish_metrics, group=self), self.app.coordinator)
         self.client.start()
         logger.info("replica %s of group %s on %s: %d models, weights budget %s, host tier %s, %s mode, "
                     "context pool %s", self.replica_id, self.group.name, self.gpu.uuid, len(self.models),
@@ -210,6 +217,13 @@ class GroupDeployment:
     def tier_reports(self):
         return tier_reports(self.engines.status(), time.time(), self.started_s)
 
+    def report_fields(self) -> dict[str, Any]:
+        """What a group replica's report adds (``reporting.make_report``): its resident
+        weights (they vary) and every model's tier."""
+        return {"weights_bytes": self.engines.resident_weights_bytes(), "group": self.group.name,
+                "models": self.tier_reports(), "page_out_under_pressure": self.group.page_out_under_pressure,
+                "cold_after_s": self.group.cold_after_s}
+
     def stats(self) -> StatsSnapshot:
         return aggregate_stats([self.engines.engine(n).stats() for n in self.models],
                                self.engines.resident_weights_bytes())
@@ -223,10 +237,13 @@ class GroupDeployment:
                 total += engine.context_bytes(self.descs[name].max_shapes())
         return total
 
-    def mechanism(self) -> str:
+    def mechanism_enum(self) -> ContextMechanism:
         engines = [self.engines.engine(n) for n in self.models]
         loaded = [e for e in engines if e.loaded] or engines
-        return loaded[0].mechanism.value
+        return loaded[0].mechanism
+
+    def mechanism(self) -> str:
+        return self.mechanism_enum().value
 
     def loaded(self) -> bool:
         return any(self.engines.engine(n).loaded for n in self.models)
@@ -336,4 +353,40 @@ class GroupDeployment:
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.close()  # after the engines: their arenas have given back every lease
+        admission = getattr(self, "admission", None)
+        if admission is not None:
+            admission.close()  # the last replica on the GPU removes the budget's file
+
+
+class _GroupEngineView:
+    """The whole group as the one engine the coordinator client reports and switches
+    (``coordinator_client.EnginePort``): summed stats, one mode for every engine."""
+
+    def __init__(self, replica: GroupDeployment) -> None:
+        self._replica = replica
+
+    @property
+    def mode(self) -> MemoryMode:
+        return self._replica.mode
+
+    @property
+    def mechanism(self) -> ContextMechanism:
+        return self._replica.mechanism_enum()
+
+    @property
+    def loaded(self) -> bool:
+        return self._replica.loaded()
+
+    def stats(self) -> StatsSnapshot:
+        return self._replica.stats()
+
+    def context_bytes(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        """What the group holds in static mode (``shapes`` is the client's, empty: each
+        engine's own largest call is used)."""
+        return self._replica.static_context_bytes()
+
+    def set_mode(self, mode: MemoryMode | str) -> MemoryMode:
+        previous = self._replica.mode
+        self._replica.apply_mode(MemoryMode.parse(mode))
+        return previous
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from deployments.coordinator import ModelTierReport
+from deployments.messages import ModelTierReport
 from engine_runtime import ModelTierStatus, StatsSnapshot
 
 #: Counters and byte figures that add up across the engines of one process.

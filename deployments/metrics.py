@@ -30,12 +30,13 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from engine_runtime.stats import StatsSnapshot
 from engine_runtime.memory import MemoryMode
+from engine_runtime.stats import StatsSnapshot
+
+from deployments.messages import GpuFigures, ModelTierReport
 
 if TYPE_CHECKING:
-    from deployments.coordinator import CoordinatorState, ModelTierReport
-    from engine_runtime.engine import BaseEngine
+    from engine_runtime import BaseEngine
 
 logger = logging.getLogger(__name__)
 
@@ -186,16 +187,14 @@ class CoordinatorMetrics:
                                          "Mode switches the coordinator ordered, by reason.", tag_keys=("reason",))
         self._deltas = CounterDeltas()
 
-    def update(self, state: CoordinatorState) -> None:
-        for uuid in list(state.gpus):
-            view = state.measured_view(uuid)
-            if not view.known or not view.total_bytes:
-                continue
-            tags = {"gpu": uuid}
-            self.used.set(view.used_bytes, tags=tags)
-            self.total.set(view.total_bytes, tags=tags)
-            self.pressure.set(view.used_bytes / view.total_bytes, tags=tags)
-        for reason, count in list(state.decisions_by_reason.items()):
+    def update(self, gpus: Iterable[GpuFigures], decisions_by_reason: Mapping[str, int]) -> None:
+        """Set the per-GPU gauges and move the decision counters (cumulative counts by reason)."""
+        for gpu in gpus:
+            tags = {"gpu": gpu.uuid}
+            self.used.set(gpu.used_bytes, tags=tags)
+            self.total.set(gpu.total_bytes, tags=tags)
+            self.pressure.set(gpu.used_bytes / gpu.total_bytes, tags=tags)
+        for reason, count in decisions_by_reason.items():
             _inc(self.decisions, self._deltas.delta(reason, count), {"reason": reason})
 
 

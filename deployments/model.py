@@ -18,7 +18,7 @@ import numpy as np
 from ray import serve
 
 from deployments.config import AppConfig, ModelConfig
-from deployments.engine_factory import join_context_pool, make_engine
+from deployments.engine_factory import make_engine, plan_replica_context
 from deployments.gpu_identity import current_replica_gpu
 from deployments.replica import log_to_replica_file, run_batch, setup_cuda_process, to_numpy_inputs
 from engine_runtime.device import check_reachable
@@ -44,12 +44,14 @@ class ModelDeployment:
         self.process = setup_cuda_process(self.app.cuda, self.gpu.cuda_index)
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id if ctx else f"local-{os.getpid()}"
-        from deployments.coordinator_client import CoordinatorClient, admission_for
+        from deployments.coordinator_client import CoordinatorClient, ReplicaPorts, admission_for
+        from deployments.reporting import ReplicaIdentity
 
         self.admission = admission_for(self.gpu)
-        self.pool, self.pool_status = join_context_pool(self.model, self.app, self.gpu.cuda_index)
+        self.pool, plan = plan_replica_context(self.model, self.app, self.gpu.cuda_index)
+        self.pool_status = plan.pool_status
         self.engine = make_engine(self.model, self.app, admission=self.admission, cuda_index=self.gpu.cuda_index,
-                                  physical_source=self.pool)
+                                  physical_source=self.pool, context_plan=plan)
         self.desc = self.engine.describe()
         self.pin = self.model.pin
         if self.pin != "auto":
@@ -62,7 +64,12 @@ class ModelDeployment:
         self.metrics = ReplicaMetrics(self.model.name, self.replica_id, self.gpu.uuid)
         #: The ``user_config.weights`` update applied last (its key); None: the source's own.
         self.weights_version: str | None = None
-        self.client = CoordinatorClient(self, self.app.coordinator)
+        self.client = CoordinatorClient(ReplicaPorts(
+            identity=ReplicaIdentity(self.replica_id, self.model.name, self.gpu, self.desc.weights_bytes,
+                                     self.pool_status, self.app.context_pool.max_bytes, self.process.floor_bytes),
+            engine=self.engine, admission=self.admission, pool=self.pool, max_shapes=self.desc.max_shapes(),
+            pin=lambda: self.pin, publish_metrics=lambda: self.metrics.update_from(self.engine)),
+            self.app.coordinator)
         self.client.start()
         logger.info("replica %s of %s on %s (%s mode, %s; context pool %s)", self.replica_id, self.model.name,
                     self.gpu.uuid, self.engine.mode.value, self.engine.mechanism.value, self.pool_status)
@@ -213,3 +220,6 @@ class ModelDeployment:
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.close()  # after the engine: its arena has unmapped and given back every lease
+        admission = getattr(self, "admission", None)
+        if admission is not None:
+            admission.close()  # the last replica on the GPU removes the budget's file

@@ -15,6 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+__all__ = [
+    "ARCHITECTURES",
+    "BuiltinModel",
+    "Encoder",
+    "ResNet",
+    "build",
+]
+
+
 logger = logging.getLogger(__name__)
 
 

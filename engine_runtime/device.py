@@ -7,6 +7,9 @@
 from __future__ import annotations
 
 
+__all__ = ["check_reachable", "graph_arena_available", "vmm_supported"]
+
+
 def check_reachable(index: int) -> None:
     """Raise (``EbbInternalError`` subclass) if ``cuda:index`` cannot answer a memory query."""
     from engine_runtime import _cuda
@@ -20,3 +23,10 @@ def graph_arena_available() -> bool:
     from engine_runtime.backends import _graph_alloc
 
     return _graph_alloc.load() is not None
+
+
+def vmm_supported(index: int) -> bool:
+    """Whether ``cuda:index`` supports CUDA virtual memory management (False without a driver)."""
+    from engine_runtime import _cuda
+
+    return _cuda.vmm_supported(index)

@@ -8,6 +8,26 @@ HTTP layer) can map the first kind to 4xx/503 and the second to 500.
 from __future__ import annotations
 
 
+__all__ = [
+    "BatchTooLargeError",
+    "ContextMemoryUnavailable",
+    "EbbError",
+    "EbbInternalError",
+    "EngineBuildError",
+    "EngineClosedError",
+    "EngineLoadError",
+    "InputDtypeError",
+    "InputShapeError",
+    "InputValueError",
+    "InvalidInputError",
+    "MissingInputError",
+    "PlanIncompatibleError",
+    "PoolUnavailableError",
+    "UnknownInputError",
+    "WeightsUpdateError",
+]
+
+
 class EbbError(Exception):
     """Root of every exception raised by Ebb.
 

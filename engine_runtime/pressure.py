@@ -21,6 +21,18 @@ from typing import Protocol, runtime_checkable
 from engine_runtime.errors import EbbError
 from engine_runtime.units import GiB
 
+__all__ = [
+    "EXTERNAL_PID",
+    "GpuPressure",
+    "NvmlProbe",
+    "PressureProbe",
+    "ProbeUnavailable",
+    "StaticProbe",
+    "VirtualProbe",
+    "cuda_visible_to_nvml_uuids",
+]
+
+
 logger = logging.getLogger(__name__)
 
 

@@ -23,6 +23,18 @@ from engine_runtime.errors import (
     UnknownInputError,
 )
 
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "EngineDescription",
+    "ShapeProfile",
+    "TensorSpec",
+    "batch_of",
+    "dtype_name",
+    "nbytes_of",
+    "validate_inputs",
+]
+
+
 #: dtypes an engine may declare, by numpy name.
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
 

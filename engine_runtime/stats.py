@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field
 from engine_runtime.memory import MemoryMode
 
 
+__all__ = ["EngineStats", "StatsSnapshot"]
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0

@@ -30,14 +30,10 @@ from engine_runtime.backends import _graph_alloc
 from engine_runtime.backends._tiers import PyTorchTiers
 from engine_runtime.engine import BaseEngine
 from engine_runtime.errors import EngineLoadError, InputValueError, WeightsUpdateError
-from engine_runtime.memory import (
-    ContextBlock,
-    ContextMechanism,
-    HostAccountingAllocator,
-    MemoryMode,
-)
+from engine_runtime.memory import ContextBlock, ContextMechanism, HostAccountingAllocator, MemoryMode
 from engine_runtime.memory.admission import Admission
 from engine_runtime.memory.arena import OwnedPhysical, PhysicalSource, VmmArena
+from engine_runtime.memory.mechanism import BackendKind, ContextFacts, ContextPlan, plan_context
 from engine_runtime.spec import EngineDescription, ShapeProfile, TensorSpec, batch_of
 from engine_runtime.units import MiB
 
@@ -101,6 +97,7 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
         physical_source: PhysicalSource | None = None,
         reject_non_finite: bool = True,
         input_range: tuple[int, int] | None = None,
+        context_plan: ContextPlan | None = None,
     ) -> None:
         super().__init__(name, mode=mode, admission=admission, admission_deadline_s=admission_deadline_s,
                          reject_non_finite=reject_non_finite)
@@ -111,6 +108,8 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
         self._device: torch.device | None = None
         self._use_cuda_graphs = use_cuda_graphs
         self._physical_source = physical_source
+        #: How context memory is obtained (``memory.mechanism``); None: planned at load from this host's facts.
+        self._plan = context_plan
         self._buckets: dict[int, _Bucket] = {}
         self._arena: VmmArena | None = None
         self._eager_bytes: dict[int, int] = {}
@@ -169,6 +168,8 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
     def _mechanism_impl(self) -> ContextMechanism:
         if self._mech is not None:
             return self._mech
+        if self._plan is not None:
+            return self._plan.mechanism
         device = resolve_device(self._device_spec)
         return ContextMechanism.HOST_ACCOUNTING if device.type == "cpu" else ContextMechanism.VMM_ARENA
 
@@ -205,8 +206,12 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
         self._stream = torch.cuda.ExternalStream(self._stream_handle, device=self._device)
         cuda_process.note_engine_loaded()
         self._module = self._place_weights(module, index)
-        lib = _graph_alloc.load() if self._use_cuda_graphs else None
-        if lib is None or not _cuda.vmm_supported(index):
+        plan = self._plan or plan_context(ContextFacts(
+            BackendKind.PYTORCH, index, vmm=_cuda.vmm_supported(index),
+            graph_arena=self._use_cuda_graphs and _graph_alloc.load() is not None,
+            pool_enabled=self._physical_source is not None))
+        lib = _graph_alloc.load() if plan.vmm_arena else None
+        if lib is None:
             self._mech = ContextMechanism.TORCH_EMPTY_CACHE
             self._measure_eager()
             return

@@ -47,6 +47,7 @@ from engine_runtime.memory import (
     CudaMallocAllocator,
     MemoryMode,
 )
+from engine_runtime.memory.mechanism import BackendKind, ContextFacts, ContextPlan, plan_context
 from engine_runtime.spec import EngineDescription, ShapeProfile, TensorSpec
 from engine_runtime.units import MiB
 
@@ -62,8 +63,10 @@ class CudaDevice:
     PyTorch's caching allocator like any request tensor.
     """
 
-    def __init__(self, index: int = 0) -> None:
+    def __init__(self, index: int = 0, context_plan: ContextPlan | None = None) -> None:
         self.index = index
+        #: How context memory is obtained (``memory.mechanism``); None: planned from this device's facts.
+        self.context_plan = context_plan
 
     def available(self) -> bool:
         from engine_runtime import _cuda
@@ -119,13 +122,15 @@ class CudaDevice:
         return int(tensor.data_ptr())
 
     def allocator(self, max_bytes: int, deadline_s: float, source: PhysicalSource | None = None) -> ContextAllocator:
-        """A stable-address arena sized for the largest shapes where VMM exists, else cudaMalloc.
+        """A stable-address arena sized for the largest shapes where the plan says VMM, else cudaMalloc.
 
-        With a ``source`` (the GPU's pool) the arena is required: a pool lends VMM memory.
+        The arena's physical memory comes from ``source`` (the GPU's pool) where one is given.
         """
         from engine_runtime import _cuda
 
-        if source is not None or _cuda.vmm_supported(self.index):
+        plan = self.context_plan or plan_context(ContextFacts(
+            BackendKind.TENSORRT, self.index, vmm=_cuda.vmm_supported(self.index), pool_enabled=source is not None))
+        if plan.vmm_arena:
             from engine_runtime.memory.arena import VmmArena
 
             return VmmArena(self.index, max_bytes, source, deadline_s=deadline_s)
@@ -160,6 +165,7 @@ class TensorRTEngine(TensorRTTiers, BaseEngine):
         reject_non_finite: bool = True,
         description: EngineDescription | None = None,
         physical_source: PhysicalSource | None = None,
+        context_plan: ContextPlan | None = None,
     ) -> None:
         super().__init__(name, mode=mode, admission=admission, admission_deadline_s=admission_deadline_s,
                          reject_non_finite=reject_non_finite)
@@ -169,7 +175,7 @@ class TensorRTEngine(TensorRTTiers, BaseEngine):
         else:
             self._plan = None
             self._plan_path = Path(plan)
-        self._device = CudaDevice(device) if isinstance(device, int) else device
+        self._device = CudaDevice(device, context_plan) if isinstance(device, int) else device
         self._description = description
         self._plan_lock = threading.Lock()
         self._trt: _trt.TensorRT | None = None

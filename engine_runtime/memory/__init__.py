@@ -1,6 +1,8 @@
-"""Context memory: when it is held (``modes``), how it is obtained (``allocators``,
-``physical``, ``arena``), who may take how much (``admission``), and the per-GPU pool
-that lends it across processes (``pool``, a subpackage imported on its own).
+"""Context memory: when it is held (``modes``), how it is obtained (``mechanism`` decides;
+``allocators``, ``physical``, ``arena`` do it), who may take how much (``admission``,
+``budget``), and the per-GPU pool that lends it across processes (``pool``, a
+subpackage imported on its own). ``_shm`` is the shared-memory primitive under both
+cross-process tables (the budget and the pool's lease table).
 
 ``deployments/`` and the backends use the names below; the modules behind them are
 free to move.
@@ -13,6 +15,7 @@ from engine_runtime.memory.admission import (
     SharedBudgetError,
     UnboundedAdmission,
     budget_path,
+    remove_unused_budgets,
 )
 from engine_runtime.memory.allocators import (
     ContextAllocator,
@@ -21,15 +24,20 @@ from engine_runtime.memory.allocators import (
     HostAccountingAllocator,
 )
 from engine_runtime.memory.arena import VmmArena
+from engine_runtime.memory.mechanism import POOL_IN_USE, BackendKind, ContextFacts, ContextPlan, plan_context
 from engine_runtime.memory.modes import ContextMechanism, MemoryMode
 from engine_runtime.memory.physical import OwnedPhysical, PhysicalLease, PhysicalSource
 
 __all__ = [
+    "POOL_IN_USE",
     "Admission",
+    "BackendKind",
     "BudgetSnapshot",
     "ContextAllocator",
     "ContextBlock",
+    "ContextFacts",
     "ContextMechanism",
+    "ContextPlan",
     "CudaMallocAllocator",
     "HostAccountingAllocator",
     "MemoryMode",
@@ -41,4 +49,6 @@ __all__ = [
     "UnboundedAdmission",
     "VmmArena",
     "budget_path",
+    "plan_context",
+    "remove_unused_budgets",
 ]

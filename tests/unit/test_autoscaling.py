@@ -134,7 +134,7 @@ def test_adapter_reads_serve_context_and_reports_the_reason():
 
 
 def _vreport(rid: str, mode: str, pin: str = "auto"):
-    from deployments.coordinator import ReplicaReport
+    from deployments.messages import ReplicaReport
 
     ctx = 100 * 2**20
     return ReplicaReport(

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from deployments.config import CoordinatorConfig
-from deployments.coordinator import CoordinatorState, ModelTierReport, ReplicaReport
+from deployments.coordinator import CoordinatorState
+from deployments.messages import ModelTierReport, ReplicaReport
 from engine_runtime.pressure import GpuPressure
 
 GiB, MiB = 2**30, 2**20

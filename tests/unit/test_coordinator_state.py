@@ -9,7 +9,8 @@ import re
 import pytest
 
 from deployments.config import CoordinatorConfig
-from deployments.coordinator import CoordinatorState, Directive, ReplicaReport
+from deployments.coordinator import CoordinatorState
+from deployments.messages import Directive, ReplicaReport
 from deployments.policy import admission_capacity
 from engine_runtime.pressure import GpuPressure
 from engine_runtime.units import MiB, GiB

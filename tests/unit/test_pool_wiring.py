@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from deployments.config import AppConfig, ConfigError, CoordinatorConfig, parse_app_config
-from deployments.coordinator import CoordinatorState, Directive, ReplicaReport
-from deployments.coordinator_client import CoordinatorClient
+from deployments.coordinator import CoordinatorState
+from deployments.coordinator_client import CoordinatorClient, ReplicaPorts
+from deployments.gpu_identity import GpuIdentity
+from deployments.messages import Directive, ReplicaReport
+from deployments.reporting import ReplicaIdentity
 from deployments.engine_factory import POOL_IN_USE, join_context_pool, make_engine
 from engine_runtime.memory.admission import SharedBudget, UnboundedAdmission
 from engine_runtime.errors import ContextMemoryUnavailable
@@ -178,9 +181,11 @@ class FakePool:
         return {"capacity": nchunks, "error": ""}
 
 
-def fake_replica(pool) -> SimpleNamespace:
+def fake_replica(pool) -> ReplicaPorts:
     engine = SimpleNamespace(mode=SimpleNamespace(value="dynamic"))
-    return SimpleNamespace(pool=pool, pin="auto", engine=engine, admission=SimpleNamespace(set_capacity=None))
+    identity = ReplicaIdentity("r1", "m", GpuIdentity("vgpu-node0-0", None, True, "node0"), 0)
+    return ReplicaPorts(identity=identity, engine=engine, admission=SimpleNamespace(set_capacity=None), pool=pool,
+                        max_shapes={}, pin=lambda: "auto")
 
 
 def test_the_client_resizes_its_pool_to_the_target_in_whole_chunks():
@@ -237,22 +242,24 @@ def test_a_lease_larger_than_the_pool_grows_it_up_to_the_limit(owner):  # noqa: 
 
 
 def test_reports_carry_the_pool_status_and_bytes(owner):  # noqa: F811
-    from deployments.gpu_identity import GpuIdentity
-    from deployments.replica import ProcessSetup
     from engine_runtime.memory.pool import PoolPhysical
 
     a = app(enabled=True, max_bytes=GiB)
     engine = make_engine(a.models[0], a)
     try:
-        replica = SimpleNamespace(replica_id="r1", model=a.models[0], app=a, engine=engine, desc=engine.describe(),
-                                  gpu=GpuIdentity("vgpu-node0-0", None, True, "node0"), pin="auto", pool=None,
-                                  pool_status="unavailable: this replica has no CUDA device",
-                                  process=ProcessSetup(256, None, None))
-        r = CoordinatorClient(replica, a.coordinator).build_report()
+        desc = engine.describe()
+
+        def replica(pool, pool_status):
+            identity = ReplicaIdentity("r1", a.models[0].name, GpuIdentity("vgpu-node0-0", None, True, "node0"),
+                                       desc.weights_bytes, pool_status, a.context_pool.max_bytes)
+            return ReplicaPorts(identity=identity, engine=engine, admission=SimpleNamespace(), pool=pool,
+                                max_shapes=desc.max_shapes(), pin=lambda: "auto")
+
+        r = CoordinatorClient(replica(None, "unavailable: this replica has no CUDA device"),
+                              a.coordinator).build_report()
         assert r.pool == "unavailable: this replica has no CUDA device" and r.pool_bytes is None
         with PoolPhysical(owner.socket_path, 0) as pool:
-            replica.pool, replica.pool_status = pool, POOL_IN_USE
-            r = CoordinatorClient(replica, a.coordinator).build_report()
+            r = CoordinatorClient(replica(pool, POOL_IN_USE), a.coordinator).build_report()
             assert (r.pool, r.pool_bytes, r.pool_chunk_bytes, r.pool_max_bytes) == ("in use", 8 * CHUNK, CHUNK, GiB)
     finally:
         engine.close()

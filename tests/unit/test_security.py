@@ -119,8 +119,8 @@ def test_model_names_cannot_be_paths(name):
 REQUEST_PATH = [
     "deployments/ingress.py", "deployments/protocol.py", "deployments/model.py", "deployments/group.py",
     "deployments/replica.py", "engine_runtime/spec.py",
-    "engine_runtime/engine.py", "engine_runtime/memory/admission.py", "engine_runtime/backends/pytorch.py",
-    "engine_runtime/backends/tensorrt.py",
+    "engine_runtime/engine.py", "engine_runtime/memory/admission.py", "engine_runtime/memory/budget.py",
+    "engine_runtime/memory/_shm.py", "engine_runtime/backends/pytorch.py", "engine_runtime/backends/tensorrt.py",
 ]
 #: Calls that run code from data: never on the request path, anywhere in Ebb only where listed.
 _CODE_FROM_DATA = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "jsonpickle"}

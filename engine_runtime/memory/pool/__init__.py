@@ -3,7 +3,8 @@
 ``owner`` (the daemon that creates chunks and resizes), ``client`` (a replica's
 ``PoolPhysical``, a ``PhysicalSource`` for the arena), ``launcher`` (start the owner or
 join it), ``support`` (can this host pool at all), ``_wire`` (files and socket
-messages), ``_lease_table`` (the shared-memory table of who holds which chunk).
+messages), ``_lease_table`` (the shared-memory table of who holds which chunk, on
+:mod:`engine_runtime.memory._shm`).
 """
 
 from engine_runtime.errors import PoolUnavailableError

@@ -7,22 +7,11 @@ per call. This module is the CPU-testable core of :mod:`engine_runtime.memory.po
 knows nothing of CUDA; the owner turns its plans (chunks to create, chunks retired)
 into driver calls.
 
-Why the pieces are as they are:
+The lock a dead holder cannot keep, holders as (pid, start time), the fair ticket
+queue and its back-off are the shared-memory primitive of
+:mod:`engine_runtime.memory._shm`, which the admission budget uses too. What is the
+table's own:
 
-* **Lock.** ``flock`` on the table file: the kernel drops it when its holder dies, so
-  a replica killed inside a critical section cannot wedge the GPU. ``flock`` belongs
-  to an open file description, which threads of one process share, so a
-  ``threading.Lock`` is taken first; after ``fork`` the file is reopened so parent and
-  child never share a description (and hence a lock).
-* **Holders** are ``(pid, process start time)``: a pid reused by a new process does not
-  inherit a dead one's chunks, and a zombie counts as dead.
-* **Fairness.** Waiters take tickets; only the oldest live waiter may take chunks, and
-  nobody takes the fast path while anyone waits, so a large request is not starved by
-  a stream of small ones. The price is head-of-line blocking: a small request waits
-  behind a large one even when its own chunks are free.
-* **Waiting** polls with a short back-off (0.1 ms doubling to 2 ms): a process-shared
-  condition variable would need a C extension, and a lease that has to wait is
-  already waiting for another call to finish (milliseconds).
 * **Capacity** is the number of chunks that should exist. Shrinking retires free
   chunks first and marks leased ones *draining*: they stay with their holder until
   given back, then retire. Growing first revives draining and retired chunks, then
@@ -34,22 +23,33 @@ Why the pieces are as they are:
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import fcntl
 import logging
 import mmap
 import os
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from engine_runtime.errors import ContextMemoryUnavailable, EbbInternalError
+from engine_runtime.memory._shm import (
+    Backoff,
+    SharedFile,
+    TicketQueue,
+    dead_among,
+    int64_column,
+    process_alive,
+    process_start,
+    this_process,
+    wait_in_line,
+    write_new,
+)
 from engine_runtime.units import MiB
+
+__all__ = ["ChunkState", "LeaseTable", "ResizePlan", "TableSnapshot", "process_alive", "process_start"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ _VERSION = 1
 
 # Header: int64 fields at fixed positions.
 _H_MAGIC, _H_VERSION, _H_MAX, _H_CHUNK, _H_CAPACITY, _H_GENERATION = 0, 1, 2, 3, 4, 5
-_H_NEXT_TICKET, _H_NEXT_LEASE, _H_OWNER_PID, _H_QUEUE_SLOTS = 6, 7, 8, 9
+_H_LAST_TICKET, _H_NEXT_LEASE, _H_OWNER_PID, _H_QUEUE_SLOTS = 6, 7, 8, 9
 _H_LEASES, _H_WAITS, _H_TIMEOUTS, _H_RECLAIMED, _H_OWNER_START, _H_WAITING = 10, 11, 12, 13, 14, 15
 _HEADER_FIELDS = 16
 _LABEL_BYTES = 128
@@ -68,14 +68,11 @@ _HEADER_BYTES = _HEADER_FIELDS * 8 + _LABEL_BYTES
 # Chunk slots: state, pid, start, lease id, generation; one contiguous int64 array per
 # field, because contiguous scans are the fast ones.
 _CHUNK_FIELDS = 5
-# Waiting-queue columns (ticket 0 = empty entry).
-_Q_TICKET, _Q_PID, _Q_START, _Q_NCHUNKS = 0, 1, 2, 3
+# Waiting-queue columns: ticket (0 = empty entry), pid, start, chunks wanted (``_shm.TicketQueue``).
 _QUEUE_FIELDS = 4
 
-_BACKOFF_FIRST_S = 0.0001
-_BACKOFF_MAX_S = 0.002
-#: How often a waiter looks for dead holders and dead waiters ahead of it.
-_RECLAIM_EVERY_S = 0.05
+#: Waiting: 0.1 ms doubling to 2 ms; dead holders and waiters looked for every 50 ms.
+_BACKOFF = Backoff(first_s=0.0001, max_s=0.002, reap_every_s=0.05)
 
 
 class ChunkState(enum.IntEnum):
@@ -151,45 +148,6 @@ class TableSnapshot:
         return held * self.chunk_bytes
 
 
-# --- process identity ---------------------------------------------------------
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks) from /proc, or None where unreadable."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    rest = raw[raw.rfind(b")") + 2:].split()
-    return rest[0].decode(), int(rest[19])
-
-
-def process_start(pid: int) -> int:
-    stat = _proc_stat(pid)
-    return stat[1] if stat else 0
-
-
-def process_alive(pid: int, start: int) -> bool:
-    """True while ``pid`` runs and is the same process that started at ``start``."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process: alive, and its /proc/stat is still readable
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True  # no /proc: the signal test is all there is
-    state, started = stat
-    if state in ("Z", "X"):
-        return False  # exited, not yet reaped by its parent: its CUDA context is gone
-    return start == 0 or started == start
-
-
 # --- the table ----------------------------------------------------------------
 
 
@@ -198,23 +156,7 @@ class LeaseTable:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._tlock = threading.Lock()
-        self._fd = -1
-        self._mm: mmap.mmap | None = None
-        self._open_file()
-        header = np.ndarray((_HEADER_FIELDS,), np.int64, buffer=self._mm, offset=0)
-        magic, version = int(header[_H_MAGIC]), int(header[_H_VERSION])
-        self.max_chunks = int(header[_H_MAX])
-        self.chunk_bytes = int(header[_H_CHUNK])
-        self.queue_slots = int(header[_H_QUEUE_SLOTS])
-        del header
-        if magic != _MAGIC or version != _VERSION:
-            self.close()
-            raise EbbInternalError(f"{self.path} is not an Ebb lease table of version {_VERSION} "
-                                   f"(magic 0x{magic:x}, version {version})")
-        self.label = bytes(self._mm[_HEADER_FIELDS * 8:_HEADER_BYTES]).rstrip(b"\0").decode()
-        self._views()
-        self._me = (os.getpid(), process_start(os.getpid()))
+        self._shm = SharedFile(self.path, attach=self._attach, detach=self._detach)
 
     # -- creation and mapping ---------------------------------------------------
 
@@ -227,126 +169,73 @@ class LeaseTable:
                label: str = "", queue_slots: int = 1024) -> LeaseTable:
         """Write a fresh table (capacity 0) and map it.
 
-        Written to a temporary name and renamed into place, so a process that opens
-        ``path`` sees either the old table or a complete new one. Processes that had
-        the old one mapped keep it (its memory lives until they unmap).
+        Written to a temporary name and renamed into place (``_shm.write_new``), so a
+        process that opens ``path`` sees either the old table or a complete new one.
         """
         if max_chunks < 1 or chunk_bytes < 1 or queue_slots < 1:
             raise ValueError(f"max_chunks {max_chunks}, chunk_bytes {chunk_bytes} and "
                              f"queue_slots {queue_slots} must all be at least 1")
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        size = cls.size_bytes(max_chunks, queue_slots)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, size)  # zero-filled: every slot ABSENT, every queue entry empty
-            with mmap.mmap(fd, size) as mm:
-                header = np.ndarray((_HEADER_FIELDS,), np.int64, buffer=mm, offset=0)
-                header[_H_MAX] = max_chunks
-                header[_H_CHUNK] = chunk_bytes
-                header[_H_QUEUE_SLOTS] = queue_slots
-                header[_H_NEXT_TICKET] = 1
-                header[_H_NEXT_LEASE] = 1
-                header[_H_OWNER_PID] = os.getpid()
-                header[_H_OWNER_START] = process_start(os.getpid())
-                mm[_HEADER_FIELDS * 8:_HEADER_BYTES] = label.encode()[:_LABEL_BYTES].ljust(_LABEL_BYTES, b"\0")
-                header[_H_VERSION] = _VERSION
-                header[_H_MAGIC] = _MAGIC  # last: a table with its magic is complete
-                del header
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+
+        def fill(mm: mmap.mmap) -> None:  # zero-filled: every slot ABSENT, every queue entry empty
+            header = np.ndarray((_HEADER_FIELDS,), np.int64, buffer=mm, offset=0)
+            header[_H_MAX] = max_chunks
+            header[_H_CHUNK] = chunk_bytes
+            header[_H_QUEUE_SLOTS] = queue_slots
+            header[_H_LAST_TICKET] = 1  # the first waiter's ticket is the next one
+            header[_H_NEXT_LEASE] = 1
+            header[_H_OWNER_PID], header[_H_OWNER_START] = this_process()
+            mm[_HEADER_FIELDS * 8:_HEADER_BYTES] = label.encode()[:_LABEL_BYTES].ljust(_LABEL_BYTES, b"\0")
+            header[_H_VERSION] = _VERSION
+            header[_H_MAGIC] = _MAGIC  # last: a table with its magic is complete
+            del header
+
+        write_new(Path(path), cls.size_bytes(max_chunks, queue_slots), fill)
         return cls(path)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> LeaseTable:
         return cls(path)
 
-    def _open_file(self) -> None:
-        self._fd = os.open(self.path, os.O_RDWR)
-        try:
-            self._mm = mmap.mmap(self._fd, os.fstat(self._fd).st_size)
-        except BaseException:
-            os.close(self._fd)
-            self._fd = -1
-            raise
-        self._pid = os.getpid()
-
-    def _views(self) -> None:
-        mm, n, q = self._mm, self.max_chunks, self.queue_slots
-
-        def column(k: int, length: int, base: int) -> np.ndarray:
-            return np.ndarray((length,), np.int64, buffer=mm, offset=base + 8 * k * length)
-
-        self._header = np.ndarray((_HEADER_FIELDS,), np.int64, buffer=mm, offset=0)
+    def _attach(self, mm: mmap.mmap) -> None:
+        header = np.ndarray((_HEADER_FIELDS,), np.int64, buffer=mm, offset=0)
+        magic, version = int(header[_H_MAGIC]), int(header[_H_VERSION])
+        if magic != _MAGIC or version != _VERSION:
+            del header
+            raise EbbInternalError(f"{self.path} is not an Ebb lease table of version {_VERSION} "
+                                   f"(magic 0x{magic:x}, version {version})")
+        self._header = header
+        self.max_chunks = n = int(header[_H_MAX])
+        self.chunk_bytes = int(header[_H_CHUNK])
+        self.queue_slots = q = int(header[_H_QUEUE_SLOTS])
+        self.label = bytes(mm[_HEADER_FIELDS * 8:_HEADER_BYTES]).rstrip(b"\0").decode()
         self._state, self._pid_of, self._start_of, self._lease_of, self._gen_of = (
-            column(k, n, _HEADER_BYTES) for k in range(_CHUNK_FIELDS))
+            int64_column(mm, _HEADER_BYTES + 8 * k * n, n) for k in range(_CHUNK_FIELDS))
         qbase = _HEADER_BYTES + 8 * n * _CHUNK_FIELDS
-        self._q_ticket, self._q_pid, self._q_start, self._q_nchunks = (
-            column(k, q, qbase) for k in range(_QUEUE_FIELDS))
+        ticket, pid, start, nchunks = (int64_column(mm, qbase + 8 * k * q, q) for k in range(_QUEUE_FIELDS))
+        self._queue = TicketQueue(header, _H_LAST_TICKET, _H_WAITING, ticket=ticket, pid=pid, start=start,
+                                  wanted=nchunks)
+        self._me = this_process()
 
-    _VIEWS = ("_header", "_state", "_pid_of", "_start_of", "_lease_of", "_gen_of",
-              "_q_ticket", "_q_pid", "_q_start", "_q_nchunks")
+    _VIEWS = ("_header", "_state", "_pid_of", "_start_of", "_lease_of", "_gen_of", "_queue")
 
-    def _after_fork(self) -> None:
-        # A forked child shares the parent's open file description, hence its flock:
-        # reopen so the two exclude each other again.
-        self._tlock = threading.Lock()
-        old_fd, old_mm = self._fd, self._mm
+    def _detach(self) -> None:
         for name in self._VIEWS:
             self.__dict__.pop(name, None)
-        self._open_file()
-        self._views()
-        os.close(old_fd)
-        with contextlib.suppress(BufferError):
-            old_mm.close()
-        self._me = (os.getpid(), process_start(os.getpid()))
+
+    @property
+    def _fd(self) -> int:
+        # The owner compares it with the file at its path before removing that file.
+        return self._shm.fd
 
     def close(self) -> None:
         """Unmap; idempotent. Leases held stay in the table (give them back first)."""
-        for name in self._VIEWS:
-            self.__dict__.pop(name, None)
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:
-                logger.warning("lease table %s still has views exported; leaving it mapped", self.path)
-            self._mm = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._shm.close()
 
     def __enter__(self) -> LeaseTable:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _lock(self) -> None:
-        if self._mm is None:
-            raise EbbInternalError(f"lease table {self.path} is closed")
-        if os.getpid() != self._pid:
-            self._after_fork()
-        self._tlock.acquire()
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._tlock.release()
-            raise
-
-    def _unlock(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._tlock.release()
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        # The hot paths (lease, give_back) call _lock/_unlock directly: a generator-based
-        # context manager costs a few microseconds per use.
-        self._lock()
-        try:
-            yield
-        finally:
-            self._unlock()
 
     # -- reads without the lock (single aligned int64 loads) ----------------------
 
@@ -405,34 +294,6 @@ class LeaseTable:
         others = iter(i for i in free.tolist() if i not in taken)
         return np.array([i if i >= 0 else next(others) for i in keep], dtype=np.int64)
 
-    def _head_ticket(self) -> int:
-        if int(self._header[_H_WAITING]) == 0:
-            return 0
-        tickets = self._q_ticket
-        return int(tickets[tickets > 0].min())
-
-    def _enqueue(self, nchunks: int) -> int:
-        empty = np.flatnonzero(self._q_ticket == 0)
-        if len(empty) == 0:
-            return 0
-        h = self._header
-        ticket = int(h[_H_NEXT_TICKET])
-        h[_H_NEXT_TICKET] = ticket + 1
-        h[_H_WAITS] += 1
-        h[_H_WAITING] += 1
-        q = int(empty[0])
-        self._q_pid[q], self._q_start[q], self._q_nchunks[q] = self._me[0], self._me[1], nchunks
-        self._q_ticket[q] = ticket
-        return ticket
-
-    def _drop_queue_entries(self, rows: np.ndarray) -> None:
-        if len(rows):
-            self._q_ticket[rows] = 0
-            self._header[_H_WAITING] -= len(rows)
-
-    def _dequeue(self, ticket: int) -> None:
-        self._drop_queue_entries(np.flatnonzero(self._q_ticket == ticket))
-
     def lease(self, nchunks: int, deadline_s: float, prefer: Sequence[int] = ()) -> list[int]:
         """Take ``nchunks`` chunks for this process, waiting up to ``deadline_s`` seconds.
 
@@ -447,54 +308,40 @@ class LeaseTable:
         if nchunks < 1:
             raise ValueError(f"a lease needs at least one chunk, got {nchunks}")
         start = time.monotonic()
-        self._lock()
+        self._shm.lock()
         try:
             if int(self._header[_H_CAPACITY]) < nchunks:
                 raise self._unavailable(nchunks, 0.0)
-            if self._head_ticket() == 0:
+            if self._queue.waiting == 0:
                 got = self._take(nchunks, prefer)
                 if got is not None:
                     return got
             if deadline_s <= 0:
                 self._header[_H_TIMEOUTS] += 1
                 raise self._unavailable(nchunks, 0.0)
-            ticket = self._enqueue(nchunks)
+            ticket = self._queue.enqueue(self._me, nchunks)
             if ticket == 0:
                 # Every queue entry is taken: the GPU is far more oversubscribed than a
                 # deadline could fix; refuse now rather than wait without a place in line.
                 self._header[_H_TIMEOUTS] += 1
                 raise self._unavailable(nchunks, 0.0)
+            self._header[_H_WAITS] += 1
         finally:
-            self._unlock()
-        queued = True
-        try:
-            delay = _BACKOFF_FIRST_S
-            last_reclaim = start
-            while True:
-                waited = time.monotonic() - start
-                time.sleep(max(min(delay, deadline_s - waited), 0.0))
-                delay = min(delay * 2, _BACKOFF_MAX_S)
-                now = time.monotonic()
-                with self._locked():
-                    if now - last_reclaim >= _RECLAIM_EVERY_S:
-                        last_reclaim = now
-                        self._reclaim_dead_locked()
-                    too_big = int(self._header[_H_CAPACITY]) < nchunks
-                    if not too_big and self._head_ticket() == ticket:
-                        got = self._take(nchunks, prefer)
-                        if got is not None:
-                            self._dequeue(ticket)
-                            queued = False
-                            return got
-                    if too_big or now - start >= deadline_s:
-                        self._dequeue(ticket)
-                        queued = False
-                        self._header[_H_TIMEOUTS] += 1
-                        raise self._unavailable(nchunks, now - start)
-        finally:
-            if queued:  # interrupted (KeyboardInterrupt, a signal handler's exception)
-                with self._locked():
-                    self._dequeue(ticket)
+            self._shm.unlock()
+
+        def turn(place: int, now: float) -> list[int] | None:
+            too_big = int(self._header[_H_CAPACITY]) < nchunks
+            if not too_big and place == 0:
+                got = self._take(nchunks, prefer)
+                if got is not None:
+                    return got
+            if too_big or now - start >= deadline_s:
+                self._header[_H_TIMEOUTS] += 1
+                raise self._unavailable(nchunks, now - start)
+            return None
+
+        return wait_in_line(self._shm, self._queue, ticket, until_s=start + deadline_s, backoff=_BACKOFF,
+                            turn=turn, reap=self._reclaim_dead_locked)
 
     def give_back(self, indices: Sequence[int]) -> None:
         """Return the chunks of one lease (the list ``lease`` returned). Draining chunks retire now.
@@ -506,7 +353,7 @@ class LeaseTable:
         indices = [int(i) for i in indices]
         if not indices:
             return
-        self._lock()
+        self._shm.lock()
         try:
             first = indices[0]
             lease_id = int(self._lease_of[first]) if 0 <= first < self.max_chunks else 0
@@ -522,7 +369,7 @@ class LeaseTable:
                     f"holder {int(self._pid_of[first]) if 0 <= first < self.max_chunks else None})")
             self._release_rows(held)
         finally:
-            self._unlock()
+            self._shm.unlock()
 
     def _release_rows(self, idx: np.ndarray) -> None:
         draining = self._state[idx] == _DRAINING
@@ -544,27 +391,23 @@ class LeaseTable:
         the owner calls it periodically and when a client's socket closes, waiters call
         it while they wait.
         """
-        with self._locked():
+        with self._shm.locked():
             return self._reclaim_dead_locked()
 
     def _reclaim_dead_locked(self) -> list[int]:
         state = self._state
         held = np.flatnonzero((state == _LEASED) | (state == _DRAINING))
-        queued = np.flatnonzero(self._q_ticket > 0)
-        procs = set(zip(self._pid_of[held].tolist(), self._start_of[held].tolist(), strict=True))
-        procs |= set(zip(self._q_pid[queued].tolist(), self._q_start[queued].tolist(), strict=True))
-        dead = {p for p in procs if p != self._me and not process_alive(*p)}
+        holders = list(zip(self._pid_of[held].tolist(), self._start_of[held].tolist(), strict=True))
+        dead = dead_among(set(holders) | self._queue.members(), self._me)
         if not dead:
             return []
-        holder = zip(self._pid_of[held].tolist(), self._start_of[held].tolist(), strict=True)
-        reclaimed = held[[p in dead for p in holder]] if len(held) else held
+        reclaimed = held[[p in dead for p in holders]] if len(held) else held
         if len(reclaimed):
             self._release_rows(reclaimed)
             self._header[_H_RECLAIMED] += len(reclaimed)
             logger.warning("reclaimed %d chunk(s) (%.0f MiB) from dead process(es) %s",
                            len(reclaimed), len(reclaimed) * self.chunk_bytes / MiB, sorted(p for p, _ in dead))
-        waiter = zip(self._q_pid[queued].tolist(), self._q_start[queued].tolist(), strict=True)
-        self._drop_queue_entries(queued[[p in dead for p in waiter]] if len(queued) else queued)
+        self._queue.drop(dead)
         return reclaimed.tolist()
 
     # -- size (owner side) ----------------------------------------------------------
@@ -582,7 +425,7 @@ class LeaseTable:
         draining: list[int] = []
         revived: list[int] = []
         to_create: list[int] = []
-        with self._locked():
+        with self._shm.locked():
             state = self._state
             counted = int(np.count_nonzero((state == _FREE) | (state == _LEASED) | (state == _CREATING)))
             if counted > target:
@@ -614,7 +457,7 @@ class LeaseTable:
         meanwhile: the owner must release their memory.
         """
         cancelled = []
-        with self._locked():
+        with self._shm.locked():
             for i in indices:
                 if int(self._state[i]) == _CREATING:
                     self._gen_of[i] += 1
@@ -626,14 +469,14 @@ class LeaseTable:
 
     def abort_created(self, indices: Sequence[int]) -> None:
         """Creating memory failed for these slots: empty them and lower the capacity."""
-        with self._locked():
+        with self._shm.locked():
             aborted = [int(i) for i in indices if int(self._state[i]) == _CREATING]
             self._state[aborted] = _ABSENT
             self._header[_H_CAPACITY] -= len(aborted)
 
     def collect_retired(self) -> list[int]:
         """Empty every retired slot and return them; the owner releases their memory."""
-        with self._locked():
+        with self._shm.locked():
             retired = np.flatnonzero(self._state == _RETIRED)
             if len(retired):
                 self._state[retired] = _ABSENT
@@ -641,7 +484,7 @@ class LeaseTable:
             return retired.tolist()
 
     def set_owner(self, pid: int) -> None:
-        with self._locked():
+        with self._shm.locked():
             self._header[_H_OWNER_PID] = pid
             self._header[_H_OWNER_START] = process_start(pid)
 
@@ -652,7 +495,7 @@ class LeaseTable:
     # -- inspection ---------------------------------------------------------------
 
     def snapshot(self) -> TableSnapshot:
-        with self._locked():
+        with self._shm.locked():
             state = self._state.copy()
             pids = self._pid_of.copy()
             h = self._header.copy()

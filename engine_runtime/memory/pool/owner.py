@@ -5,7 +5,7 @@ descriptors) by one **owner** process per GPU per node (:class:`ContextPool`). E
 replica process connects once over a Unix domain socket, receives every chunk's
 descriptor (``SCM_RIGHTS``), imports them and closes the descriptors
 (:class:`PoolPhysical`). From then on a lease is a choice of chunk indices in a
-shared-memory lease table (:mod:`engine_runtime._lease_table`): no descriptor traffic
+shared-memory lease table (:mod:`engine_runtime.memory.pool._lease_table`): no descriptor traffic
 and no round trip to the owner per call. A replica's ``VmmArena`` maps the leased
 chunks at its stable address for the call, unmaps them, and gives them back. Context
 memory on the card then scales with the calls running at once, not with the replicas.
