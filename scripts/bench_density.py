@@ -175,9 +175,25 @@ def run_groups_serve(args, x: np.ndarray, sampler) -> dict:
     return row
 
 
-def run_groups(args) -> dict:
+def _wait_card_back(sampler, used_at_start: int | None, timeout_s: float = 30.0) -> None:
+    """Wait until the replicas of the runs before have left the card (their processes exit
+    after serve.delete returns), so the group gets the whole card too."""
+    if used_at_start is None or not sampler.available:
+        return
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and sampler.read()["used"] > used_at_start + 128 * MiB:
+        time.sleep(0.5)
+    now = sampler.read()["used"]
+    if now > used_at_start + 128 * MiB:
+        print(f"  ebb-groups: {(now - used_at_start) / MiB:,.0f} MiB still held by earlier runs", flush=True)
+
+
+def run_groups(args, sampler=None, used_at_start: int | None = None) -> dict:
     """The ebb-groups system, in a fresh process (the stack limit must be set before any capture)."""
     import bench_groups
+
+    if sampler is not None:
+        _wait_card_back(sampler, used_at_start)
 
     cfg = {**bench_groups.DEFAULTS, "arch": args.arch, "batch": args.batch, "image_size": args.image_size,
            "max_models": args.group_max_models, "host_models": args.group_host_models,
@@ -276,6 +292,7 @@ def main(argv=None) -> int:
         keep = int(args.card_gib * GiB)
         ballast = benchlib.Ballast(max(0, now["total"] - now["used"] - keep))
         ballast.take()
+    used_at_start = sampler.read()["used"] if sampler.available else None
     x = np.random.default_rng(0).standard_normal((args.batch, 3, args.image_size, args.image_size)).astype(np.float32)
     systems = {"both": ["plain", "ebb"], "all": ["plain", "ebb", "ebb-groups"]}.get(args.system, [args.system])
     if args.group_serve and "ebb-groups" in systems:
@@ -297,7 +314,7 @@ def main(argv=None) -> int:
             # Serve's replicas are gone (deleted); the group gets the same card to itself.
             serve.shutdown()
         if "ebb-groups" in systems:
-            groups = run_groups(args)
+            groups = run_groups(args, sampler, used_at_start)
     finally:
         if ballast is not None:
             ballast.release()

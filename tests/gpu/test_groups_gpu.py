@@ -119,7 +119,8 @@ def _measure() -> dict:
         probe(x.cuda())
     torch.cuda.synchronize()
     del probe
-    torch._C._cuda_clearCublasWorkspaces()
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
     torch.cuda.empty_cache()
     baseline = reader.read()
 
