@@ -209,6 +209,9 @@ class EngineGroup:
                 done += 1
                 self._page_out_now(victim)
             entry.engine.page_in_weights()
+            if self.budget.host_tier and self.budget.gpu_weights_budget_bytes is not None:
+                # Pinned host memory for its page-out now, not under traffic later (no-op if there).
+                entry.engine.prepare_host_tier()
         except BaseException:
             with self._cond:
                 for victim in victims[done:]:  # planned, never started
