@@ -101,6 +101,10 @@ class Engine(Protocol):
         """Bring the weights back onto the device (loading the engine if unloaded); return seconds."""
         ...
 
+    def prepare_host_tier(self) -> None:
+        """Allocate ahead what a page-out to host memory needs (may do nothing)."""
+        ...
+
     def close(self) -> None: ...
 
 

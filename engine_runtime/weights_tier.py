@@ -138,6 +138,13 @@ class TieredWeights:
                 return 0.0
         return time.perf_counter() - t0
 
+    def prepare_host_tier(self) -> None:
+        """Allocate now what a page-out to host memory needs (pinned host memory), so the first
+        page-out under traffic allocates nothing (pinning is slow and may wait for the device)."""
+        with self._call_lock:
+            if self._loaded and not self._closed:
+                self._prepare_host_tier_impl()
+
     def _page_in_locked(self) -> None:
         t0 = time.perf_counter()
         try:
@@ -165,6 +172,9 @@ class TieredWeights:
     def _page_in_impl(self) -> None:
         """Bring the weights back from host memory; on failure leave them on the host."""
         raise EbbInternalError(f"the {type(self).__name__} backend has no host tier")
+
+    def _prepare_host_tier_impl(self) -> None:
+        """Allocate the host copy's memory ahead of a page-out (optional)."""
 
     def _unload_impl(self) -> None:
         """Give back everything loading made, keeping what a later load needs."""

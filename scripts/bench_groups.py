@@ -298,7 +298,7 @@ def main(cfg: dict) -> dict:
 DEFAULTS = {"arch": "resnet50", "batch": 32, "image_size": 224, "max_models": 56, "step": 8, "check_s": 3.0,
             "rate_per_s": 20.0, "budget_models": 32, "host_models": 200, "zipf_s": 1.1, "zipf_rate_per_s": 40.0,
             "zipf_s_duration": 15.0, "alone_s": 6.0, "hot_models": 3, "page_in_repeats": 10, "deadline_s": 10.0,
-            "stack_limit_bytes": 256, "load_margin_mib": 192,
+            "stack_limit_bytes": 256, "load_margin_mib": 320,
             "gpu_load_budget_s": 90.0, "host_load_budget_s": 150.0}
 
 

@@ -61,6 +61,10 @@ class PyTorchTiers:
             self._host_weights = HostWeights(self._module)
         self._host_weights.page_out()
 
+    def _prepare_host_tier_impl(self) -> None:
+        if self._weights is not None:
+            self._weights.prepare_host()
+
     def _page_in_impl(self) -> None:
         if self._weights is None:
             self._host_weights.page_in()

@@ -220,12 +220,16 @@ class VmmWeights:
             self._cuda.mem_unmap(self.base, self.mapped_bytes)
         self._cuda.mem_release(handle)
 
+    def prepare_host(self) -> None:
+        """The pinned host buffer page-out copies into, made now (kept for the engine's life:
+        later page-outs cost one copy and no host allocation)."""
+        if self._host is None:
+            self._host = _pinned(self.layout.total_bytes)
+
     def page_out(self) -> None:
         """Weights to pinned host memory; the physical memory goes back to the driver."""
         self.stream.synchronize()
-        if self._host is None:
-            # Kept for the engine's life: a second page-out costs one copy, no host allocation.
-            self._host = _pinned(self.layout.total_bytes)
+        self.prepare_host()
         with torch.cuda.stream(self.stream):
             self._host.copy_(self._flat, non_blocking=True)
         self.stream.synchronize()

@@ -66,12 +66,18 @@ class EngineGroup:
 
     def __init__(self, budget: GroupBudget, *, admission: Admission | None = None,
                  physical_source: Any = None, name: str = "group", deadline_s: float = 5.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 concurrent_calls: int = 1, clock: Callable[[], float] = time.time) -> None:
         self.budget = budget
         self.name = name
         self.deadline_s = float(deadline_s)
-        #: Every engine's per-call context goes through this one admission.
-        self.admission = GroupAdmission(self.context_bytes_per_call, admission, where=f"group {name}")
+        if int(concurrent_calls) < 1:
+            raise GroupConfigError(f"group {name!r}: concurrent_calls must be at least 1, got {concurrent_calls}")
+        #: Calls whose context memory the group holds at once (the policy counts this many).
+        self.concurrent_calls = int(concurrent_calls)
+        #: Every engine's per-call context goes through this one admission: at most
+        #: ``concurrent_calls`` of the largest call at once, then the replica's admission.
+        self.admission = GroupAdmission(lambda: self.context_bytes_per_call() * self.concurrent_calls, admission,
+                                        where=f"group {name}")
         #: Where engines map their per-call context from (the GPU's pool), shared; None: the driver.
         self.physical_source = physical_source
         self._clock = clock
@@ -203,6 +209,9 @@ class EngineGroup:
                 done += 1
                 self._page_out_now(victim)
             entry.engine.page_in_weights()
+            if self.budget.host_tier and self.budget.gpu_weights_budget_bytes is not None:
+                # Pinned host memory for its page-out now, not under traffic later (no-op if there).
+                entry.engine.prepare_host_tier()
         except BaseException:
             with self._cond:
                 for victim in victims[done:]:  # planned, never started

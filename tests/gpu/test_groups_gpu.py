@@ -58,6 +58,7 @@ def _run_worker() -> dict:
 
 def test_group_pages_weights_with_graphs_bit_identical_and_memory_bounded(capsys):
     r = _run_worker()
+    assert r["floor_bytes"] is not None, "the process floor was not measured (NVML?)"
     mib = lambda n: f"{n / MiB:,.0f} MiB"  # noqa: E731
     with capsys.disabled():
         print(f"\n== groups on {r['device']}: {MODELS} ResNet-50 b{BATCH}, budget {mib(r['budget_bytes'])} "

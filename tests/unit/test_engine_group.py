@@ -471,3 +471,23 @@ def test_closing_at_interpreter_exit_with_weights_on_the_host_does_not_abort(tmp
                           env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "frame #" not in proc.stderr and "terminate" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_group_admission_chains_to_the_replicas_admission():
+    import contextlib
+
+    seen = []
+
+    class Recording:
+        @contextlib.contextmanager
+        def reserve(self, nbytes, deadline_s):
+            seen.append(nbytes)
+            yield
+
+    group = EngineGroup(GroupBudget(), admission=Recording(), concurrent_calls=2)
+    group.add("a", lambda: TierEngine("a", MiB, []))
+    group.infer("a", {"x": np.ones((3, 2), np.float32)})
+    assert seen == [3 * CONTEXT_PER_SAMPLE]  # the group's budget first, then the replica's, same bytes
+    assert group.admission._capacity_fn() == 2 * 4 * CONTEXT_PER_SAMPLE
+    with pytest.raises(GroupConfigError):
+        EngineGroup(GroupBudget(), concurrent_calls=0)

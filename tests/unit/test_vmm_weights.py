@@ -105,7 +105,10 @@ def test_page_out_and_in_keep_addresses_and_outputs(driver):
     with torch.inference_mode():
         assert torch.equal(module(x), ref)
 
+    w.prepare_host()
+    host = w._host
     w.page_out()
+    assert w._host is host  # the buffer made ahead is the one used: no allocation on page-out
     assert not w.resident and driver.mapped == {} and driver.live_handles == set()
     with torch.inference_mode():
         assert not torch.equal(module(x), ref)  # the range holds garbage now: it was really released
