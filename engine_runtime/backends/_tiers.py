@@ -107,18 +107,27 @@ class PyTorchTiers:
 
     def _weights_device_bytes_impl(self) -> int:
         from engine_runtime.backends._weights_store import WeightsLayout
-        from engine_runtime.backends.pytorch import resolve_device
 
         if self._weights is not None:
             return self._weights.mapped_bytes
         module = self._module_cpu()
-        if resolve_device(self._device_spec).type == "cpu":
+        if self._will_run_on_cpu():
             return self._weights_bytes
         # VMM rounds the flat range up to its granularity (2 MiB on every NVIDIA GPU seen so far).
         return -(-WeightsLayout(module).total_bytes // (2 * MiB)) * (2 * MiB)
 
     def _set_physical_source_impl(self, source: Any) -> None:
         self._physical_source = source
+
+    def _will_run_on_cpu(self) -> bool:
+        if self._device is not None:
+            return self._device.type == "cpu"
+        import torch
+
+        spec = self._device_spec
+        if spec == "auto":
+            return not torch.cuda.is_available()
+        return torch.device(spec).type == "cpu"
 
 
 class TensorRTTiers:
