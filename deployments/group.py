@@ -66,6 +66,17 @@ class GroupDeployment:
         self.group = GroupConfig.model_validate(group)
         self.app = AppConfig.model_validate(app)
         self.models = {m["name"]: ModelConfig.model_validate(m) for m in models}
+        # What shutdown() gives back; set as each is acquired, so a failing start (a model
+        # that does not build, weights over the budget) rolls back exactly what it got.
+        self.client = self.engines = self.pool = self.admission = None
+        self._shut_down = False
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self) -> None:
         self.gpu = current_replica_gpu()
         # Before any engine exists: the stack limit cannot change under captured graphs.
         self.process = setup_cuda_process(self.app.cuda, self.gpu.cuda_index)
@@ -338,24 +349,38 @@ class GroupDeployment:
         if self.gpu.cuda_index is not None and self.loaded():
             check_reachable(self.gpu.cuda_index)
 
+    def shutdown(self) -> None:
+        """Give back every byte this replica holds: the coordinator client, every engine,
+        the pool, then the admission budget. Idempotent; each step runs even when an
+        earlier one raised."""
+        if getattr(self, "_shut_down", True):
+            return
+        self._shut_down = True
+        client, engines, pool, admission = self.client, self.engines, self.pool, self.admission
+        try:
+            if client is not None:
+                client.stop()
+        finally:
+            try:
+                if engines is not None:
+                    engines.close()
+                    held = sum(engines.engine(n).stats().context_bytes_held for n in engines.names())
+                    log = logger.warning if held else logger.info
+                    log("replica %s of group %s shut down: %d engines closed, %.1f MiB of context memory still "
+                        "held", getattr(self, "replica_id", "?"), self.group.name, len(engines.names()),
+                        held / 2**20)
+            finally:
+                try:
+                    if pool is not None:
+                        pool.close()  # after the engines: their arenas have given back every lease
+                finally:
+                    if admission is not None:
+                        admission.close()  # the last replica on the GPU removes the budget's file
+
     def __del__(self) -> None:
-        # Serve's graceful shutdown calls __del__: give back every byte this replica held.
-        client = getattr(self, "client", None)
-        if client is not None:
-            client.stop()
-        engines = getattr(self, "engines", None)
-        if engines is not None:
-            engines.close()
-            held = sum(engines.engine(n).stats().context_bytes_held for n in engines.names())
-            log = logger.warning if held else logger.info
-            log("replica %s of group %s shut down: %d engines closed, %.1f MiB of context memory still held",
-                getattr(self, "replica_id", "?"), self.group.name, len(engines.names()), held / 2**20)
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.close()  # after the engines: their arenas have given back every lease
-        admission = getattr(self, "admission", None)
-        if admission is not None:
-            admission.close()  # the last replica on the GPU removes the budget's file
+        # Serve's graceful shutdown calls __del__ (its hook for a replica's cleanup): the
+        # explicit, idempotent shutdown does the work.
+        self.shutdown()
 
 
 class _GroupEngineView:

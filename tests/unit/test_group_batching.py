@@ -140,3 +140,26 @@ def test_an_unknown_model_is_refused_before_serve_s_loader_runs():
     (err,) = call_all(obj, [("", rows(1.0))])
     assert isinstance(err, UnknownModelError) and "multiplexed_model_id" in str(err)
     assert obj.loads == [] and group.calls == []
+
+
+def test_a_group_that_cannot_start_gives_back_what_it_took(monkeypatch):
+    """A model whose weights exceed the whole budget fails the replica's start; the
+    engines built so far, the admission budget and nothing else are given back."""
+    from deployments import coordinator_client, group
+    from deployments.config import parse_app_config
+    from deployments.gpu_identity import GpuIdentity
+    from engine_runtime import GroupConfigError
+
+    closed = []
+    monkeypatch.setattr(group, "current_replica_gpu", lambda: GpuIdentity("vgpu-test-0", None, True, "node"))
+    monkeypatch.setattr(group.serve, "get_replica_context", lambda: None)
+    monkeypatch.setattr(coordinator_client, "admission_for", lambda gpu: SimpleNamespace(
+        close=lambda: closed.append("admission")))
+    cfg = parse_app_config({
+        "groups": [{"name": "g", "gpu_weights_budget_bytes": 1 << 20}],
+        "models": [{"name": n, "group": "g", "source": {"architecture": "bert-tiny", "seed": i},
+                    "input": {"max_batch": 1, "seq_len": 8}, "backend": "pytorch"} for i, n in enumerate("ab")]})
+    with pytest.raises(GroupConfigError, match="larger than group 'g'"):
+        GroupDeployment.func_or_class(cfg.groups[0].model_dump(mode="json"),
+                                      [m.model_dump(mode="json") for m in cfg.models], cfg.dump_for_replicas())
+    assert closed == ["admission"]
