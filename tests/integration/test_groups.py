@@ -92,7 +92,8 @@ class Zoo:
 
 @pytest.fixture(scope="module")
 def zoo(serve_instance: ServeApp) -> Zoo:
-    deployments = {GROUP: {**model_deployment_options(), "max_ongoing_requests": 32}, "solo": model_deployment_options()}
+    deployments = {GROUP: {**model_deployment_options(), "max_ongoing_requests": 32},
+                   "solo": model_deployment_options()}
     serve_instance.deploy([application(group_args(), deployments=deployments)], timeout_s=300)
     serve_instance.wait_ready(timeout_s=120)
     return Zoo(serve_instance)
