@@ -78,3 +78,27 @@ def test_status_lists_the_group_s_models_tiers_and_the_floor():
     assert row["group"] == "resnets" and row["floor_bytes"] == 540 * MiB
     assert [(m["name"], m["tier"]) for m in row["models"]] == [("a", "gpu"), ("b", "host")]
     assert row["weights_bytes"] == 3 * GiB  # resident weights only
+
+
+def test_a_group_replica_s_report_carries_its_resident_weights_tiers_and_floor():
+    from deployments.gpu_identity import GpuIdentity
+    from deployments.messages import Directive
+    from deployments.reporting import ReplicaIdentity, directive_actions, make_report
+    from engine_runtime import StatsSnapshot
+
+    identity = ReplicaIdentity("g1", "resnets", GpuIdentity(REAL, 0, False, "node0"), 0, "not used", None,
+                               floor_bytes=540 * MiB)
+    stats = StatsSnapshot(weights_bytes=0, context_bytes_held=0, peak_context_bytes=0, last_context_bytes=0,
+                          acquisitions=0, acquisition_p50_s=0.0, acquisition_p99_s=0.0, acquisition_total_s=0.0,
+                          calls_ok=0, calls_invalid=0, calls_unavailable=0, calls_failed=0, calls_in_flight=0)
+    from deployments.reporting import engine_figures
+
+    figures = engine_figures(mode="dynamic", mechanism="vmm-arena", loaded=True, stats=stats,
+                             largest_context_bytes=GiB)
+    models = [tier("a"), tier("b", "host")]
+    r = make_report(identity, figures, pid=1, pin="auto", reading=None, reading_error=None,
+                    group={"weights_bytes": 3 * GiB, "group": "resnets", "models": models,
+                           "page_out_under_pressure": True, "cold_after_s": 30.0})
+    assert (r.weights_bytes, r.group, r.models, r.floor_bytes) == (3 * GiB, "resnets", models, 540 * MiB)
+    actions = directive_actions(Directive("dynamic", None, page_out=["b"]), pin="auto", mode="dynamic")
+    assert actions.page_out == ("b",) and actions.switch_to is None
