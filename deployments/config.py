@@ -117,6 +117,9 @@ class CoordinatorConfig(_Strict):
         16 * 2**30, gt=0, description="Size of each logical GPU on hosts without a real one.")
     history_size: int = Field(256, ge=1, description="Decisions kept for the status view.")
     namespace: str = Field("ebb", pattern=_NAME, description="Ray namespace of the coordinator actor.")
+    orphan_exit_s: float = Field(
+        60.0, gt=0, description="The coordinator exits once no replica has reported for this long (its "
+                                "application is gone); the next replica to start makes a new one.")
 
     @model_validator(mode="after")
     def _order(self) -> CoordinatorConfig:

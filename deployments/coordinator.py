@@ -21,6 +21,11 @@ replicas cannot resend; after a restart, the next reports rebuild its view and
 replicas keep serving in their current mode meanwhile. Budget held by a replica
 that died is reclaimed by the shared budget itself (per-pid holders).
 
+Lifetime: detached, so no replica owns it (one stopping must not take it down), yet
+it goes with its application: once no replica has reported for ``orphan_exit_s``
+(``serve shutdown``, the app deleted or scaled to zero) it kills itself without
+restart (:func:`orphaned`). A replica that starts later creates a new one.
+
 ``CoordinatorState`` is plain Python (testable without Ray); ``Coordinator`` only
 wraps it in an actor.
 """
@@ -364,6 +369,13 @@ class CoordinatorState:
                 "decisions_by_reason": dict(self.decisions_by_reason), "started_s": self.started_s}
 
 
+def orphaned(last_report_s: float | None, now_s: float, orphan_exit_s: float) -> bool:
+    """Whether the coordinator has outlived its application: replicas had reported,
+    and none has for ``orphan_exit_s``. Before the first report it waits (replicas
+    may take minutes to load)."""
+    return last_report_s is not None and now_s - last_report_s >= orphan_exit_s
+
+
 class Coordinator:
     """The actor body (decorated with ``ray.remote`` by :func:`get_or_create`)."""
 
@@ -374,10 +386,29 @@ class Coordinator:
 
         self._metrics = CoordinatorMetrics()
         self._metrics_at_s = 0.0
+        self._last_report_s: float | None = None
+        threading.Thread(target=self._exit_when_orphaned, name="ebb-coordinator-orphan", daemon=True).start()
+
+    def _exit_when_orphaned(self) -> None:
+        import ray
+
+        limit_s = self._state.cfg.orphan_exit_s
+        while True:
+            time.sleep(min(limit_s / 4, 5.0))
+            with self._lock:
+                last = self._last_report_s
+            if orphaned(last, time.monotonic(), limit_s):
+                logger.info("coordinator: no replica reported for %.0f s; its application is gone, exiting",
+                            limit_s)
+                # An actor method is not running here, so exit_actor() does not apply;
+                # killing itself without restart is what ends a detached actor for good.
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return
 
     def report(self, report: ReplicaReport) -> Directive:
         with self._lock:
             now_s = time.monotonic()
+            self._last_report_s = now_s
             directive = self._state.observe(report, now_s)
             # Every report can decide; the per-GPU gauges need no more than one update a poll.
             if now_s - self._metrics_at_s >= self._state.cfg.poll_interval_s:

@@ -39,6 +39,17 @@ class ModelDeployment:
         log_to_replica_file()
         self.model = ModelConfig.model_validate(model)
         self.app = AppConfig.model_validate(app)
+        # What shutdown() gives back; set as each is acquired, so a failing start rolls back
+        # exactly what it got (a joined pool, a loaded engine, a started client).
+        self.client = self.engine = self.pool = self.admission = None
+        self._shut_down = False
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self) -> None:
         self.gpu = current_replica_gpu()
         # Before any engine exists: the stack limit cannot change under captured graphs.
         self.process = setup_cuda_process(self.app.cuda, self.gpu.cuda_index)
@@ -205,21 +216,34 @@ class ModelDeployment:
         if self.gpu.cuda_index is not None and self.engine.loaded:
             check_reachable(self.gpu.cuda_index)
 
+    def shutdown(self) -> None:
+        """Give back every byte this replica holds: the coordinator client, the engine,
+        the pool, then the admission budget. Idempotent; each step runs even when an
+        earlier one raised (a failing engine close must not keep the pool's chunks imported)."""
+        if getattr(self, "_shut_down", True):
+            return
+        self._shut_down = True
+        client, engine, pool, admission = self.client, self.engine, self.pool, self.admission
+        try:
+            if client is not None:
+                client.stop()
+        finally:
+            try:
+                if engine is not None:
+                    engine.close()
+                    held = engine.stats().context_bytes_held
+                    log = logger.warning if held else logger.info
+                    log("replica %s of %s shut down: engine closed, %.1f MiB (%d bytes) of context memory "
+                        "still held", getattr(self, "replica_id", "?"), self.model.name, held / 2**20, held)
+            finally:
+                try:
+                    if pool is not None:
+                        pool.close()  # after the engine: its arena has unmapped and given back every lease
+                finally:
+                    if admission is not None:
+                        admission.close()  # the last replica on the GPU removes the budget's file
+
     def __del__(self) -> None:
-        # Serve's graceful shutdown calls __del__: give back every byte this replica held.
-        client = getattr(self, "client", None)
-        if client is not None:
-            client.stop()
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close()
-            held = engine.stats().context_bytes_held
-            log = logger.warning if held else logger.info
-            log("replica %s of %s shut down: engine closed, %.1f MiB (%d bytes) of context memory still held",
-                getattr(self, "replica_id", "?"), self.model.name, held / 2**20, held)
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.close()  # after the engine: its arena has unmapped and given back every lease
-        admission = getattr(self, "admission", None)
-        if admission is not None:
-            admission.close()  # the last replica on the GPU removes the budget's file
+        # Serve's graceful shutdown calls __del__ (its documented hook for a replica's
+        # cleanup): the explicit, idempotent shutdown does the work.
+        self.shutdown()

@@ -27,6 +27,7 @@ from engine_runtime.errors import (
     EngineClosedError,
     InvalidInputError,
     WeightsUpdateError,
+    is_out_of_memory,
 )
 from engine_runtime.memory import ContextBlock, ContextMechanism, MemoryMode
 from engine_runtime.units import MiB
@@ -261,8 +262,26 @@ class BaseEngine(TieredWeights, ABC):
         except ContextMemoryUnavailable:
             outcome = "unavailable"
             raise
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            # The device ran out outside the lease or budget (PyTorch's caching allocator,
+            # a graph's first launch, a lazy load on a full card): as much a lack of memory
+            # in time as a refused lease, so the caller gets 503 + Retry-After, not a 500.
+            outcome = "unavailable"
+            logger.warning("engine %s: out of device memory outside the context lease: %s", self.name, err)
+            raise ContextMemoryUnavailable(self._oom_requested_bytes(inputs), 0, time.perf_counter() - started,
+                                           where=f"engine {self.name} (device out of memory: "
+                                                 f"{type(err).__name__})") from err
         finally:
             self._stats.call_finished(outcome, mode, time.perf_counter() - started)
+
+    def _oom_requested_bytes(self, inputs: Tensors) -> int:
+        """The call's context bytes, for the message of an out-of-memory failure (0 if unknown)."""
+        try:
+            return self.context_bytes({k: tuple(getattr(v, "shape", ())) for k, v in inputs.items()})
+        except Exception:  # noqa: BLE001 - only a figure for a message
+            return 0
 
     def close(self) -> None:
         with self._call_lock:
@@ -322,8 +341,12 @@ class BaseEngine(TieredWeights, ABC):
             try:
                 yield block
             finally:
-                block.release()
-                self._stats.released(block.nbytes)
+                try:
+                    block.release()
+                finally:
+                    # Counted as given back even when the release raised: the arena has
+                    # dropped the mapping from its books (a failed unmap is retried there).
+                    self._stats.released(block.nbytes)
 
     def _enter_static(self) -> None:
         """Hold static context memory (idempotent; cheap when already held)."""

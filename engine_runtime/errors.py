@@ -167,6 +167,8 @@ class PoolUnavailableError(EbbError):
         self.reason = reason
         self.where = where
         super().__init__(f"context pool unavailable{f' on {where}' if where else ''}: {reason}")
+
+
 class UnknownModelError(EbbError, LookupError):
     """A model name that the group (or replica) does not hold; the message lists those it does."""
 
@@ -216,3 +218,26 @@ class StackLimitError(EbbError):
         self.current_bytes = current_bytes
         cur = "unknown" if current_bytes is None else f"{current_bytes} bytes"
         super().__init__(f"cannot set the CUDA stack limit to {requested_bytes} bytes (now {cur}): {why}")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the device running out of memory, however a library said it.
+
+    PyTorch's caching allocator raises ``torch.OutOfMemoryError``; a CUDA call outside
+    it (a graph's first launch, a cuBLAS workspace, a copy) surfaces as a
+    ``RuntimeError``/``AcceleratorError`` saying "CUDA error: out of memory"; the CUDA
+    wrappers here raise ``CudaError`` with ``oom`` set. Matched by type where a type
+    exists, by CUDA's own wording otherwise (no error code reaches Python there).
+    """
+    if isinstance(exc, ContextMemoryUnavailable):
+        return False
+    if getattr(exc, "oom", False) is True:
+        return True
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError / torch.cuda.OutOfMemoryError
+        return True
+    if isinstance(exc, (RuntimeError, MemoryError)) and not isinstance(exc, EbbError):
+        text = str(exc)
+        return any(s in text for s in ("CUDA out of memory", "CUDA error: out of memory",
+                                       "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY",
+                                       "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED"))
+    return False

@@ -72,7 +72,7 @@ class EngineStats:
         self.in_flight = 0
         self.admission_waits = 0
         self._lat: dict[MemoryMode, deque] = {m: deque(maxlen=self.WINDOW) for m in MemoryMode}
-        self._arrivals: deque[float] = deque(maxlen=4096)
+        self._arrivals = _RateCounter(self.RATE_WINDOW_S)
 
     def acquired(self, nbytes: int, seconds: float) -> None:
         with self._lock:
@@ -102,7 +102,7 @@ class EngineStats:
     def call_started(self) -> None:
         with self._lock:
             self.in_flight += 1
-            self._arrivals.append(time.monotonic())
+            self._arrivals.add(time.monotonic())
 
     def call_finished(self, outcome: str, mode: MemoryMode | None, seconds: float) -> None:
         with self._lock:
@@ -113,8 +113,7 @@ class EngineStats:
 
     def snapshot(self) -> StatsSnapshot:
         with self._lock:
-            now = time.monotonic()
-            recent = sum(1 for t in self._arrivals if now - t <= self.RATE_WINDOW_S)
+            rate = self._arrivals.rate_per_s(time.monotonic())
             acq = list(self._acq)
             lat = {m.value: list(v) for m, v in self._lat.items()}
             return StatsSnapshot(
@@ -133,6 +132,36 @@ class EngineStats:
                 calls_in_flight=self.in_flight,
                 latency_p50_s={m: _percentile(v, 0.5) for m, v in lat.items() if v},
                 latency_p99_s={m: _percentile(v, 0.99) for m, v in lat.items() if v},
-                request_rate_per_s=recent / self.RATE_WINDOW_S,
+                request_rate_per_s=rate,
                 admission_waits=self.admission_waits,
             )
+
+
+class _RateCounter:
+    """Arrivals per second over a sliding window, at any rate, in constant memory.
+
+    A ring of per-interval counters (``slots`` intervals of ``window_s / slots``): an
+    arrival adds one to the current interval's counter. A bounded list of timestamps
+    (the earlier ``deque(maxlen=4096)``) capped the rate it could report at
+    4096 / window (409.6/s over 10 s), and the mode policy ranks replicas on it.
+    """
+
+    def __init__(self, window_s: float, slots: int = 20) -> None:
+        self.width_s = float(window_s) / slots
+        self._ids = [-1] * slots  # which interval each slot counts
+        self._counts = [0] * slots
+
+    def add(self, now: float) -> None:
+        interval = int(now // self.width_s)
+        slot = interval % len(self._ids)
+        if self._ids[slot] != interval:
+            self._ids[slot], self._counts[slot] = interval, 0
+        self._counts[slot] += 1
+
+    def rate_per_s(self, now: float) -> float:
+        """Arrivals in the intervals of the window (the current one partly elapsed), per second."""
+        current = int(now // self.width_s)
+        n = len(self._ids)
+        total = sum(c for i, c in zip(self._ids, self._counts) if 0 <= current - i < n)
+        covered_s = (n - 1) * self.width_s + (now - current * self.width_s)
+        return total / covered_s if covered_s > 0 else 0.0

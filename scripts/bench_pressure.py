@@ -5,6 +5,8 @@ plots card memory, each replica's mode and latency over time.
 
     python scripts/bench_pressure.py                 # GPU: ResNet-50, 4 replicas at 0.25 GPU
     python scripts/bench_pressure.py --quick         # CPU smoke (CI): logical GPU, injected pressure
+    python scripts/bench_pressure.py --scenario mixed [--quick]   # issue 12: ResNet-50 + BERT over HTTP,
+                                                     # pool on (static, dynamic) and off (scripts/pressure_mixed.py)
 
 On a host without a GPU the "other process" is simulated with the coordinator's
 ``inject_external_bytes`` on the logical GPU (the only pressure a logical GPU has).
@@ -86,6 +88,17 @@ def first_time_all(rows: list[dict], after_s: float, mode: str, replicas: set[st
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--scenario" in argv:
+        at = argv.index("--scenario")
+        scenario = argv[at + 1] if at + 1 < len(argv) else ""
+        del argv[at:at + 2]
+        if scenario == "mixed":
+            import pressure_mixed
+
+            return pressure_mixed.main(argv)
+        if scenario != "steady":
+            raise SystemExit(f"--scenario: expected steady or mixed, got {scenario!r}")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny CPU configuration (CI smoke, no timing claims)")
     p.add_argument("--arch", default="resnet50")
@@ -99,6 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-dwell-s", type=float, default=2.0)
     p.add_argument("--virtual-gpu-bytes", type=int, default=4 * GiB)
     p.add_argument("--out-dir", default="out")
+    p.add_argument("--scenario", choices=["steady", "mixed"], default="steady",
+                   help="mixed: issue 12's scenario (scripts/pressure_mixed.py)")
     args = p.parse_args(argv)
     if args.quick:
         args.arch, args.batch, args.image_size, args.replicas = "resnet18", 2, 32, 2

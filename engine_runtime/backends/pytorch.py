@@ -12,6 +12,7 @@ the host memory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -30,10 +31,24 @@ from engine_runtime.backends import _graph_alloc
 from engine_runtime.backends._tiers import PyTorchTiers
 from engine_runtime.engine import BaseEngine
 from engine_runtime.errors import EngineLoadError, InputValueError, WeightsUpdateError
-from engine_runtime.memory import ContextBlock, ContextMechanism, HostAccountingAllocator, MemoryMode
-from engine_runtime.memory.admission import Admission
+from engine_runtime.memory import (
+    ContextBlock,
+    ContextMechanism,
+    HostAccountingAllocator,
+    MemoryMode,
+)
+from engine_runtime.memory.admission import (
+    Admission,
+    admitted_transient,
+    warmup_estimate_bytes,
+)
 from engine_runtime.memory.arena import OwnedPhysical, PhysicalSource, VmmArena
-from engine_runtime.memory.mechanism import BackendKind, ContextFacts, ContextPlan, plan_context
+from engine_runtime.memory.mechanism import (
+    BackendKind,
+    ContextFacts,
+    ContextPlan,
+    plan_context,
+)
 from engine_runtime.spec import EngineDescription, ShapeProfile, TensorSpec, batch_of
 from engine_runtime.units import MiB
 
@@ -54,6 +69,11 @@ class _Bucket:
     context_bytes: int
     #: Start of this bucket's address window in the arena (windows never overlap).
     offset: int
+
+
+#: Admitted for the first warm-up step, before any bucket was measured: cuBLAS/cuDNN
+#: workspaces and a small model's batch-1 activations fit in it.
+_WARMUP_FLOOR_BYTES = 64 * MiB
 
 
 def batch_buckets(min_batch: int, max_batch: int) -> list[int]:
@@ -224,28 +244,39 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
             return torch.zeros(shape, dtype=dtype, device=self._device)
         return torch.zeros(shape, dtype=dtype, device=self._device)
 
-    def _measure_eager(self) -> None:
+    def _warm_up(self, sizes: list[int]) -> dict[int, int]:
+        """Run each bucket eagerly once (cuDNN picks algorithms, lazy modules load) and
+        return its peak bytes. Each step is admitted first: its bytes, estimated from the
+        bucket before, are held in the GPU's budget and waited for on the card, within the
+        admission deadline, so a start on a crowded card waits or fails with the figures
+        instead of running the card out of memory beside the calls of its neighbours."""
+        index = self._device.index or 0
         base = torch.cuda.memory_allocated(self._device)
-        for b in batch_buckets(self._profile.min[0], self._profile.max[0]):
-            torch.cuda.reset_peak_memory_stats(self._device)
-            with torch.inference_mode(), torch.cuda.stream(self._stream):
-                self._module(self._sample(b))
-            self._stream.synchronize()
-            self._eager_bytes[b] = torch.cuda.max_memory_allocated(self._device) - base
-        torch.cuda.empty_cache()
+        peaks: dict[int, int] = {}
+        prev_b, prev_peak = 0, 0
+        for b in sizes:
+            nbytes = warmup_estimate_bytes(prev_b, prev_peak, b, _WARMUP_FLOOR_BYTES)
+            with admitted_transient(self.admission, nbytes, self.admission_deadline_s,
+                                    free_bytes=lambda: _cuda.mem_get_info(index)[0], where=f"cuda:{index}"):
+                torch.cuda.reset_peak_memory_stats(self._device)
+                with torch.inference_mode(), torch.cuda.stream(self._stream):
+                    self._module(self._sample(b))
+                self._stream.synchronize()
+                peaks[b] = torch.cuda.max_memory_allocated(self._device) - base
+                # Give the step's cached blocks back inside the admission that covered them.
+                torch.cuda.empty_cache()
+            prev_b, prev_peak = b, peaks[b]
+        return peaks
+
+    def _measure_eager(self) -> None:
+        self._eager_bytes.update(self._warm_up(batch_buckets(self._profile.min[0], self._profile.max[0])))
 
     def _capture_graphs(self, lib: _graph_alloc.ArenaAllocatorLib, index: int) -> None:
         sizes = batch_buckets(self._profile.min[0], self._profile.max[0])
         # Warm up eagerly (cuDNN picks algorithms, lazy modules load) and size the arena
         # from the eager peak; the graph needs less, never more in practice, and the
         # allocator refuses (raises) rather than overflow.
-        base_alloc = torch.cuda.memory_allocated(self._device)
-        torch.cuda.reset_peak_memory_stats(self._device)
-        with torch.inference_mode(), torch.cuda.stream(self._stream):
-            for b in sizes:
-                self._module(self._sample(b))
-        self._stream.synchronize()
-        peak = torch.cuda.max_memory_allocated(self._device) - base_alloc
+        peak = max(self._warm_up(sizes).values())
         # Give the warm-up's cached blocks back before capture maps its own memory: a
         # starting replica then needs the larger of the two at once, not their sum (on a
         # crowded card the sum is what failed a replica's start; docs/benchmarks.md §3).
@@ -265,7 +296,22 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
             # so a replica can start on a crowded card. The hook refuses (PyTorch raises
             # out of memory) past it rather than write outside what is mapped.
             capture_bytes = min(window, _cuda.round_up(peak * 5 // 4 + 128 * MiB, gran))
-            block = self._arena.allocate(capture_bytes, offsets, source=OwnedPhysical(index))
+            # On the GPU's pool, capture leases from it like a static replica (it grows
+            # the pool for the start, and the chunks serve calls after): a starting
+            # replica's transient memory then goes through what admits calls, instead of
+            # beside it where the pool and the other replicas could not see it.
+            pooled = self._physical_source is not None
+            # Off the pool, capture memory is created beside the calls' memory: the GPU's
+            # budget holds its bytes while it exists, as it holds a dynamic call's.
+            admitted = contextlib.ExitStack()
+            if not pooled:
+                admitted.enter_context(self.admission.reserve(capture_bytes, self.admission_deadline_s))
+            try:
+                block = self._arena.allocate(capture_bytes, offsets, source=None if pooled else OwnedPhysical(index),
+                                             standing=pooled)
+            except BaseException:
+                admitted.close()
+                raise
             try:
                 for b, offset in zip(sizes, offsets):
                     # cuBLAS keeps one workspace per (handle, stream), made on first use.
@@ -283,10 +329,20 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
                             static_output = self._module(static_input)
                     used = _cuda.round_up(lib.high_water(), gran)
                     self._buckets[b] = _Bucket(b, graph, static_input, static_output, pool, used, offset)
+                # Launch every graph once while memory is mapped behind it: a graph's first
+                # launch may need device memory of its own (uploading the executable graph),
+                # which must happen at start, not first under pressure (a bucket used only
+                # when batching merges a new size, say), where it failed as a bare CUDA error.
+                with torch.inference_mode(), torch.cuda.stream(self._stream):
+                    for bucket in self._buckets.values():
+                        bucket.graph.replay()
                 self._stream.synchronize()
             finally:
                 lib.set_range(0, 0)  # any stray allocation from the hook now fails loudly
-                block.release()
+                try:
+                    block.release()
+                finally:
+                    admitted.close()
         self._mech = self._arena.mechanism
         # Warm-up blocks and cuBLAS workspaces live in the caching allocator: give them back
         # so an idle replica holds its weights and CUDA context only.
@@ -438,7 +494,7 @@ class PyTorchEngine(PyTorchTiers, BaseEngine):
         if self._buckets:
             # One physical backing, sized for the largest bucket, mapped into every window.
             return self._arena.allocate(max(b.context_bytes for b in self._buckets.values()),
-                                        [b.offset for b in self._buckets.values()])
+                                        [b.offset for b in self._buckets.values()], standing=True)
         if self._eager_bytes:
             return ContextBlock(0, max(self._eager_bytes.values()), lambda b: None)
         if self._mech is ContextMechanism.HOST_ACCOUNTING:

@@ -96,6 +96,12 @@ class CudaDevice:
     def synchronize(self, stream: Any) -> None:
         stream.synchronize()
 
+    def destroy_stream(self, stream: Any) -> None:
+        """Destroy a stream made by :meth:`new_stream` (after its work has finished)."""
+        from engine_runtime import _cuda
+
+        _cuda.destroy_stream(self.index, int(stream.cuda_stream))
+
     def to_device(self, value: Any, stream: Any) -> Any:
         import torch
 
@@ -364,17 +370,28 @@ class TensorRTEngine(TensorRTTiers, BaseEngine):
         self._static_ctx = None
 
     def _close_impl(self) -> None:
-        if self._stream is not None:
-            self._device.synchronize(self._stream)
-            self._stream = None
-        self._static_ctx = None
-        self._dynamic_ctx = None
-        if self._allocator is not None:
-            allocator, self._allocator = self._allocator, None
-            allocator.close()
-        # Reverse order of creation: the engine before the runtime that made it.
-        self._engine = None
-        self._runtime = None
+        # Each step in its own finally: a failing one must not skip the others (the
+        # stream was leaked before: created per engine and never destroyed).
+        try:
+            if self._stream is not None:
+                stream = self._stream
+                try:
+                    self._device.synchronize(stream)
+                finally:
+                    self._stream = None
+                    self._device.destroy_stream(stream)
+        finally:
+            # Contexts before the memory they may still point at.
+            self._static_ctx = None
+            self._dynamic_ctx = None
+            try:
+                if self._allocator is not None:
+                    allocator, self._allocator = self._allocator, None
+                    allocator.close()
+            finally:
+                # Reverse order of creation: the engine before the runtime that made it.
+                self._engine = None
+                self._runtime = None
 
     # -- weights ----------------------------------------------------------------
 

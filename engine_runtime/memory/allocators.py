@@ -20,7 +20,12 @@ logger = logging.getLogger(__name__)
 
 
 class ContextBlock:
-    """Context memory held for a while. Release is idempotent; use as a context manager."""
+    """Context memory held for a while. Release is idempotent; use as a context manager.
+
+    The block counts as released only once its release function returned: one that
+    raised (a failing CUDA call) leaves the block held, and ``release`` may be called
+    again. Release functions are written to be retried (they do only what is left).
+    """
 
     def __init__(self, ptr: int, nbytes: int, release_fn) -> None:
         self.ptr = ptr
@@ -30,11 +35,12 @@ class ContextBlock:
         self.released = False
 
     def release(self) -> None:
+        # Held while the function runs: two threads releasing at once release once.
         with self._lock:
             if self.released:
                 return
+            self._release_fn(self)
             self.released = True
-        self._release_fn(self)
 
     def __enter__(self) -> ContextBlock:
         return self

@@ -75,6 +75,9 @@ class VmmArena:
         # earlier call: how much keep_mapped saves on this card's traffic.
         self._pieces_mapped = 0
         self._pieces_reused = 0
+        # (address, bytes) still mapped because their cuMemUnmap failed: retried before a
+        # window over them is mapped again, so one failing call never wedges the next.
+        self._unmap_pending: list[tuple[int, int]] = []
         # The source says whether it allows it (a pool client whose watcher reports retirements).
         self.keep_mapped = bool(keep_mapped) and bool(getattr(self.source, "keep_mapped", False))
         with _cuda.device(device):
@@ -94,7 +97,8 @@ class VmmArena:
         return 0 if block is None or block.released else block.nbytes
 
     def allocate(self, nbytes: int, offsets: Sequence[int] = (0,),
-                 source: PhysicalSource | None = None, deadline_s: float | None = None) -> ContextBlock:
+                 source: PhysicalSource | None = None, deadline_s: float | None = None,
+                 standing: bool = False) -> ContextBlock:
         """Map ``nbytes`` (rounded up to the granularity) of one physical allocation at
         ``base + offset`` for every offset.
 
@@ -106,40 +110,47 @@ class VmmArena:
         H200), so a pooled lease of whole chunks may map a little more than asked.
         ``source`` overrides the arena's own for this mapping (graph capture maps memory
         of its own rather than draining the shared pool). ``deadline_s`` bounds the wait
-        for physical memory (default the arena's).
+        for physical memory (default the arena's). ``standing``: the mapping is held for
+        long (static mode, graph capture), which a pool source grows for rather than
+        wait for chunks that may never come back (``PoolPhysical.acquire``).
         """
         n = _cuda.round_up(max(int(nbytes), 1), self.granularity)
         src = source or self.source
         deadline = self.deadline_s if deadline_s is None else max(0.0, float(deadline_s))
-        if self.keep_mapped and src is self.source and len(offsets) == 1:
+        if self.keep_mapped and src is self.source and len(offsets) == 1 and not standing:
             return self._allocate_reusing(n, int(offsets[0]), deadline)
         with self._lock:
             if self._busy or self._in_call_locked():
                 raise EbbInternalError("arena is already mapped; a second mapping would alias the first")
             self._busy = True
-            # Windows mapped now must not overlap mappings left from earlier calls.
-            self._drop_resident_locked()
         try:
+            with self._lock:
+                # Windows mapped now must not overlap mappings left from earlier calls.
+                self._drop_resident_locked()
             # Not under the lock: leasing may wait, and the pool's watcher takes the lock.
-            lease = src.acquire(n, deadline)
+            lease = src.acquire(n, deadline, standing=True) if standing and hasattr(src, "grow_to_fit") \
+                else src.acquire(n, deadline)
             with self._lock:
                 span = sum(size for _, size in lease.pieces)
                 done: list[int] = []
                 try:
                     for off in offsets:
                         self._check_window(off, span)
+                        self._retry_pending_locked(off, span)
                     with _cuda.device(self.device):
                         for off in offsets:
                             self._map_window(off, span, lease)
                             done.append(off)
                 except BaseException:
-                    with _cuda.device(self.device):
+                    try:
                         for off in done:
-                            _cuda.mem_unmap(self.base + off, span)
-                    lease.release()
+                            self._unmap_range_locked(self.base + off, span)
+                    finally:
+                        lease.release()
                     raise
+                remaining = [self.base + off for off in offsets]
                 block = ContextBlock(self.base + offsets[0], span,
-                                     lambda b, lease=lease, offs=tuple(offsets): self._unmap(b, lease, offs))
+                                     lambda b, lease=lease, left=remaining: self._unmap(b, lease, left))
                 self._mapped = block
                 return block
         finally:
@@ -171,6 +182,7 @@ class VmmArena:
             span = sum(size for _, size in lease.pieces)
             self._check_window(offset, span)
             with self._lock:
+                self._retry_pending_locked(offset, span)
                 # Windows never overlap when sized as the backends size them; should one
                 # reach into another's, the other's leftover mapping goes first.
                 for off, res in list(self._resident.items()):
@@ -239,17 +251,22 @@ class VmmArena:
         self._resident[offset] = _Resident(list(lease.pieces), tokens)
 
     def _give_back_mapped(self, block: ContextBlock, lease: PhysicalLease, offset: int) -> None:
-        """End of a call: the lease goes back, the mapping stays (see the class docstring)."""
+        """End of a call: the lease goes back, the mapping stays (see the class docstring).
+
+        Whatever fails here, the arena is free for the next call: a give-back that
+        raised is retried by the block's next ``release``."""
         with self._lock:
-            lease.release()
-            if self._mapped is block:
-                self._mapped = None
-            res = self._resident.get(offset)
-            if res is not None and self._stale.intersection(res.tokens):
-                # The pool retired one of these chunks while the call ran.
-                del self._resident[offset]
-                self._unmap_resident(offset, res)
-            self._stale.clear()
+            try:
+                lease.release()
+            finally:
+                if self._mapped is block:
+                    self._mapped = None
+                res = self._resident.get(offset)
+                stale, self._stale = self._stale, set()
+                if res is not None and stale.intersection(res.tokens):
+                    # The pool retired one of these chunks while the call ran.
+                    del self._resident[offset]
+                    self._unmap_resident(offset, res)
 
     def _on_retired(self, indices: Sequence[int]) -> None:
         """The pool's watcher: chunks retired or recreated. Unmap them wherever left mapped."""
@@ -266,13 +283,44 @@ class VmmArena:
                     self._unmap_resident(off, res)
 
     def _unmap_resident(self, offset: int, res: _Resident) -> None:
-        with _cuda.device(self.device):
-            _cuda.mem_unmap(self.base + offset, res.span)
+        self._unmap_range_locked(self.base + offset, res.span)
+
+    def _unmap_range_locked(self, addr: int, nbytes: int) -> None:
+        """cuMemUnmap; on failure the range is remembered (retried before it is mapped
+        again, and by ``close``) and the error raised."""
+        try:
+            with _cuda.device(self.device):
+                _cuda.mem_unmap(addr, nbytes)
+        except BaseException:
+            self._unmap_pending.append((addr, nbytes))
+            raise
+
+    def _retry_pending_locked(self, offset: int, span: int) -> None:
+        """Unmap what a failed release left mapped over window ``offset``; raises if it still fails."""
+        lo, hi = self.base + offset, self.base + offset + span
+        for addr, nbytes in [r for r in self._unmap_pending if r[0] < hi and lo < r[0] + r[1]]:
+            with _cuda.device(self.device):
+                _cuda.mem_unmap(addr, nbytes)
+            self._unmap_pending.remove((addr, nbytes))
+            logger.info("arena on cuda:%d: unmapped %.0f MiB at 0x%x left by a failed release",
+                        self.device, nbytes / MiB, addr)
+
+    @property
+    def unmap_pending(self) -> int:
+        """Ranges still mapped after a failing unmap (0 on a healthy arena)."""
+        return len(self._unmap_pending)
 
     def _drop_resident_locked(self) -> None:
+        # Each window is forgotten before its unmap: one that fails is pending, not resident.
+        error: BaseException | None = None
         for off, res in list(self._resident.items()):
             del self._resident[off]
-            self._unmap_resident(off, res)
+            try:
+                self._unmap_resident(off, res)
+            except Exception as err:  # noqa: BLE001 - the others are unmapped still; raised below
+                error = error or err
+        if error is not None:
+            raise error
 
     def drop_resident(self) -> int:
         """Unmap every mapping left from earlier calls; returns how many windows."""
@@ -305,23 +353,56 @@ class VmmArena:
                 _cuda.mem_unmap(addr, mapped)
             raise
 
-    def _unmap(self, block: ContextBlock, lease: PhysicalLease, offsets: tuple[int, ...]) -> None:
-        with _cuda.device(self.device):
-            for off in offsets:
-                _cuda.mem_unmap(self.base + off, block.nbytes)
-        lease.release()
+    def _unmap(self, block: ContextBlock, lease: PhysicalLease, left: list[int]) -> None:
+        """Release of a block mapped at every address in ``left``. The lease goes back and
+        the arena is free for the next call even when an unmap fails (the range stays
+        pending, retried before it is mapped again); the error is raised after."""
         with self._lock:
-            if self._mapped is block:
-                self._mapped = None
+            error: BaseException | None = None
+            try:
+                while left:
+                    addr = left.pop(0)
+                    try:
+                        self._unmap_range_locked(addr, block.nbytes)
+                    except Exception as err:  # noqa: BLE001 - pending now; the lease still goes back
+                        error = error or err
+            finally:
+                try:
+                    lease.release()
+                finally:
+                    if self._mapped is block:
+                        self._mapped = None
+            if error is not None:
+                raise error
 
     def close(self) -> None:
-        if self._mapped is not None and not self._mapped.released:
-            self._mapped.release()
+        """Unmap everything and free the address range; idempotent, and retryable after a
+        failure (what was done stays done; the address range is freed only once nothing
+        is mapped in it)."""
+        errors: list[BaseException] = []
+        block = self._mapped
+        if block is not None and not block.released:
+            try:
+                block.release()
+            except Exception as err:  # noqa: BLE001 - the rest is still torn down; raised below
+                errors.append(err)
         if self.keep_mapped:
             self.source.remove_retire_listener(self._on_retired)
         with self._lock:
-            self._drop_resident_locked()
-        if self.base:
-            with _cuda.device(self.device):
-                _cuda.address_free(self.base, self.reserved_bytes)
-            self.base = 0
+            try:
+                self._drop_resident_locked()
+            except Exception as err:  # noqa: BLE001 - raised below
+                errors.append(err)
+            for addr, nbytes in list(self._unmap_pending):
+                try:
+                    with _cuda.device(self.device):
+                        _cuda.mem_unmap(addr, nbytes)
+                    self._unmap_pending.remove((addr, nbytes))
+                except Exception as err:  # noqa: BLE001 - raised below
+                    errors.append(err)
+            if self.base and not self._unmap_pending:
+                with _cuda.device(self.device):
+                    _cuda.address_free(self.base, self.reserved_bytes)
+                self.base = 0
+        if errors:
+            raise errors[0]

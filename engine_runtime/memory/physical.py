@@ -23,9 +23,11 @@ class PhysicalLease:
     token: Any = field(default=None)
 
     def release(self) -> None:
-        if self.release_fn is not None:
-            fn, self.release_fn = self.release_fn, None
+        """Give the memory back; idempotent, and retryable: a release that raised is not done."""
+        fn = self.release_fn
+        if fn is not None:
             fn(self)
+            self.release_fn = None
 
 
 class PhysicalSource(Protocol):
@@ -34,6 +36,8 @@ class PhysicalSource(Protocol):
     A source whose ``keep_mapped`` attribute is true (the pool's client) also takes
     ``acquire(..., prefer=[chunk index by position])``, returns the chunk indices as the
     lease's ``token``, and offers ``add_retire_listener`` / ``remove_retire_listener``.
+    A source that can grow (``grow_to_fit``: the pool's client) takes ``standing=True``
+    for memory held for long.
     """
 
     mechanism: ContextMechanism
@@ -72,5 +76,8 @@ class OwnedPhysical:
 
     @staticmethod
     def _release(lease: PhysicalLease) -> None:
-        for handle, _ in lease.pieces:
+        # Released pieces leave the lease, so a retry after a failure releases only the rest.
+        while lease.pieces:
+            handle, _ = lease.pieces[0]
             _cuda.mem_release(handle)
+            lease.pieces.pop(0)

@@ -70,19 +70,15 @@ def _replica(socket_path: str, seed: int, commands, out) -> None:
     try:
         engine.warm()
         # Eager reference (and its p50) first, then its memory goes: the figures below are the engine's.
-        module = build(ARCH, seed=0).module.cuda()
+        eager = build(ARCH, seed=0).module.cuda()
         xh = torch.from_numpy(x)
         with torch.inference_mode():
-            ref = module(xh.cuda()).cpu().numpy()
-            module(xh.cuda())
+            ref = eager(xh.cuda()).cpu().numpy()
+            eager(xh.cuda())
             torch.cuda.synchronize()
-
-            def eager_call():
-                # The host input, copied per call, as the engine's infer gets it.
-                module(xh.cuda()).cpu()
-
-            eager_ms = _p50_ms(eager_call, CALLS)
-        del module
+            # The host input, copied per call, as the engine's infer gets it.
+            eager_ms = _p50_ms(lambda: eager(xh.cuda()).cpu(), CALLS)
+        eager = None  # its memory goes before the engine's figures are read
         torch.cuda.empty_cache()
         out.put({"seed": seed, "pid": os.getpid(), "mechanism": engine.mechanism.value,
                  "context_bytes": engine.context_bytes({"input": (BATCH, 3, 224, 224)}), "eager_ms": eager_ms})

@@ -226,8 +226,18 @@ def test_lease_map_unmap_return_timing_for_1_gib(pool_dir: Path, chunk_mib: int)
                 arena.close()
             p50 = statistics.median(times) * 1e6
             what = "lease+return, mapping kept" if keep else "lease+map+unmap+return"
-            print(f"1 GiB {what}, {chunk_mib} MiB chunks: p50 {p50:.0f} µs, "
-                  f"max {max(times) * 1e6:.0f} µs (target <= 150 µs)")
-            assert p50 < 5000  # sanity only; the target is judged from the printed numbers
+            # The 150 µs target is a row of scripts/bench_pool.py's table, not a test bound.
+            print(f"1 GiB {what}, {chunk_mib} MiB chunks: p50 {p50:.0f} µs, max {max(times) * 1e6:.0f} µs")
+            # What the test asserts is the behaviour the figures rest on: without
+            # keep_mapped every call maps every chunk; with it, back-to-back calls of one
+            # replica map nothing after the first.
+            nchunks = GiB // chunk
+            counts = arena.mapping_counts()
+            assert counts["keep_mapped"] is keep, counts
+            if keep:
+                assert counts["pieces_mapped"] == nchunks and counts["pieces_reused"] == 59 * nchunks, counts
+            else:
+                assert counts["pieces_mapped"] == 60 * nchunks and counts["pieces_reused"] == 0, counts
+            assert client.snapshot().holders == {}
     finally:
         _stop(client)

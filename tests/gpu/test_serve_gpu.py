@@ -68,11 +68,13 @@ def test_four_replicas_share_one_card_and_stay_small_between_calls(app):
         np.testing.assert_allclose(r, ref, rtol=1e-3, atol=1e-3)
 
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    while True:
         st = _status()
         reps = [r for g in st["gpus"] for r in g["replicas"]]
         if len(reps) == 4 and all(r["request_rate_per_s"] > 0 or r["loaded"] for r in reps):
             break
+        if time.monotonic() > deadline:
+            pytest.fail(f"4 loaded replicas not registered with the coordinator within 30 s: {reps}")
         time.sleep(0.5)
     assert len(st["gpus"]) == 1, f"replicas on {len(st['gpus'])} GPUs, expected one card: {st['gpus']}"
     assert st["gpus"][0]["virtual"] is False

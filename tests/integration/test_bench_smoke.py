@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCHES = [
     ("bench_modes.py", ["--quick", "--models", "resnet18-b2"], "modes.png", "| ---"),
     ("bench_pressure.py", ["--quick"], "bench_pressure.png", "| ---"),
+    ("bench_pressure.py", ["--scenario", "mixed", "--quick"], "bench_pressure_mixed.png", "| ---"),
     ("bench_density.py", ["--quick"], "bench_density.png", "| ---"),
     ("bench_density.py", ["--quick", "--system", "ebb-groups", "--group-serve"], "bench_density.png",
      "ebb-groups targets"),

@@ -163,3 +163,24 @@ def test_a_group_that_cannot_start_gives_back_what_it_took(monkeypatch):
         GroupDeployment.func_or_class(cfg.groups[0].model_dump(mode="json"),
                                       [m.model_dump(mode="json") for m in cfg.models], cfg.dump_for_replicas())
     assert closed == ["admission"]
+
+
+def test_user_config_sets_every_engine_s_mode_and_the_batch_queue_and_refuses_weights():
+    from engine_runtime import MemoryMode
+
+    class Modes(StandInGroup):
+        def set_mode(self, mode):
+            self.mode = mode
+
+    group = Modes({"a": 1.0, "b": 1.0})
+    obj = replica(group)
+    obj.descs = {"a": SimpleNamespace(max_batch=4), "b": SimpleNamespace(max_batch=2)}
+    obj.group = SimpleNamespace(name="zoo", batching=SimpleNamespace(max_batch_size=8, batch_wait_timeout_s=0.01))
+    obj.pin, obj.mode = "auto", MemoryMode.DYNAMIC
+    obj.reconfigure({"mode": "static", "max_batch_size": 16})
+    assert obj.mode is MemoryMode.STATIC and group.mode is MemoryMode.STATIC
+    assert obj._batching == {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}  # capped by the largest profile
+    obj.reconfigure({"pin": "dynamic"})
+    assert (obj.pin, obj.mode) == ("dynamic", MemoryMode.DYNAMIC)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['weights'\].*single-model deployments"):
+        obj.reconfigure({"weights": {"seed": 3}})

@@ -137,7 +137,7 @@ def test_dynamic_call_sequence_in_order(world, device):
     assert ("allocator", trt_fake.MAX_BATCH * PER) in world.events  # arena sized for the largest shapes
     start = len(world.events)
     out = engine.infer({"input": x(3)})
-    np.testing.assert_array_equal(out["output"], x(3) * 2)
+    np.testing.assert_array_equal(out["output"], trt_fake.expected(x(3)))
     ev = [e for e in call_events(world, start) if e[0] != "create_context"]
     assert ev == [
         ("set_input_shape", "input", (3, 4)),
@@ -146,7 +146,8 @@ def test_dynamic_call_sequence_in_order(world, device):
         ("set_device_memory", trt_fake.ARENA_BASE, 3 * PER),
         ("set_tensor_address", "input"),
         ("set_tensor_address", "output"),
-        ("execute_async_v3", trt_fake.FakeStream.handle),
+        ("execute_async_v3", trt_fake.FakeStream.handle),  # queued, not run
+        ("work_done", trt_fake.FakeStream.handle),  # the GPU finishes when the stream is synchronised
         ("synchronize", trt_fake.FakeStream.handle),
         ("release", 3 * PER),  # only after the stream has finished
     ]
@@ -189,7 +190,7 @@ def test_torch_input_gives_torch_output(world, device):
     engine = make_engine(device)
     out = engine.infer({"input": torch.ones(2, 4)})
     assert isinstance(out["output"], torch.Tensor)
-    assert torch.equal(out["output"], torch.full((2, 4), 2.0))
+    assert torch.equal(out["output"], torch.full((2, trt_fake.OUT_FEATURES), 4.0))
     engine.close()
 
 
@@ -202,7 +203,7 @@ def test_static_uses_a_default_strategy_context_and_no_per_call_memory(world, de
     assert ("create_context", "STATIC") in world.events
     assert engine.stats().context_bytes_held == trt_fake.MAX_BATCH * PER
     start = len(world.events)
-    np.testing.assert_array_equal(engine.infer({"input": x(4)})["output"], x(4) * 2)
+    np.testing.assert_array_equal(engine.infer({"input": x(4)})["output"], trt_fake.expected(x(4)))
     names = [e[0] for e in call_events(world, start)]
     assert "acquire" not in names and "set_device_memory" not in names
     assert "update_device_memory_size_for_shapes" not in names
@@ -222,7 +223,7 @@ def test_switches_create_and_destroy_the_matching_context(world, device):
     assert engine.set_mode(MemoryMode.DYNAMIC) is MemoryMode.STATIC
     assert world.live_strategies() == []  # the static context (and its memory) is gone
     assert engine.stats().context_bytes_held == 0
-    np.testing.assert_array_equal(engine.infer({"input": x(3)})["output"], x(3) * 2)
+    np.testing.assert_array_equal(engine.infer({"input": x(3)})["output"], trt_fake.expected(x(3)))
     assert world.live_strategies() == ["USER_MANAGED"]
     engine.close()
     assert world.live_strategies() == []
@@ -330,13 +331,13 @@ def test_no_gpu_is_a_clear_load_error(world):
 def test_refit_sequence_then_calls_use_new_weights(world, device):
     world.refittable = True
     engine = make_engine(device)
-    np.testing.assert_array_equal(engine.infer({"input": x(2)})["output"], 2 * x(2))
+    np.testing.assert_array_equal(engine.infer({"input": x(2)})["output"], trt_fake.expected(x(2)))
     start = len(world.events)
     engine.update_weights({"scale": np.array([3.0], dtype=np.float32)})
     names = [e[0] for e in world.events[start:]]
     # All weights set before the refit, the stream drained before the engine changes.
     assert names == ["refitter", "set_named_weights", "synchronize", "refit_cuda_engine"]
-    np.testing.assert_array_equal(engine.infer({"input": x(2)})["output"], 3 * x(2))
+    np.testing.assert_array_equal(engine.infer({"input": x(2)})["output"], trt_fake.expected(x(2), 3.0))
     # Contexts survive: the dynamic context made before the refit is the one used after.
     assert world.names().count("create_context") == 1
     engine.close()
@@ -347,7 +348,7 @@ def test_refit_of_a_plan_not_built_refittable_is_a_clear_error(world, device):
     with pytest.raises(WeightsUpdateError, match="not built refittable.*REFIT"):
         engine.update_weights({"scale": np.array([3.0], dtype=np.float32)})
     assert "refitter" not in world.names()
-    np.testing.assert_array_equal(engine.infer({"input": x(1)})["output"], 2 * x(1))
+    np.testing.assert_array_equal(engine.infer({"input": x(1)})["output"], trt_fake.expected(x(1)))
     engine.close()
 
 
@@ -364,7 +365,7 @@ def test_refused_refit_leaves_the_engine_unchanged(world, device, weights, field
         engine.update_weights(weights)
     assert getattr(err.value, field)
     assert "refit_cuda_engine" not in world.names()
-    np.testing.assert_array_equal(engine.infer({"input": x(1)})["output"], 2 * x(1))
+    np.testing.assert_array_equal(engine.infer({"input": x(1)})["output"], trt_fake.expected(x(1)))
     engine.close()
 
 
@@ -372,5 +373,53 @@ def test_refit_accepts_torch_tensors(world, device):
     world.refittable = True
     engine = make_engine(device)
     engine.update_weights({"scale": torch.tensor([0.5])})
-    np.testing.assert_array_equal(engine.infer({"input": x(2)})["output"], 0.5 * x(2))
+    np.testing.assert_array_equal(engine.infer({"input": x(2)})["output"], trt_fake.expected(x(2), 0.5))
     engine.close()
+
+
+# -- the stand-in catches what a GPU would not say ------------------------------------------
+
+
+def test_outputs_have_the_engine_s_shape_not_the_input_s(world, device):
+    engine = make_engine(device)
+    desc = engine.describe()
+    assert desc.outputs[0].shape == (-1, trt_fake.OUT_FEATURES) and desc.inputs[0].shape == (-1, trt_fake.IN_FEATURES)
+    assert engine.infer({"input": x(5)})["output"].shape == (5, trt_fake.OUT_FEATURES)
+    engine.close()
+
+
+def test_a_release_before_the_stream_finished_is_caught(world, device, monkeypatch):
+    """The backend's order (synchronise, then release) matters: skipping the synchronise
+    must fail, which a synchronous stand-in could never show."""
+    engine = make_engine(device)
+    engine.warm()
+    monkeypatch.setattr(device, "synchronize", lambda stream: None)  # the bug: no wait for the GPU
+    with pytest.raises(trt_fake.StreamRaceError, match="released while queued work uses it"):
+        engine.infer({"input": x(2)})
+    assert ("release", 2 * PER) not in world.events
+    monkeypatch.undo()
+    device.synchronize(engine._stream)  # the GPU catches up; the engine can close
+    engine.close()
+
+
+def test_close_destroys_the_engine_s_stream_after_its_work(world, device):
+    engine = make_engine(device)
+    engine.infer({"input": x(1)})
+    assert world.live_streams == {trt_fake.FakeStream.handle}
+    engine.close()
+    assert world.live_streams == set()
+    names = world.names()
+    assert names.index("destroy_stream") > max(i for i, n in enumerate(names) if n == "synchronize")
+
+
+def test_close_releases_the_allocator_even_when_destroying_the_stream_fails(world, device, monkeypatch):
+    engine = make_engine(device)
+    engine.warm()
+
+    def failing(stream):
+        raise RuntimeError("cudaStreamDestroy failed (injected)")
+
+    monkeypatch.setattr(device, "destroy_stream", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.close()
+    assert device.allocators[0].closed and engine.closed

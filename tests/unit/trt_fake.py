@@ -4,10 +4,18 @@ It follows TensorRT's documented contract for what the backend uses (``Runtime``
 ``ICudaEngine``, ``IExecutionContext`` with its allocation strategies) and refuses
 what the contract forbids: a ``USER_MANAGED`` context enqueued without device memory
 set, or with less than ``update_device_memory_size_for_shapes()`` said. The "GPU"
-computes ``output = scale * input`` over tensors found by their data pointer, where
-``scale`` (2 at first) is the engine's one refittable weight: a ``Refitter`` changes it
-when the world's engine is built refittable, ``serialize()`` writes it into the plan and
-deserialising a plan sets it from there (2 for the original plan).
+computes ``output[:, j] = scale * (input[:, 2j] + input[:, 2j+1])`` (input ``(batch, 4)``,
+output ``(batch, 2)``: an output shape of its own, so a backend that sized outputs like
+inputs fails) over tensors found by their data pointer, where ``scale`` (2 at first) is
+the engine's one refittable weight: a ``Refitter`` changes it when the world's engine
+is built refittable, ``serialize()`` writes it into the plan and deserialising a
+plan sets it from there (2 for the original plan).
+
+Execution is asynchronous, as on a GPU: ``execute_async_v3`` only queues the work on
+its stream; it runs when the stream is synchronised (or a copy on that stream waits
+for it). Releasing context memory, destroying the stream, or freeing an I/O tensor
+while work that uses it is queued raises ``StreamRaceError`` (on a GPU: silent
+corruption), so a backend that releases before it synchronises is caught.
 """
 
 from __future__ import annotations
@@ -30,6 +38,17 @@ PER_SAMPLE_BYTES = 1000
 MAX_BATCH = 8
 WEIGHTS_BYTES = 4096
 ARENA_BASE = 0x7F00_0000_0000
+IN_FEATURES = 4
+OUT_FEATURES = 2
+
+
+class StreamRaceError(RuntimeError):
+    """Memory or a stream given up while queued work still uses it."""
+
+
+def expected(x: np.ndarray, scale: float = 2.0) -> np.ndarray:
+    """What the fake engine computes for input ``x``."""
+    return (scale * (x[:, 0::2] + x[:, 1::2])).astype(x.dtype)
 
 
 class Severity(enum.Enum):
@@ -94,8 +113,20 @@ class World:
     fail_static_context: bool = False
     #: Whether the plan was built with the REFIT flag.
     refittable: bool = False
-    #: The engine's one weight ("scale"): output = scale * input.
+    #: The engine's one weight ("scale"): output = scale * pairwise sums of the input.
     scale: float = 2.0
+    #: Work queued per stream handle and not yet run: (context memory range or None, fn).
+    pending: dict[int, list[tuple[tuple[int, int] | None, Any]]] = field(default_factory=dict)
+    #: Streams created and not destroyed, by handle.
+    live_streams: set[int] = field(default_factory=set)
+
+    def run_pending(self, handle: int) -> None:
+        for _, work in self.pending.pop(handle, []):
+            work()
+
+    def queued_on_memory(self, ptr: int) -> bool:
+        return any(mem is not None and mem[0] <= ptr < mem[0] + max(mem[1], 1)
+                   for works in self.pending.values() for mem, _ in works)
 
     def names(self) -> list[str]:
         return [e[0] for e in self.events]
@@ -156,10 +187,10 @@ def make_module(world: World, *, with_validity: bool = True) -> types.ModuleType
             return DataType.FLOAT if name == "input" else world.output_dtype
 
         def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-            return (-1, 4)
+            return (-1, IN_FEATURES) if name == "input" else (-1, OUT_FEATURES)
 
         def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
-            return [(1, 4), (4, 4), (MAX_BATCH, 4)]
+            return [(1, IN_FEATURES), (4, IN_FEATURES), (MAX_BATCH, IN_FEATURES)]
 
         def get_engine_stat(self, stat: EngineStat) -> int:
             return WEIGHTS_BYTES
@@ -196,7 +227,8 @@ def make_module(world: World, *, with_validity: bool = True) -> types.ModuleType
             return n
 
         def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-            return self.shapes["input"]
+            batch = self.shapes["input"][0]
+            return self.shapes["input"] if name == "input" else (batch, OUT_FEATURES)
 
         def set_device_memory(self, ptr: int, size: int) -> None:
             world.events.append(("set_device_memory", ptr, size))
@@ -217,8 +249,18 @@ def make_module(world: World, *, with_validity: bool = True) -> types.ModuleType
                     raise RuntimeError(f"USER_MANAGED context enqueued with memory {self.memory}, needs {need}")
             if world.fail_enqueue:
                 return False
-            src = world.tensors[self.addresses["input"]]
-            world.tensors[self.addresses["output"]].copy_(src * world.scale)
+            src, dst = world.tensors[self.addresses["input"]], world.tensors[self.addresses["output"]]
+            want = self.get_tensor_shape("output")
+            if tuple(dst.shape) != tuple(want):
+                raise RuntimeError(f"output bound with shape {tuple(dst.shape)}, the engine writes {want}")
+            memory = self.memory if self.strategy is ExecutionContextAllocationStrategy.USER_MANAGED else None
+            scale = world.scale
+
+            def work() -> None:
+                dst.copy_(scale * (src[:, 0::2] + src[:, 1::2]))
+                world.events.append(("work_done", stream))
+
+            world.pending.setdefault(stream, []).append((memory, work))
             return True
 
     class Weights:
@@ -282,6 +324,8 @@ class FakeAllocator:
         return ContextBlock(ARENA_BASE, nbytes, self._release)
 
     def _release(self, block: ContextBlock) -> None:
+        if self.world.queued_on_memory(block.ptr):
+            raise StreamRaceError(f"context memory at 0x{block.ptr:x} released while queued work uses it")
         self.world.events.append(("release", block.nbytes))
         self.outstanding -= 1
 
@@ -311,13 +355,21 @@ class FakeDevice:
         self.world.events.append(("new_stream",))
         stream = FakeStream()
         self.streams.append(stream)
+        self.world.live_streams.add(stream.handle)
         return stream
 
     def stream_handle(self, stream: FakeStream) -> int:
         return stream.handle
 
     def synchronize(self, stream: FakeStream) -> None:
+        self.world.run_pending(stream.handle)
         self.world.events.append(("synchronize", stream.handle))
+
+    def destroy_stream(self, stream: FakeStream) -> None:
+        if self.world.pending.get(stream.handle):
+            raise StreamRaceError("stream destroyed with work queued on it")
+        self.world.events.append(("destroy_stream", stream.handle))
+        self.world.live_streams.discard(stream.handle)
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         self.world.tensors[t.data_ptr()] = t
@@ -331,6 +383,8 @@ class FakeDevice:
         return self._keep(torch.zeros(shape, dtype=getattr(torch, dtype)))
 
     def to_host(self, tensor: torch.Tensor, stream: FakeStream) -> torch.Tensor:
+        # A copy on the stream waits for the work queued before it, as on a GPU.
+        self.world.run_pending(stream.handle)
         return tensor.clone()
 
     def is_device_tensor(self, value: Any) -> bool:

@@ -23,6 +23,9 @@ from engine_runtime.units import MiB
 
 logger = logging.getLogger(__name__)
 
+#: How long a standing lease waits before it asks the owner to grow again.
+_STANDING_SLICE_S = 0.05
+
 
 # --- the client ---------------------------------------------------------------------
 
@@ -38,7 +41,11 @@ class PoolPhysical:
     granted (the table refuses it at once), so the client first asks the owner to grow
     to fit it, for leases of up to this many chunks (0: never). That lets a replica's
     first call run in a pool its coordinator sized before it knew that replica's
-    context (empty, say, while no replica had loaded).
+    context (empty, say, while no replica had loaded). A *standing* lease (static
+    mode, graph capture at start) also grows the pool when too few chunks are free:
+    waiting for chunks that other static replicas hold for good would only time out.
+    Growth is asked of the owner as "fit a lease of n" (:meth:`grow_to_fit`), never as
+    an absolute size, so replicas growing at once cannot shrink each other's growth.
     """
 
     mechanism = ContextMechanism.VMM_POOL
@@ -143,6 +150,15 @@ class PoolPhysical:
             except (ConnectionError, OSError) as err:
                 raise PoolUnavailableError(f"owner at {self.socket_path} unreachable ({err})", self.where) from err
 
+    def grow_to_fit(self, nchunks: int) -> dict[str, Any]:
+        """Ask the owner to grow (never shrink) so that ``nchunks`` chunks are free; returns what it did."""
+        with self._lock:
+            try:
+                _send(self._sock, {"op": "grow", "fit_chunks": int(nchunks)})
+                return self._reply()
+            except (ConnectionError, OSError) as err:
+                raise PoolUnavailableError(f"owner at {self.socket_path} unreachable ({err})", self.where) from err
+
     def shutdown_owner(self) -> None:
         """Ask the owner to exit (tests, benchmarks); replicas keep what they imported."""
         with self._lock:
@@ -201,16 +217,18 @@ class PoolPhysical:
     def chunks_for(self, nbytes: int) -> int:
         return max(1, math.ceil(int(nbytes) / self.chunk_bytes))
 
-    def acquire(self, nbytes: int, deadline_s: float, prefer: Sequence[int] = ()) -> PhysicalLease:
+    def acquire(self, nbytes: int, deadline_s: float, prefer: Sequence[int] = (),
+                standing: bool = False) -> PhysicalLease:
         """Lease whole chunks covering ``nbytes``; waits up to ``deadline_s``, then
         ``ContextMemoryUnavailable``. The pieces may cover more than ``nbytes`` (by under
         one chunk); the arena maps only what it asked for. ``prefer``: the chunks the
-        caller still has mapped, by position (see ``LeaseTable.lease``)."""
+        caller still has mapped, by position (see ``LeaseTable.lease``). ``standing``:
+        held for long (static mode, capture), so the pool grows when too few are free."""
         table = self.table
         if table is None:
             raise EbbInternalError(f"{self.where} client is closed")
         n = self.chunks_for(nbytes)
-        indices = self._lease(table, n, deadline_s, prefer)
+        indices = self._lease(table, n, deadline_s, prefer, standing)
         try:
             with self._lock:
                 self._drop_retired_locked()
@@ -219,28 +237,52 @@ class PoolPhysical:
                 if stale:
                     self._fetch_locked(stale)
                 pieces = [(self._handles[i][1], self.chunk_bytes) for i in indices]
+        except PoolUnavailableError as err:
+            # New chunks whose memory the (gone) owner can no longer send: no memory for
+            # this call, which is a 503 to its caller, not a bug.
+            table.give_back(indices)
+            raise ContextMemoryUnavailable(n * self.chunk_bytes, 0, 0.0, f"{self.where} ({err.reason})") from err
         except BaseException:
             table.give_back(indices)
             raise
         return PhysicalLease(pieces, n * self.chunk_bytes, self._give_back, token=indices)
 
-    def _lease(self, table: LeaseTable, n: int, deadline_s: float, prefer: Sequence[int] = ()) -> list[int]:
+    def _lease(self, table: LeaseTable, n: int, deadline_s: float, prefer: Sequence[int] = (),
+                standing: bool = False) -> list[int]:
         if n > self.grow_limit_chunks:
             return table.lease(n, deadline_s, prefer)
-        deadline = time.monotonic() + deadline_s
+        start = time.monotonic()
+        deadline = start + deadline_s
         while True:
-            if table.capacity < n:
-                grown = self.resize(n)
-                logger.info("%s: grew to %d chunk(s) to fit a lease of %d", self.where, grown["capacity"], n)
-                if grown["capacity"] < n:  # the card had no room: the table refuses at once, with the figures
-                    return table.lease(n, 0.0)
+            snap = table.snapshot() if standing else None
+            if table.capacity < n or (snap is not None and snap.free_chunks < n):
+                try:
+                    grown = self.grow_to_fit(n)
+                except PoolUnavailableError as err:
+                    # No owner to grow the pool (it died; the next replica to start brings
+                    # one back): lease from what there is, so the call waits and gets its
+                    # 503 like any other that cannot have memory, not a 500.
+                    logger.warning("%s: cannot grow the pool for a lease of %d chunk(s): %s", self.where, n, err)
+                else:
+                    log = logger.info if grown["created"] or grown["revived"] else logger.debug
+                    log("%s: grew to %d chunk(s) to fit a%s lease of %d%s", self.where, grown["capacity"],
+                        " standing" if standing else "", n, f" ({grown['error']})" if grown.get("error") else "")
+            remaining = max(0.0, deadline - time.monotonic())
             try:
-                return table.lease(n, max(0.0, deadline - time.monotonic()), prefer)
-            except ContextMemoryUnavailable:
+                # A standing lease waits in short slices: chunks it grew the pool by may be
+                # taken first (by another replica starting, or retired by a concurrent
+                # shrink to the coordinator's target), and then it grows again.
+                return table.lease(n, min(remaining, _STANDING_SLICE_S) if standing else remaining, prefer)
+            except ContextMemoryUnavailable as err:
                 # A concurrent resize (the coordinator's target) may have shrunk the pool
                 # between our growth and our lease: grow again while time remains.
-                if table.capacity >= n or time.monotonic() >= deadline:
-                    raise
+                now = time.monotonic()
+                if now >= deadline or (not standing and table.capacity >= n):
+                    raise ContextMemoryUnavailable(err.requested_bytes, err.free_bytes, now - start,
+                                                   err.where) from err
+                if table.capacity < n:
+                    # Refused at once: the card had no room for the growth. Ask again shortly.
+                    time.sleep(min(_STANDING_SLICE_S, deadline - now))
 
     def _give_back(self, lease: PhysicalLease) -> None:
         table = self.table

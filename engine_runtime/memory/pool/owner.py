@@ -169,6 +169,27 @@ class ContextPool:
                     result["pool_bytes"] / GiB, result)
         return result
 
+    def grow_to_fit(self, nchunks: int) -> dict[str, Any]:
+        """Grow (never shrink) so that a lease of ``nchunks`` finds them free.
+
+        What replicas ask for a lease the pool cannot grant now: the owner, which serves
+        one request at a time, computes the growth from the table as it is, so two
+        replicas growing at once add up instead of each setting an absolute size read
+        a moment earlier (which shrank the other's growth). Shrinking is left to
+        :meth:`resize` (the coordinator's target): free chunks retire at once, leased
+        ones drain when given back, so a shrink never takes a chunk from its holder.
+        """
+        snap = self.table.snapshot()
+        st = snap.states
+        live = st["FREE"] + st["LEASED"] + st["DRAINING"] + st["CREATING"]
+        short = int(nchunks) - (st["FREE"] + st["CREATING"])
+        if short <= 0:
+            return {"capacity": snap.capacity, "created": 0, "retired": 0, "draining": 0, "revived": 0,
+                    "pool_bytes": len(self._handles) * self.chunk_bytes, "error": ""}
+        # Growing revives draining chunks first (still held: no free chunk comes of them),
+        # so they are counted in the new size along with the shortfall.
+        return self.resize(live + short)
+
     def _release_retired(self) -> None:
         retired = self.table.collect_retired()
         if not retired:
@@ -248,11 +269,13 @@ class ContextPool:
                 self._send_chunks(conn, wanted)
             elif op == "resize":
                 _send(conn, {"ok": True, **self.resize(int(request["nchunks"]))})
+            elif op == "grow":
+                _send(conn, {"ok": True, **self.grow_to_fit(int(request["fit_chunks"]))})
             elif op == "shutdown":
                 _send(conn, {"ok": True})
                 self._stop.set()
             else:
-                raise ValueError(f"unknown pool request {op!r}; expected hello, fetch, resize or shutdown")
+                raise ValueError(f"unknown pool request {op!r}; expected hello, fetch, resize, grow or shutdown")
         except (ConnectionError, BrokenPipeError):
             return False
         except Exception as err:  # noqa: BLE001 - one bad request must not take the GPU's pool down

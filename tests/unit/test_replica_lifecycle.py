@@ -1,0 +1,123 @@
+"""A replica's explicit shutdown and its start's rollback, without Ray: every step
+runs even when another fails, twice is once, and a start that fails gives back what
+it had got (a joined pool above all: its chunks stay imported otherwise)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from deployments import model as model_mod
+from deployments.config import parse_app_config
+from deployments.gpu_identity import GpuIdentity
+from engine_runtime.memory.admission import UnboundedAdmission
+
+MODEL = {"name": "r18", "source": {"architecture": "resnet18"}, "input": {"max_batch": 2, "image_size": 32},
+         "device": "cpu", "lazy": True}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+
+class FakePool:
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+
+    def close(self) -> None:
+        self.rec.calls.append("pool.close")
+
+
+class FakeAdmission(UnboundedAdmission):
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+
+    def close(self) -> None:
+        self.rec.calls.append("admission.close")
+
+
+class FakeClient:
+    def __init__(self, rec: Recorder, fail_start: bool = False) -> None:
+        self.rec, self.fail_start = rec, fail_start
+
+    def start(self) -> None:
+        self.rec.calls.append("client.start")
+        if self.fail_start:
+            raise RuntimeError("coordinator unreachable (injected)")
+
+    def stop(self) -> None:
+        self.rec.calls.append("client.stop")
+
+
+@pytest.fixture
+def replica_env(monkeypatch):
+    """ModelDeployment's collaborators replaced: no Ray, no GPU, no shared memory."""
+    import deployments.coordinator_client as cc
+    from deployments import metrics
+
+    rec = Recorder()
+    opts = SimpleNamespace(fail_start=False, fail_make_engine=False)
+    monkeypatch.setattr(model_mod, "current_replica_gpu", lambda: GpuIdentity("cpu-node0", None, True, "node0"))
+    monkeypatch.setattr(model_mod.serve, "get_replica_context", lambda: None)
+    real_plan = model_mod.plan_replica_context
+
+    def plan_with_pool(m, a, i):
+        _, plan = real_plan(m, a, i)  # the CPU's own plan, with a pool "joined" beside it
+        return FakePool(rec), plan
+
+    monkeypatch.setattr(model_mod, "plan_replica_context", plan_with_pool)
+    real_make = model_mod.make_engine
+
+    def make_engine(*args, **kwargs):
+        if opts.fail_make_engine:
+            raise RuntimeError("engine load failed (injected)")
+        return real_make(*args, **kwargs)
+
+    monkeypatch.setattr(model_mod, "make_engine", make_engine)
+    monkeypatch.setattr(cc, "admission_for", lambda gpu: FakeAdmission(rec))
+    monkeypatch.setattr(cc, "CoordinatorClient", lambda rep, cfg: FakeClient(rec, opts.fail_start))
+    monkeypatch.setattr(metrics, "ReplicaMetrics", lambda *a: SimpleNamespace())
+    return rec, opts
+
+
+def make_replica():
+    app = parse_app_config({"models": [MODEL]})
+    return model_mod.ModelDeployment.func_or_class(app.models[0].model_dump(), app.model_dump())
+
+
+def test_shutdown_closes_client_engine_pool_in_order_once(replica_env):
+    rec, _ = replica_env
+    replica = make_replica()
+    replica.shutdown()
+    assert rec.calls == ["client.start", "client.stop", "pool.close", "admission.close"]
+    assert replica.engine.closed
+    replica.shutdown()
+    replica.__del__()  # Serve's graceful shutdown: the same, idempotent shutdown
+    assert rec.calls.count("pool.close") == 1
+
+
+def test_a_failing_engine_close_does_not_skip_the_pool(replica_env, monkeypatch):
+    rec, _ = replica_env
+    replica = make_replica()
+
+    def failing_close():
+        raise RuntimeError("cuMemUnmap failed (injected)")
+
+    monkeypatch.setattr(replica.engine, "close", failing_close)
+    with pytest.raises(RuntimeError, match="injected"):
+        replica.shutdown()
+    assert rec.calls[-2:] == ["pool.close", "admission.close"]
+
+
+@pytest.mark.parametrize("where", ["make_engine", "client_start"])
+def test_a_failing_start_rolls_back_the_joined_pool(replica_env, where):
+    rec, opts = replica_env
+    opts.fail_make_engine = where == "make_engine"
+    opts.fail_start = where == "client_start"
+    with pytest.raises(RuntimeError, match="injected"):
+        make_replica()
+    assert rec.calls[-2:] == ["pool.close", "admission.close"] and rec.calls.count("pool.close") == 1
+    if where == "client_start":
+        assert "client.stop" in rec.calls  # a client that may have started is stopped too
