@@ -171,7 +171,8 @@ class CoordinatorClient:
                 switched = self.report_once()
             except Exception as err:  # noqa: BLE001 - the coordinator may be restarting; keep serving
                 if self._last_error != str(err):
-                    logger.warning("coordinator unreachable (%s); keeping mode %s", err, self.current_mode())
+                    logger.warning("coordinator unreachable (%s); keeping mode %s", err,
+                                   self.replica.engine.mode.value)
                 self._last_error = str(err)
                 self._handle = None
             if not switched:
@@ -256,4 +257,3 @@ class CoordinatorClient:
         logger.info("context pool: %d -> %d chunk(s) of %.0f MiB (coordinator's target %.0f MiB)%s", capacity,
                     result["capacity"], pool.chunk_bytes / MiB, target_bytes / MiB,
                     f"; {result['error']}" if result.get("error") else "")
-
