@@ -102,3 +102,36 @@ def test_a_group_replica_s_report_carries_its_resident_weights_tiers_and_floor()
     assert (r.weights_bytes, r.group, r.models, r.floor_bytes) == (3 * GiB, "resnets", models, 540 * MiB)
     actions = directive_actions(Directive("dynamic", None, page_out=["b"]), pin="auto", mode="dynamic")
     assert actions.page_out == ("b",) and actions.switch_to is None
+
+
+def test_the_client_keeps_reporting_when_the_coordinator_is_unreachable(monkeypatch):
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from deployments import coordinator_client
+    from deployments.coordinator_client import CoordinatorClient, ReplicaPorts
+    from deployments.gpu_identity import GpuIdentity
+    from deployments.reporting import ReplicaIdentity
+    from engine_runtime import MemoryMode
+
+    attempts = []
+
+    def unreachable(cfg):
+        attempts.append(time.monotonic())
+        raise ConnectionError("coordinator restarting")
+
+    monkeypatch.setattr(coordinator_client, "get_or_create", unreachable)
+    engine = SimpleNamespace(mode=MemoryMode.DYNAMIC)
+    ports = ReplicaPorts(identity=ReplicaIdentity("g1", "resnets", GpuIdentity("vgpu-x-0", None, True, "n"), 0),
+                         engine=engine, admission=SimpleNamespace(), pool=None, max_shapes={}, pin=lambda: "auto")
+    client = CoordinatorClient(ports, CoordinatorConfig(poll_interval_s=0.02))
+    client.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(attempts) < 3 and time.monotonic() < deadline:
+            threading.Event().wait(0.01)
+        assert len(attempts) >= 3, "the report loop stopped after the coordinator failed"
+        assert client.last_contact()["error"] == "coordinator restarting"
+    finally:
+        client.stop()
