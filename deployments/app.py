@@ -1,9 +1,10 @@
 """The application builder ``cluster.yaml`` points at: ``deployments.app:build_app``.
 
 Serve calls it with the application's ``args``; it validates them (an unknown key
-fails here, with its path) and binds one ``ModelDeployment`` per model, named after
-the model, plus the HTTP ingress. Serve then applies the YAML's ``deployments:``
-options (replicas, GPUs, autoscaling, ``user_config``) to those names.
+fails here, with its path) and binds one ``ModelDeployment`` per model without a
+group, named after the model, one ``GroupDeployment`` per group, named after the
+group, and the HTTP ingress. Serve then applies the YAML's ``deployments:`` options
+(replicas, GPUs, autoscaling, ``user_config``) to those names.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from ray.serve import Application
 
 from deployments.config import AppConfig, parse_app_config
+from deployments.group import GroupDeployment
 from deployments.ingress import EbbIngress
 from deployments.model import ModelDeployment
 
@@ -27,14 +29,18 @@ def bind(cfg: AppConfig, deployment_options: dict[str, dict[str, Any]] | None = 
     ``.options()``, as Serve does with a config file's ``deployments:`` list, for
     callers that deploy in-process (the demo, tests) rather than through ``serve run``."""
     opts = deployment_options or {}
-    app_dump = cfg.model_dump(mode="json")
+    app_dump = cfg.dump_for_replicas()
     handles = {
         m.name: ModelDeployment.options(**{**opts.get(m.name, {}), "name": m.name})
         .bind(m.model_dump(mode="json"), app_dump)
-        for m in cfg.models
+        for m in cfg.models if m.group is None
     }
+    for g in cfg.groups:
+        handles[g.name] = GroupDeployment.options(**{**opts.get(g.name, {}), "name": g.name}).bind(
+            g.model_dump(mode="json"), [m.model_dump(mode="json") for m in cfg.group_models(g.name)], app_dump)
+    model_groups = {m.name: m.group for m in cfg.models if m.group is not None}
     ingress = EbbIngress.options(**opts["EbbIngress"]) if "EbbIngress" in opts else EbbIngress
-    return ingress.bind(handles, cfg.http.model_dump(), cfg.coordinator.namespace)
+    return ingress.bind(handles, cfg.http.model_dump(), cfg.coordinator.namespace, model_groups)
 
 
 def from_serve_config(path: str, app_name: str | None = None) -> tuple[str, str, Application, dict]:

@@ -24,6 +24,11 @@ Pieces:
       policy: {policy_function: "deployments.autoscaling:MemoryAwarePolicy",
                policy_kwargs: {namespace: ebb}}
 
+Group replicas (``deployments.group``) report their resident weights plus *one*
+call's context as their size (their engines draw context one call at a time), not
+every model's weights (the group's ``gpu_weights_budget_bytes`` caps what a replica
+keeps on the GPU; the rest waits in host memory until called).
+
 Limits: Ray, not Ebb, picks the card a new replica lands on (by logical GPU
 fractions); the count of replicas that fit is summed over the cards the deployment's
 replicas report, so with several cards a replica may land on another card than the

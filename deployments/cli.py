@@ -1,7 +1,9 @@
 """The ``ebb`` console command: ``ebb status`` and ``ebb build``.
 
 ``ebb status`` prints, per GPU, its memory and pressure and under it each replica
-with mode, bytes held, request rate and last decision; ``--watch`` refreshes,
+with mode, bytes held, request rate, last decision and its process's measured floor;
+under a group replica, each of its models with weights tier, bytes, last use and
+page-ins; ``--watch`` refreshes,
 ``--json`` prints the raw view for scripts. It reads the ingress's ``/ebb/status``
 (the same JSON over HTTP), or the coordinator actor directly with ``--ray``.
 ``ebb build`` turns an ONNX file or an architecture into a cached engine.
@@ -32,6 +34,33 @@ def fetch_status(url: str | None, ray_address: str | None, namespace: str) -> di
         return json.loads(r.read())
 
 
+def _ago(t: float | None, now_s: float) -> str:
+    return "never" if t is None else f"{max(0.0, now_s - t):,.0f} s ago"
+
+
+def _replica_details(r: dict, now_s: float) -> list[str]:
+    """The floor (where measured) and, for a group replica, one line per model."""
+    lines = []
+    if r.get("floor_bytes") is not None:
+        lines.append(f"    process floor {r['floor_bytes'] / MiB:,.0f} MiB")
+    models = r.get("models")
+    if models:
+        pending = set(r.get("page_out_pending") or ())
+        lines.append(f"    group {r.get('group') or r['model']}: {len(models)} models, weights on the GPU "
+                     f"{r['weights_bytes'] / MiB:,.1f} MiB")
+        lines.append(f"    {'model':<18}{'tier':<10}{'weights MiB':>12}{'last use':>14}{'page-ins':>10}"
+                     f"{'page-in ms':>12}{'calls':>8}")
+        for m in models:
+            mean_ms = m["page_in_seconds_total"] / m["page_ins"] * 1e3 if m["page_ins"] else 0.0
+            tier = m["tier"] + ("*" if m["name"] in pending else "")
+            lines.append(f"    {m['name']:<18}{tier:<10}{m['weights_bytes'] / MiB:>12.1f}"
+                         f"{_ago(m.get('last_used_s'), now_s):>14}{m['page_ins']:>10}{mean_ms:>12.2f}"
+                         f"{m['calls']:>8}")
+        if pending:
+            lines.append("    * the coordinator asked for a page-out (under pressure)")
+    return lines
+
+
 def render(status: dict) -> str:
     lines = []
     for gpu in status.get("gpus", []):
@@ -48,14 +77,16 @@ def render(status: dict) -> str:
             lines.append(f"  {r['model']:<14}{r['replica_id']:<12}{mode:<9}{r['mechanism']:<17}"
                          f"{r['held_bytes'] / MiB:>9.1f}{r['context_bytes'] / MiB:>9.1f}"
                          f"{r['request_rate_per_s']:>8.2f}  {(r.get('last_decision') or '-')[:100]}")
+            lines.extend(_replica_details(r, now_s=time.time()))
     if not status.get("gpus"):
         lines.append("no replicas have reported yet")
     history = status.get("history", [])
     if history:
         lines.append(f"last decisions ({len(history)} kept):")
         for h in history[-5:]:
+            what = f"page out {', '.join(h['page_out'])}" if h.get("page_out") else f"-> {h['new_mode']}"
             lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(h['time_s']))} {h['model']} "
-                         f"{h['replica_id']} -> {h['new_mode']}: {h['reason'][:120]}")
+                         f"{h['replica_id']} {what}: {h['reason'][:120]}")
     return "\n".join(lines)
 
 

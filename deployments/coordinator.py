@@ -36,12 +36,13 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from deployments.config import CoordinatorConfig
-from deployments.messages import Directive, GpuFigures, ReplicaReport
+from deployments.messages import Directive, GpuFigures, ModelTierReport, ReplicaReport
 from deployments.policy import (
+    ColdModel,
     Decision,
     GpuView,
     Pin,
@@ -67,6 +68,9 @@ class _Replica:
     desired_mode: str
     last_switch_s: float | None = None
     last_decision: str = ""
+    #: Models ordered paged out whose weights the replica still reports on the GPU.
+    page_out: list[str] = field(default_factory=list)
+    page_out_reason: str = ""
 
 
 @dataclass
@@ -87,6 +91,14 @@ class _Gpu:
     #: Bytes held for replicas the autoscaler is about to add (see ``reserve_room``).
     reserved_bytes: int = 0
     reserved_until_s: float = 0.0
+
+
+def _cold_on_gpu(report: ReplicaReport) -> list[ModelTierReport]:
+    """A group replica's models the policy may page out: on the GPU, idle for its group's
+    ``cold_after_s``, where the group allows it."""
+    if not report.models or not report.page_out_under_pressure or report.cold_after_s is None:
+        return []
+    return [m for m in report.models if m.tier == "gpu" and m.idle_s >= report.cold_after_s]
 
 
 def policy_config(cfg: CoordinatorConfig) -> PolicyConfig:
@@ -129,6 +141,10 @@ class CoordinatorState:
                         report.gpu, report.mode)
         rep.report = report
         rep.last_seen_s = now_s
+        if rep.page_out:
+            # Done once off the GPU; dropped once used again (no longer cold: the replica would refuse).
+            still = {m.name for m in _cold_on_gpu(report)}
+            rep.page_out = [n for n in rep.page_out if n in still]
         gpu = self.gpus.setdefault(report.gpu, _Gpu(report.gpu, report.virtual))
         if gpu.reserved_bytes and (new or now_s >= gpu.reserved_until_s):
             # The replica the room was held for has arrived, or is not coming.
@@ -144,7 +160,8 @@ class CoordinatorState:
         self._decide_gpu(report.gpu, now_s)
         pool_target = gpu.pool_target_bytes if report.pool_bytes is not None else None
         return Directive(rep.desired_mode, gpu.budget_bytes, rep.last_decision, pool_target,
-                         self.room_bytes(report.gpu), self.reclaimable_bytes(report.gpu))
+                         self.room_bytes(report.gpu), self.reclaimable_bytes(report.gpu),
+                         list(rep.page_out), rep.page_out_reason if rep.page_out else "")
 
     def reserve_room(self, replica_id: str, nbytes: int, now_s: float, ttl_s: float) -> bool:
         """Count ``nbytes`` as used on ``replica_id``'s GPU until a new replica registers
@@ -211,6 +228,9 @@ class CoordinatorState:
         delta = 0
         for rep in self.replicas.values():
             r = rep.report
+            if r.gpu == uuid and rep.page_out and count_frees:
+                ordered = set(rep.page_out)
+                delta -= sum(m.weights_bytes for m in r.models or () if m.name in ordered and m.tier == "gpu")
             if r.gpu != uuid or rep.desired_mode == r.mode:
                 continue
             if rep.desired_mode == MemoryMode.STATIC.value:
@@ -241,6 +261,9 @@ class CoordinatorState:
                 last_switch_s=rep.last_switch_s, alive=True,
                 # Bytes of dynamic calls in flight; a static replica's held bytes are its block.
                 context_bytes_held=r.held_bytes if r.mode == MemoryMode.DYNAMIC.value else 0,
+                # Models already ordered out are counted as gone (pending_bytes), not again.
+                cold_models=tuple(ColdModel(m.name, m.weights_bytes, m.idle_s) for m in _cold_on_gpu(r)
+                                  if m.name not in rep.page_out),
             ))
         return views
 
@@ -251,17 +274,23 @@ class CoordinatorState:
             rep = self.replicas.get(d.replica_id)
             if rep is None:
                 continue
-            rep.desired_mode = d.new_mode.value
-            rep.last_switch_s = now_s
+            if d.new_mode is None:  # a page-out: the mode and its dwell stay as they are
+                rep.page_out = list(dict.fromkeys([*rep.page_out, *d.page_out]))
+                rep.page_out_reason = d.reason
+            else:
+                rep.desired_mode = d.new_mode.value
+                rep.last_switch_s = now_s
             rep.last_decision = d.reason
             entry = {"time_s": time.time(), "replica_id": d.replica_id, "model": rep.report.model, "gpu": uuid,
-                     "new_mode": d.new_mode.value, "reason": d.reason, "bytes_delta": d.bytes_delta,
+                     "new_mode": None if d.new_mode is None else d.new_mode.value, "page_out": list(d.page_out),
+                     "reason": d.reason, "bytes_delta": d.bytes_delta,
                      "pressure_before": d.pressure_before, "projected_after": d.projected_after}
             self.history.append(entry)
             key = d.reason.split(":", 1)[0]
             self.decisions_by_reason[key] = self.decisions_by_reason.get(key, 0) + 1
-            logger.info("switch %s (%s) on %s to %s: %s (%+.0f MiB)", d.replica_id, rep.report.model, uuid,
-                        d.new_mode.value, d.reason, d.bytes_delta / MiB)
+            logger.info("%s %s (%s) on %s: %s (%+.0f MiB)",
+                        "page out" if d.new_mode is None else f"switch to {d.new_mode.value}", d.replica_id,
+                        rep.report.model, uuid, d.reason, d.bytes_delta / MiB)
         # The budget follows the decisions just taken: a replica told to go dynamic gets
         # a budget that already counts the static bytes it gives up (virtual GPUs).
         budget_view = self.gpu_view(uuid, count_frees=self.gpus[uuid].virtual)
@@ -320,6 +349,10 @@ class CoordinatorState:
                     "latency_static_s": r.latency_static_s, "latency_dynamic_s": r.latency_dynamic_s,
                     "in_flight": r.in_flight, "loaded": r.loaded, "last_decision": rep.last_decision,
                     "pool": r.pool,
+                    "floor_bytes": r.floor_bytes,
+                    "group": r.group,
+                    "models": None if r.models is None else [asdict(m) for m in r.models],
+                    "page_out_pending": list(rep.page_out),
                     "last_seen_s_ago": round(now_s - rep.last_seen_s, 3),
                 })
             gpus.append({

@@ -72,6 +72,14 @@ class AdmissionPort(Protocol):
     def set_capacity(self, capacity_bytes: int) -> None: ...
 
 
+class GroupPort(Protocol):
+    """A group replica's tiers (``deployments.group``): what its report adds, and the
+    coordinator's page-out orders."""
+
+    def report_fields(self) -> dict[str, Any]: ...
+    def page_out_cold(self, models: list[str], reason: str) -> list[str]: ...
+
+
 class PoolPort(Protocol):
     """The GPU's context pool as the client sees it (``memory.pool.PoolPhysical``)."""
 
@@ -96,6 +104,8 @@ class ReplicaPorts:
     pin: Callable[[], str]
     #: Publish the replica's metrics (called before every report).
     publish_metrics: Callable[[], None] = lambda: None
+    #: A group replica's tiers; None for a single-model replica.
+    group: GroupPort | None = None
 
 
 class CoordinatorClient:
@@ -193,7 +203,8 @@ class CoordinatorClient:
         return make_report(rep.identity, figures, pid=os.getpid(), pin=rep.pin(), reading=reading,
                            reading_error=reading_error, fault_injected=self._fault_nvml_error is not None,
                            pool_bytes=None if pool is None else pool.snapshot().pool_bytes,
-                           pool_chunk_bytes=None if pool is None else pool.chunk_bytes)
+                           pool_chunk_bytes=None if pool is None else pool.chunk_bytes,
+                           group=None if rep.group is None else rep.group.report_fields())
 
     def _read_gpu(self):
         if self._fault_nvml_error is not None:
@@ -224,6 +235,8 @@ class CoordinatorClient:
             rep.admission.set_capacity(actions.budget_bytes)
         if actions.pool_chunks is not None:
             self._resize_pool(actions.pool_chunks, capacity, directive.pool_target_bytes)
+        if actions.page_out and rep.group is not None:
+            rep.group.page_out_cold(list(actions.page_out), directive.page_out_reason)
         if actions.switch_to is not None:
             logger.info("coordinator: %s -> %s (%s)", rep.engine.mode.value, actions.switch_to, directive.reason)
             rep.engine.set_mode(MemoryMode(actions.switch_to))

@@ -1,6 +1,7 @@
 """The ingress: the Open Inference Protocol (KServe v2) over Ray Serve, HTTP and gRPC.
 
-Routes requests to the model deployments through their handles. Parsing and
+Routes requests to the model deployments through their handles; a grouped model's
+handle is its group's, with the model name as Serve's multiplexed model id. Parsing and
 encoding are in ``deployments.protocol`` (pure) and ``deployments.grpc_service``
 (protobuf); this module moves bytes and maps exceptions to statuses: client mistakes
 4xx, no GPU memory in time 503 with ``Retry-After``, a replica that died mid-call
@@ -9,8 +10,9 @@ encoding are in ``deployments.protocol`` (pure) and ``deployments.grpc_service``
 The event loop never waits on a body: a body is received under a deadline (408),
 only ``http.max_concurrent_body_reads`` bodies that need more than their first piece
 are received at once (more get 503), and large bodies are parsed (large answers
-encoded) on a worker thread. Small requests therefore never queue behind a large
-one, and stalled uploads cannot take every one of the replica's request slots.
+encoded) off the loop, large JSON in worker processes. Small requests therefore never
+queue behind a large one, and stalled uploads cannot take every one of the replica's
+request slots.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads route signatures at
@@ -131,11 +133,17 @@ class _ModelCounters:
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(api)
 class EbbIngress:
-    def __init__(self, handles: dict[str, Any], http: dict, coordinator_namespace: str = "ebb") -> None:
-        from deployments.model import log_to_replica_file
+    def __init__(self, handles: dict[str, Any], http: dict, coordinator_namespace: str = "ebb",
+                 model_groups: dict[str, str] | None = None) -> None:
+        from deployments.replica import log_to_replica_file
 
         log_to_replica_file()
-        self.handles = handles
+        groups = model_groups or {}
+        group_names = set(groups.values())
+        #: Model name -> the handle that serves it (a group's, routed by the model id).
+        self.handles = {name: h for name, h in handles.items() if name not in group_names}
+        self.handles.update({model: handles[group].options(multiplexed_model_id=model)
+                             for model, group in groups.items()})
         self.http = HttpConfig.model_validate(http)
         self.coordinator_namespace = coordinator_namespace
         self._descs: dict[str, EngineDescription] = {}

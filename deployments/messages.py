@@ -7,11 +7,29 @@ both import these.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine_runtime.pressure import GpuPressure
 
-__all__ = ["Directive", "GpuFigures", "ReplicaReport"]
+__all__ = ["Directive", "GpuFigures", "ModelTierReport", "ReplicaReport"]
+
+
+@dataclass
+class ModelTierReport:
+    """One model of a group replica (``engine_runtime.ModelTierStatus`` as plain data)."""
+
+    name: str
+    #: "gpu", "host" or "unloaded".
+    tier: str
+    weights_bytes: int
+    #: ``time.time()`` of the last call on the replica's clock; None before any.
+    last_used_s: float | None
+    #: Seconds since the last call (since the replica started, if none), on the replica's clock.
+    idle_s: float
+    page_ins: int
+    page_in_seconds_total: float
+    page_outs: int
+    calls: int
 
 
 @dataclass
@@ -48,6 +66,15 @@ class ReplicaReport:
     #: The pool's chunk size, and the most it may hold (``context_pool.max_bytes``; None: no cap).
     pool_chunk_bytes: int | None = None
     pool_max_bytes: int | None = None
+    #: This process's NVML memory after CUDA initialised, before any engine; None without a GPU.
+    floor_bytes: int | None = None
+    #: The group a group replica serves (``model`` is the group's name too); None otherwise.
+    group: str | None = None
+    #: A group replica's models, their weights tiers and use; None otherwise.
+    models: list[ModelTierReport] | None = None
+    #: Whether the coordinator may page out this group's cold weights, and when a model is cold.
+    page_out_under_pressure: bool = False
+    cold_after_s: float | None = None
 
 
 @dataclass
@@ -65,6 +92,9 @@ class Directive:
     room_bytes: int | None = None
     #: Static context bytes the coordinator could free here by moving unpinned replicas to dynamic.
     reclaimable_bytes: int = 0
+    #: Models whose weights a group replica should page out (still cold when it acts), and why.
+    page_out: list[str] = field(default_factory=list)
+    page_out_reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@ Names (before Ray's prefix) and tags; replica metrics carry model, replica, gpu:
   (histogram)
 - ``ebb_replica_admission_waits``, ``ebb_replica_admission_rejections`` (counters)
 - ``ebb_replica_calls`` (counter, tag outcome: ok, invalid, unavailable, failed)
+- per model of a group replica (tags model, group, replica, gpu): ``ebb_model_weights_tier``
+  (gauge, tag tier: 1 for the tier its weights are in, else 0), ``ebb_model_weights_bytes``
+  (gauge), ``ebb_model_page_ins``, ``ebb_model_page_in_seconds``, ``ebb_model_page_outs``
+  (counters; page-in seconds summed, so rate(seconds) / rate(page_ins) is the mean page-in)
 - ``ebb_gpu_used_bytes``, ``ebb_gpu_total_bytes``, ``ebb_gpu_pressure`` (gauges, tag gpu)
 - ``ebb_coordinator_decisions`` (counter, tag reason)
 - ``ebb_autoscaling_decisions`` (counter, tags deployment, reason)
@@ -29,7 +33,7 @@ from typing import TYPE_CHECKING
 from engine_runtime.memory import MemoryMode
 from engine_runtime.stats import StatsSnapshot
 
-from deployments.messages import GpuFigures
+from deployments.messages import GpuFigures, ModelTierReport
 
 if TYPE_CHECKING:
     from engine_runtime import BaseEngine
@@ -130,6 +134,42 @@ class ReplicaMetrics:
                  "failed": stats.calls_failed}
         for outcome in CALL_OUTCOMES:
             _inc(self.calls, self._deltas.delta(f"calls.{outcome}", calls[outcome]), {"outcome": outcome})
+
+
+#: The tiers a model's weights may be in (``engine_runtime.WeightsTier`` values).
+WEIGHTS_TIERS = ("gpu", "host", "unloaded")
+_MODEL_TAGS = ("model", "group", "replica", "gpu")
+
+
+class ModelTierMetrics:
+    """Per-model metrics of one group replica; ``update`` is called from its report loop."""
+
+    def __init__(self, group: str, replica_id: str, gpu: str) -> None:
+        from ray.util import metrics
+
+        self.tier = metrics.Gauge("ebb_model_weights_tier", "1 for the tier the model's weights are in "
+                                  "(gpu, host, unloaded), 0 for the others.", tag_keys=_MODEL_TAGS + ("tier",))
+        self.weights = metrics.Gauge("ebb_model_weights_bytes", "Device bytes of the model's weights when "
+                                     "resident.", tag_keys=_MODEL_TAGS)
+        self.page_ins = metrics.Counter("ebb_model_page_ins", "Times the model's weights were brought back "
+                                        "onto the GPU (host copy or reload).", tag_keys=_MODEL_TAGS)
+        self.page_in_s = metrics.Counter("ebb_model_page_in_seconds", "Seconds spent bringing the model's "
+                                         "weights back onto the GPU, summed.", tag_keys=_MODEL_TAGS)
+        self.page_outs = metrics.Counter("ebb_model_page_outs", "Times the model's weights left the GPU.",
+                                         tag_keys=_MODEL_TAGS)
+        for m in (self.tier, self.weights, self.page_ins, self.page_in_s, self.page_outs):
+            m.set_default_tags({"group": group, "replica": replica_id, "gpu": gpu})
+        self._deltas = CounterDeltas()
+
+    def update(self, models: Iterable[ModelTierReport]) -> None:
+        for m in models:
+            tags = {"model": m.name}
+            for tier in WEIGHTS_TIERS:
+                self.tier.set(1.0 if tier == m.tier else 0.0, tags={**tags, "tier": tier})
+            self.weights.set(m.weights_bytes, tags=tags)
+            _inc(self.page_ins, self._deltas.delta(f"{m.name}.page_ins", m.page_ins), tags)
+            _inc(self.page_in_s, self._deltas.delta(f"{m.name}.page_in_s", m.page_in_seconds_total), tags)
+            _inc(self.page_outs, self._deltas.delta(f"{m.name}.page_outs", m.page_outs), tags)
 
 
 class CoordinatorMetrics:

@@ -8,7 +8,6 @@ in and the admission budget of its GPU (``deployments.coordinator_client``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -21,80 +20,21 @@ from ray import serve
 from deployments.config import AppConfig, ModelConfig
 from deployments.engine_factory import make_engine, plan_replica_context
 from deployments.gpu_identity import current_replica_gpu
-from engine_runtime.device import check_reachable
-from engine_runtime.errors import ContextMemoryUnavailable, InvalidInputError
-from engine_runtime.memory import MemoryMode
 from deployments.protocol import CheckedInputs, validation_key
+from deployments.replica import (
+    log_to_replica_file,
+    run_batch,
+    setup_cuda_process,
+    to_numpy_inputs,
+)
+from engine_runtime.device import check_reachable
+from engine_runtime.memory import MemoryMode
 from engine_runtime.spec import EngineDescription, check_finite, validate_inputs
 
 logger = logging.getLogger(__name__)
 
 #: Keys ``user_config`` may carry; anything else is refused with its name.
 USER_CONFIG_KEYS = ("mode", "max_batch_size", "batch_wait_timeout_s", "pin", "weights")
-
-
-def to_numpy_inputs(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Numpy in, numpy out; torch tensors are accepted and converted here."""
-    if not isinstance(inputs, Mapping):
-        raise InvalidInputError(f"inputs must be a mapping of name to array, got {type(inputs).__name__}")
-    out: dict[str, np.ndarray] = {}
-    for name, value in inputs.items():
-        if isinstance(value, np.ndarray):
-            out[name] = value
-        elif hasattr(value, "detach") and hasattr(value, "cpu"):
-            try:
-                value = value.detach().cpu()
-                out[name] = value.numpy() if str(value.dtype) != "torch.bfloat16" else value.float().numpy()
-            except (TypeError, RuntimeError, NotImplementedError) as err:
-                # Sparse, quantized or meta tensors have no numpy view: the caller's
-                # mistake (a 4xx through the ingress), not a bug of the replica.
-                raise InvalidInputError(f"input {name!r}: a {value.layout} tensor of {value.dtype} cannot be "
-                                        f"read as an array ({err}); send a numpy array or a dense tensor with data") from err
-        else:
-            raise InvalidInputError(f"input {name!r}: expected a numpy array or torch tensor, "
-                                    f"got {type(value).__name__}")
-    return out
-
-
-def _group_for_engine(requests: list[dict[str, np.ndarray]], max_batch: int) -> list[list[int]]:
-    """Indices of requests merged into one engine call: same per-sample shapes and a
-    total batch within the engine profile's maximum."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    key = None
-    total = 0
-    for i, req in enumerate(requests):
-        k = tuple((n, a.shape[1:]) for n, a in sorted(req.items()))
-        b = next(iter(req.values())).shape[0]
-        if current and (k != key or total + b > max_batch):
-            groups.append(current)
-            current, total = [], 0
-        current.append(i)
-        key = k
-        total += b
-    if current:
-        groups.append(current)
-    return groups
-
-
-def log_to_replica_file() -> None:
-    """Send Ebb's own loggers to this replica's Serve log file.
-
-    In a replica Serve configures only its ``ray.serve`` logger (a file handler, no
-    propagation); records of other loggers below WARNING were dropped, so mode
-    switches, memory releases and the engine's close left no trace in any log.
-    """
-    serve_handlers = logging.getLogger("ray.serve").handlers
-    for name in ("deployments", "engine_runtime"):
-        ebb_logger = logging.getLogger(name)
-        if ebb_logger.level == logging.NOTSET or ebb_logger.level > logging.INFO:
-            ebb_logger.setLevel(logging.INFO)
-        for handler in serve_handlers:
-            if handler not in ebb_logger.handlers:
-                ebb_logger.addHandler(handler)
-        # Serve sends stderr, where the root logger's last-resort handler writes, to the
-        # same file: propagating would log every warning twice.
-        ebb_logger.propagate = not serve_handlers
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
@@ -117,9 +57,15 @@ class ModelDeployment:
 
     def _start(self) -> None:
         self.gpu = current_replica_gpu()
+        # Before any engine exists: the stack limit cannot change under captured graphs.
+        self.process = setup_cuda_process(self.app.cuda, self.gpu.cuda_index)
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id if ctx else f"local-{os.getpid()}"
-        from deployments.coordinator_client import CoordinatorClient, ReplicaPorts, admission_for
+        from deployments.coordinator_client import (
+            CoordinatorClient,
+            ReplicaPorts,
+            admission_for,
+        )
         from deployments.reporting import ReplicaIdentity
 
         self.admission = admission_for(self.gpu)
@@ -142,7 +88,7 @@ class ModelDeployment:
         self.weights_version: str | None = None
         self.client = CoordinatorClient(ReplicaPorts(
             identity=ReplicaIdentity(self.replica_id, self.model.name, self.gpu, self.desc.weights_bytes,
-                                     self.pool_status, self.app.context_pool.max_bytes),
+                                     self.pool_status, self.app.context_pool.max_bytes, self.process.floor_bytes),
             engine=self.engine, admission=self.admission, pool=self.pool, max_shapes=self.desc.max_shapes(),
             pin=lambda: self.pin, publish_metrics=lambda: self.metrics.update_from(self.engine)),
             self.app.coordinator)
@@ -185,61 +131,11 @@ class ModelDeployment:
         """One engine call per group of compatible requests. A group's failure is handed
         to its own requests only (as the item, raised by ``infer``): raised from here,
         Serve would fail every request of the batch."""
-        requests = [arrays for arrays, _, _ in queued]
-        results: list[dict[str, np.ndarray] | Exception | None] = [None] * len(requests)
-        groups = _group_for_engine(requests, self.desc.max_batch)
-        while groups:
-            group = groups.pop(0)
-            if len(group) == 1:
-                merged = requests[group[0]]
-            else:
-                merged = {n: np.concatenate([requests[i][n] for i in group]) for n in requests[group[0]]}
-            # The admission deadline is a request's, from its arrival: time spent queued
-            # for the batch, or behind earlier groups, counts against it (a request
-            # behind a refused call does not wait a second full deadline).
-            oldest = min(queued[i][1] for i in group)
-            deadline_s = self.engine.admission_deadline_s - (time.monotonic() - oldest)
-            checked = all(queued[i][2] for i in group)
-            try:
-                out = await asyncio.to_thread(self.engine.infer, merged, deadline_s=deadline_s,
-                                              finite_checked=checked, inputs_checked=True)
-            except InvalidInputError as err:
-                if len(group) == 1:
-                    results[group[0]] = err
-                    continue
-                # The merged batch was refused on the device (NaN/inf): find the request(s)
-                # on the host, fail those alone, and run the others again.
-                good = []
-                for i in group:
-                    try:
-                        validate_inputs(self.desc, requests[i], reject_non_finite=True)
-                        good.append(i)
-                    except InvalidInputError as own:
-                        results[i] = own
-                if len(good) == len(group):  # none to blame alone: the group shares the error
-                    for i in group:
-                        results[i] = err
-                elif good:
-                    groups.insert(0, good)
-                continue
-            except ContextMemoryUnavailable as err:
-                # Say how long the request waited in all, not only this call's share.
-                failed = ContextMemoryUnavailable(err.requested_bytes, err.free_bytes, time.monotonic() - oldest,
-                                                  err.where)
-                failed.__cause__ = err
-                for i in group:
-                    results[i] = failed
-                continue
-            except Exception as err:  # noqa: BLE001 - handed to this group's requests, raised there
-                for i in group:
-                    results[i] = err
-                continue
-            start = 0
-            for i in group:
-                b = next(iter(requests[i].values())).shape[0]
-                results[i] = {k: v[start:start + b] for k, v in out.items()}
-                start += b
-        return results  # type: ignore[return-value]
+        engine = self.engine
+        return await run_batch(
+            queued, desc=self.desc, admission_deadline_s=engine.admission_deadline_s, validate=validate_inputs,
+            call=lambda merged, deadline_s, checked: engine.infer(merged, deadline_s=deadline_s,
+                                                                  finite_checked=checked, inputs_checked=True))
 
     def describe(self) -> EngineDescription:
         """The engine's description (names, dtypes, profiles, weights bytes)."""
@@ -278,6 +174,7 @@ class ModelDeployment:
             "batching": dict(self._batching),
             "stats": self.engine.stats().to_dict(),
             "weights_version": self.weights_version,
+            "process": self.process.to_dict(),
             "coordinator": self.client.last_contact(),
         }
 

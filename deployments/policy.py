@@ -23,6 +23,14 @@ The rules, per GPU (GPUs never influence each other):
                            (or ``default_dynamic_penalty_s`` when either is unmeasured)
 
    Ties go to the replica freeing more bytes (fewer switches), then to replica id.
+   Before any of them, cold weights leave the GPU (rule 3a).
+3a. **Cold weights first.** Above the high watermark, a group replica that allows it
+   (``groups[].page_out_under_pressure``) is asked to page out the weights of its cold
+   models (on the GPU, unused for ``cold_after_s``), longest idle first, then larger
+   first, until projected use ≤ the target. A cold model has no traffic to slow down,
+   while going dynamic slows every call of a hot one; a cold model's next call pays
+   one page-in (weights bytes / host-to-device bandwidth). Pins do not stop it: they
+   are about modes. Such a decision has ``new_mode`` None and names the models.
 4. **Below the low watermark** (measured use < ``low_watermark`` × total): ``auto``
    dynamic replicas go back to static, greatest benefit (``request_rate_per_s ×
    dynamic_penalty_s``) first, each only if projected use plus its context bytes stays
@@ -129,6 +137,16 @@ class GpuView:
 
 
 @dataclass(frozen=True)
+class ColdModel:
+    """A model of a group replica whose weights are on the GPU but unused for a while."""
+
+    name: str
+    weights_bytes: int
+    #: Seconds since its last call (or since the replica started, if never called).
+    idle_s: float
+
+
+@dataclass(frozen=True)
 class ReplicaView:
     """One replica's figures as it last reported them."""
 
@@ -150,13 +168,17 @@ class ReplicaView:
     #: Context bytes held right now (``StatsSnapshot.context_bytes_held``): for a dynamic
     #: replica, what its call in flight holds, which NVML already counts as used.
     context_bytes_held: int = 0
+    #: A group replica's models the coordinator may page out (cold, weights on the GPU,
+    #: ``page_out_under_pressure``); empty for single-model replicas.
+    cold_models: tuple[ColdModel, ...] = ()
 
 
 @dataclass(frozen=True)
 class Decision:
     replica_id: str
     gpu_uuid: str
-    new_mode: MemoryMode
+    #: The mode to switch to; None for a page-out (the mode stays).
+    new_mode: MemoryMode | None
     #: Why, with the figures (pressure, watermark, bytes, cost).
     reason: str
     #: Change in the card's use this switch projects: negative going dynamic.
@@ -164,6 +186,8 @@ class Decision:
     #: Projected share of the card in use before and after this switch (None on an unknown GPU).
     pressure_before: float | None
     projected_after: float | None
+    #: Models whose weights the replica should page out (rule 3a); empty for a mode switch.
+    page_out: tuple[str, ...] = ()
 
 
 def dynamic_penalty_s(replica: ReplicaView, config: PolicyConfig) -> tuple[float, bool]:
@@ -247,6 +271,8 @@ def _decide_gpu(gpu: GpuView, replicas: list[ReplicaView], config: PolicyConfig,
     auto = [r for r in replicas if r.pin is Pin.AUTO and _dwell_ok(r, config, now_s)]
 
     if gpu.used_bytes > config.high_watermark * total:
+        page_outs, projected = _page_out_cold(gpu, replicas, projected, target_bytes, config)
+        out.extend(page_outs)
         candidates = [r for r in auto if r.mode is MemoryMode.STATIC and r.context_bytes > 0]
         candidates.sort(key=lambda r: (_cost_per_byte(r, config), -r.context_bytes, r.replica_id))
         for r in candidates:
@@ -290,6 +316,40 @@ def _decide_gpu(gpu: GpuView, replicas: list[ReplicaView], config: PolicyConfig,
                 )
             )
     return out
+
+
+def _page_out_cold(gpu: GpuView, replicas: list[ReplicaView], projected: int, target_bytes: int,
+                   config: PolicyConfig) -> tuple[list[Decision], int]:
+    """Rule 3a: cold weights, longest idle first, until projected use ≤ the target; one
+    decision per replica naming its models. Returns the decisions and the projection."""
+    total = gpu.total_bytes
+    cold = sorted(((m, r) for r in replicas for m in r.cold_models if m.weights_bytes > 0),
+                  key=lambda mr: (-mr[0].idle_s, -mr[0].weights_bytes, mr[1].replica_id, mr[0].name))
+    chosen: dict[str, list[ColdModel]] = {}
+    start = projected
+    for m, r in cold:
+        if projected <= target_bytes:
+            break
+        chosen.setdefault(r.replica_id, []).append(m)
+        projected -= m.weights_bytes
+    out = []
+    before = start
+    for r in replicas:
+        models = chosen.get(r.replica_id)
+        if not models:
+            continue
+        freed = sum(m.weights_bytes for m in models)
+        after = before - freed
+        names = ", ".join(f"{m.name} ({m.weights_bytes / MiB:.0f} MiB, idle {m.idle_s:.0f} s)" for m in models)
+        out.append(Decision(
+            r.replica_id, gpu.uuid, None,
+            f"{gpu.uuid} at {before / total:.1%} ({_gib(before)} of {_gib(total)}) is above the high watermark "
+            f"{config.high_watermark:.0%}: paging out cold weights frees {_gib(freed)} ({names}; each pays one "
+            f"page-in on its next call, no hot traffic slows); projected {after / total:.1%}, "
+            f"target {target_bytes / total:.1%}",
+            -freed, before / total, after / total, tuple(m.name for m in models)))
+        before = after
+    return out, projected
 
 
 def admission_capacity(gpu: GpuView, replicas: Sequence[ReplicaView], config: PolicyConfig) -> int | None:

@@ -34,6 +34,8 @@ class ReplicaIdentity:
     pool_status: str = "not used"
     #: ``context_pool.max_bytes`` (None: no cap).
     pool_max_bytes: int | None = None
+    #: The process's memory after CUDA initialised, before any engine (``replica.setup_cuda_process``).
+    floor_bytes: int | None = None
 
 
 def engine_figures(*, mode: str, mechanism: str, loaded: bool, stats: StatsSnapshot,
@@ -53,18 +55,23 @@ def engine_figures(*, mode: str, mechanism: str, loaded: bool, stats: StatsSnaps
 
 def make_report(identity: ReplicaIdentity, engine: Mapping[str, Any], *, pid: int, pin: str,
                 reading: GpuPressure | None, reading_error: str | None, fault_injected: bool = False,
-                pool_bytes: int | None = None, pool_chunk_bytes: int | None = None) -> ReplicaReport:
+                pool_bytes: int | None = None, pool_chunk_bytes: int | None = None,
+                group: Mapping[str, Any] | None = None) -> ReplicaReport:
     """The report for these figures. ``fault_injected``: the replica pretends its GPU is a
     real card whose NVML reading fails (tests); ``pool_bytes`` is None without a pool.
-    ``engine``: the engine's fields (:func:`engine_figures`)."""
+    ``engine``: the engine's fields (:func:`engine_figures`). ``group``: a group replica's
+    fields (``group``, ``models``, ``page_out_under_pressure``, ``cold_after_s`` and its
+    resident ``weights_bytes``, which vary, unlike a single model's)."""
     pooled = pool_bytes is not None
-    return ReplicaReport(
+    fields: dict[str, Any] = dict(
         replica_id=identity.replica_id, model=identity.model, pid=pid, node_id=identity.gpu.node_id,
         gpu=identity.gpu.uuid, virtual=identity.gpu.virtual and not fault_injected, pin=pin,
         weights_bytes=identity.weights_bytes, **engine, reading=reading, reading_error=reading_error, pool=identity.pool_status,
         pool_bytes=pool_bytes if pooled else None, pool_chunk_bytes=pool_chunk_bytes if pooled else None,
-        pool_max_bytes=identity.pool_max_bytes if pooled else None,
+        pool_max_bytes=identity.pool_max_bytes if pooled else None, floor_bytes=identity.floor_bytes,
     )
+    fields.update(group or {})
+    return ReplicaReport(**fields)
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,8 @@ class Actions:
     pool_chunks: int | None = None
     #: Switch to this mode after the call in flight (None: stay).
     switch_to: str | None = None
+    #: Models whose weights a group replica pages out (each only if still cold), before any switch.
+    page_out: tuple[str, ...] = ()
 
 
 def directive_actions(directive: Directive, *, pin: str, mode: str, pool_chunk_bytes: int | None = None,
@@ -94,4 +103,5 @@ def directive_actions(directive: Directive, *, pin: str, mode: str, pool_chunk_b
         budget_bytes=None if directive.budget_bytes is None else int(directive.budget_bytes),
         pool_chunks=pool_chunks,
         switch_to=target if target and target != mode else None,
+        page_out=tuple(directive.page_out),
     )

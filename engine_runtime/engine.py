@@ -20,8 +20,6 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from engine_runtime.stats import EngineStats, StatsSnapshot
-from engine_runtime.memory.admission import Admission, UnboundedAdmission
 from engine_runtime.errors import (
     ContextMemoryUnavailable,
     EbbInternalError,
@@ -31,8 +29,11 @@ from engine_runtime.errors import (
     is_out_of_memory,
 )
 from engine_runtime.memory import ContextBlock, ContextMechanism, MemoryMode
+from engine_runtime.memory.admission import Admission, UnboundedAdmission
 from engine_runtime.spec import EngineDescription, check_finite, validate_inputs
+from engine_runtime.stats import EngineStats, StatsSnapshot
 from engine_runtime.units import MiB
+from engine_runtime.weights_tier import TieredWeights, WeightsTier
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +94,26 @@ class Engine(Protocol):
 
     def warm(self) -> None: ...
 
+    @property
+    def weights_tier(self) -> WeightsTier: ...
+
+    def page_out_weights(self, host: bool = True) -> int:
+        """Move the weights off the device (to host memory, or drop them with everything
+        loaded when ``host`` is false) after the call in flight; return the device bytes freed."""
+        ...
+
+    def page_in_weights(self) -> float:
+        """Bring the weights back onto the device (loading the engine if unloaded); return seconds."""
+        ...
+
+    def prepare_host_tier(self) -> None:
+        """Allocate ahead what a page-out to host memory needs (may do nothing)."""
+        ...
+
     def close(self) -> None: ...
 
 
-class BaseEngine(ABC):
+class BaseEngine(TieredWeights, ABC):
     """Shared lifecycle. Subclasses implement the ``_*_impl`` hooks only."""
 
     def __init__(
@@ -126,6 +143,12 @@ class BaseEngine(ABC):
         # When the call in flight must have its context memory by (monotonic seconds).
         self._call_deadline: float | None = None
         self._description: EngineDescription | None = None
+        # Weights tiers: loaded with the weights in host memory (the device's given back).
+        self._weights_on_host = False
+        self._ever_loaded = False
+        self._page_ins = 0
+        self._page_outs = 0
+        self._page_in_s = 0.0
 
     # -- public surface ---------------------------------------------------------
 
@@ -175,6 +198,8 @@ class BaseEngine(ABC):
         """
         with self._call_lock:
             self._check_open()
+            if self._weights_on_host:
+                self._page_in_locked()  # the update writes into the device tensors
             t0 = time.perf_counter()
             self._update_weights_impl(dict(weights))
             logger.info("engine %s: updated %d weight tensors in %.0f ms", self.name, len(weights),
@@ -187,7 +212,7 @@ class BaseEngine(ABC):
             old = self._mode
             if new is old:
                 return old
-            if self._loaded:
+            if self._loaded and not self._weights_on_host:
                 if new is MemoryMode.STATIC:
                     self._enter_static()
                 else:
@@ -229,6 +254,11 @@ class BaseEngine(ABC):
             want_numpy = any(isinstance(v, np.ndarray) for v in inputs.values())
             with self._call_lock:
                 self._check_open()
+                if not self._loaded:  # unloaded (weights tier) since the check above
+                    self._load_locked()
+                if self._weights_on_host:
+                    # A graph replayed over unmapped weights would fault the whole context.
+                    self._page_in_locked()
                 mode = self._mode
                 if mode is MemoryMode.STATIC:
                     self._enter_static()
@@ -366,15 +396,25 @@ class BaseEngine(ABC):
         with self._init_lock, self._call_lock:
             if self._loaded:
                 return
-            self._check_open()
-            try:
-                self._load_impl()
-            finally:
-                self._description = None  # loading fixes the device and the mechanism
-            self._stats.weights_bytes = self.describe().weights_bytes
-            self._loaded = True
-            if self._mode is MemoryMode.STATIC:
-                self._enter_static()
+            self._load_locked()
+
+    def _load_locked(self) -> None:
+        """Load (the call lock held). A load after an unload counts as a page-in."""
+        self._check_open()
+        t0 = time.perf_counter()
+        try:
+            self._load_impl()
+        finally:
+            self._description = None  # loading fixes the device and the mechanism
+        self._stats.weights_bytes = self.describe().weights_bytes
+        self._loaded = True
+        self._weights_on_host = False
+        if self._ever_loaded:
+            self._page_ins += 1
+            self._page_in_s += time.perf_counter() - t0
+        self._ever_loaded = True
+        if self._mode is MemoryMode.STATIC:
+            self._enter_static()
 
     def _check_open(self) -> None:
         if self._closed:

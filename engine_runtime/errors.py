@@ -175,6 +175,57 @@ class PoolUnavailableError(EbbError):
         super().__init__(f"context pool unavailable{f' on {where}' if where else ''}: {reason}")
 
 
+class UnknownModelError(EbbError, LookupError):
+    """A model name that the group (or replica) does not hold; the message lists those it does."""
+
+    def __init__(self, name: str, known: list[str], where: str = ""):
+        self.name = name
+        self.known = sorted(known)
+        self.where = where
+        loc = f" in {where}" if where else ""
+        shown = ", ".join(self.known[:20]) + (f", ... ({len(self.known)} in all)" if len(self.known) > 20 else "")
+        super().__init__(f"unknown model {name!r}{loc}; known models: [{shown}]")
+
+
+class WeightsPageError(EbbError):
+    """Weights could not be moved between the GPU and the host; the engine is left in the
+    tier it was in before (a page-in that failed can be retried)."""
+
+    def __init__(self, engine: str, what: str, why: str):
+        self.engine = engine
+        self.what = what
+        super().__init__(f"engine {engine!r}: {what} failed: {why}")
+
+
+class WeightsBudgetUnavailable(ContextMemoryUnavailable):
+    """A group could not make room for a model's weights within its GPU weights budget
+    before the deadline (every resident model had a call in flight). Maps to 503 like
+    ``ContextMemoryUnavailable``."""
+
+    def __init__(self, model: str, needed_bytes: int, budget_bytes: int, resident_bytes: int,
+                 waited_s: float = 0.0, where: str = ""):
+        self.model = model
+        self.needed_bytes = int(needed_bytes)
+        self.budget_bytes = int(budget_bytes)
+        self.resident_bytes = int(resident_bytes)
+        super().__init__(needed_bytes, max(0, budget_bytes - resident_bytes), waited_s, where)
+        self.args = (f"no room for model {model!r}'s weights ({needed_bytes / 2**20:.1f} MiB) in the GPU "
+                     f"weights budget of {budget_bytes / 2**20:.1f} MiB ({resident_bytes / 2**20:.1f} MiB "
+                     f"resident, every resident model busy) after waiting {waited_s * 1e3:.0f} ms"
+                     + (f" in {where}" if where else ""),)
+
+
+class StackLimitError(EbbError):
+    """The CUDA stack limit cannot be changed now (graphs were captured in this process:
+    lowering it under captured graphs made the next replay fail on an H200)."""
+
+    def __init__(self, requested_bytes: int, current_bytes: int | None, why: str):
+        self.requested_bytes = int(requested_bytes)
+        self.current_bytes = current_bytes
+        cur = "unknown" if current_bytes is None else f"{current_bytes} bytes"
+        super().__init__(f"cannot set the CUDA stack limit to {requested_bytes} bytes (now {cur}): {why}")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is the device running out of memory, however a library said it.
 

@@ -8,13 +8,24 @@ on a 141 GB H200); both systems get the same card.
 
     python scripts/bench_density.py --system plain   # GPU
     python scripts/bench_density.py --system ebb     # GPU, with the coordinator
-    python scripts/bench_density.py --system all     # GPU: plain, ebb, and ebb with the per-GPU pool
-    python scripts/bench_density.py --quick          # CPU smoke (CI): logical GPU, both systems
+    python scripts/bench_density.py --system all     # GPU: plain, ebb and ebb-groups side by side
+    python scripts/bench_density.py --system ebb-pool   # GPU: ebb with the per-GPU pool
+    python scripts/bench_density.py --system ebb-groups # one process holding a group of models
+    python scripts/bench_density.py --quick          # CPU smoke (CI): logical GPU, plain and ebb
+    python scripts/bench_density.py --quick --system ebb-groups   # CPU smoke (CI) of ebb-groups, no Ray
+
+ebb-groups is not a count of replicas: one process (as a group replica) holds a group of
+models (``scripts/bench_groups.py``, in-process ``EngineGroup``, not through Serve):
+first as many as fit with every model's weights on the GPU, then ``--group-host-models``
+with the host tier under Zipf-like traffic; its rows say which targets were met.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -103,11 +114,144 @@ def run_system(system: str, args, x: np.ndarray, sampler: benchlib.NvmlSampler) 
     return rows
 
 
+def _groups_serve_app(args, n: int):
+    """One group deployment, one replica, ``n`` models of ``--arch`` (seeds 0..n-1), all weights on the GPU."""
+    from deployments.app import bind
+    from deployments.config import parse_app_config
+
+    cfg = parse_app_config({
+        "groups": [{"name": "g", "gpu_weights_budget_bytes": None, "host_tier": True, "mode": "dynamic",
+                    "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}}],
+        "cuda": {"stack_limit_bytes": args.stack_limit_bytes},
+        "models": [{
+            "name": f"m{i}", "group": "g", "source": {"architecture": args.arch, "seed": i},
+            "input": {"min_batch": args.batch, "opt_batch": args.batch, "max_batch": args.batch,
+                      "image_size": args.image_size},
+            "backend": "pytorch"} for i in range(n)],
+        "coordinator": {"poll_interval_s": 0.5, "min_dwell_s": 2.0, "admission_deadline_s": 10.0,
+                        "virtual_gpu_memory_bytes": int(args.card_gib * GiB)},
+    })
+    return bind(cfg, {"g": {"num_replicas": 1, "max_ongoing_requests": 64,
+                            "ray_actor_options": {"num_gpus": args.gpu_share, "num_cpus": 0.1}}})
+
+
+def run_groups_serve(args, x: np.ndarray, sampler) -> dict:
+    """ebb-groups through Serve: one group replica holding ``--group-serve-models`` models,
+    called by model id (Serve's multiplexing), at ``--group-rate`` calls/s in all."""
+    from ray import serve
+
+    n = args.group_serve_models
+    t = time.perf_counter()
+    try:
+        serve.run(_groups_serve_app(args, n), name="density-groups", route_prefix="/density-groups")
+        base = serve.get_deployment_handle("g", app_name="density-groups")
+        handles = [base.options(multiplexed_model_id=f"m{i}") for i in range(n)]
+        for h in handles:  # the first call of each model loads it (graphs captured)
+            h.infer.remote({"input": x}).result(timeout_s=300)
+        deploy_s = time.perf_counter() - t
+        results = benchlib.drive(handles, {"input": x}, rate_per_s=args.group_rate, duration_s=args.measure_s,
+                                 timeout_s=60)
+        s = benchlib.summarize(results)
+        mem = sampler.read() if sampler.available else None
+        try:
+            st = handles[0].status.remote().result(timeout_s=30)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            st = {"error": benchlib.classify(exc)}
+    except Exception as exc:  # noqa: BLE001 - what stopped it is the result
+        return {"models": n, "held": False, "why": f"failed: {benchlib.classify(exc)}"}
+    finally:
+        try:
+            serve.delete("density-groups")
+        except Exception:  # noqa: BLE001 - nothing to delete
+            pass
+    failed = sum(v for k, v in s["outcomes"].items() if k != "ok")
+    tiers = [m.get("tier") for m in st.get("models", [])] if isinstance(st.get("models"), list) else []
+    row = {"models": n, "held": failed == 0, "why": f"{failed} failed calls {s['outcomes']}" if failed else "",
+           "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "outcomes": s["outcomes"], "deploy_s": deploy_s,
+           "on_gpu": tiers.count("gpu") if tiers else None, "floor_bytes": (st.get("process") or {}).get("floor_bytes"),
+           "card_used_gib": None if mem is None else mem["used"] / GiB}
+    print(f"  ebb-groups (Serve): {n} models in one replica p50 {s['p50_ms']:.1f} ms p99 {s['p99_ms']:.1f} ms "
+          f"{s['outcomes']}" + ("" if mem is None else f" card {mem['used'] / GiB:.1f} GiB"), flush=True)
+    return row
+
+
+def _wait_card_back(sampler, used_at_start: int | None, timeout_s: float = 30.0) -> None:
+    """Wait until the replicas of the runs before have left the card (their processes exit
+    after serve.delete returns), so the group gets the whole card too."""
+    if used_at_start is None or not sampler.available:
+        return
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and sampler.read()["used"] > used_at_start + 128 * MiB:
+        time.sleep(0.5)
+    now = sampler.read()["used"]
+    if now > used_at_start + 128 * MiB:
+        print(f"  ebb-groups: {(now - used_at_start) / MiB:,.0f} MiB still held by earlier runs", flush=True)
+
+
+def run_groups(args, sampler=None, used_at_start: int | None = None) -> dict:
+    """The ebb-groups system, in a fresh process (the stack limit must be set before any capture)."""
+    import bench_groups
+
+    if sampler is not None:
+        _wait_card_back(sampler, used_at_start)
+
+    cfg = {**bench_groups.DEFAULTS, "arch": args.arch, "batch": args.batch, "image_size": args.image_size,
+           "max_models": args.group_max_models, "host_models": args.group_host_models,
+           "budget_models": args.group_budget_models, "zipf_s": args.group_zipf_s,
+           "zipf_rate_per_s": args.group_rate, "stack_limit_bytes": args.stack_limit_bytes}
+    if args.quick:
+        cfg.update({"step": 2, "check_s": 1.0, "rate_per_s": 10.0, "zipf_s_duration": 3.0, "alone_s": 2.0,
+                    "page_in_repeats": 3})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(benchlib.ROOT), os.environ.get("PYTHONPATH")]))}
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_groups.py")), json.dumps(cfg)],
+                          env=env, capture_output=True, text=True, timeout=args.group_timeout_s)
+    for line in proc.stdout.splitlines():
+        if line.startswith("  "):
+            print(line, flush=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(bench_groups.RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        print(f"  ebb-groups: worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+        return {"error": f"worker exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+    out = json.loads(lines[-1][len(bench_groups.RESULT_PREFIX):])
+    out["wall_s"] = time.perf_counter() - t
+    return out
+
+
+def groups_rows(g: dict, held: dict) -> tuple[list[list], list[list]]:
+    """The ebb-groups rows of the density table, and its target rows (met / not met)."""
+    if "error" in g:
+        return [["ebb-groups", 0, g["error"]]], []
+    mode = "in-process EngineGroup, not through Serve"
+    rows = [[f"ebb-groups, weights on the GPU ({mode})", g["gpu_models_held"], g["gpu_stop"]],
+            [f"ebb-groups, host tier ({g['budget_models']} on the GPU)", g["host_models"],
+             f"{g['zipf_failed']} failed of {g['zipf_calls']} Zipf calls, {g['zipf_page_ins']} page-ins"]]
+    if held.get("plain"):
+        rows.append(["ratio ebb-groups (GPU) / plain", f"{g['gpu_models_held'] / held['plain']:.2f}x", ""])
+    ratio_p99 = g["hot_p99_ms"] / g["alone_p99_ms"] if g["alone_p99_ms"] else float("inf")
+    floor = g["weights_bytes"] / (g["pinned_gbps"] * 1e9)
+    ratio_in = g["page_in_s"] / floor
+    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    targets = [
+        [">= 40 models with weights on the GPU", g["gpu_models_held"], met(g["gpu_models_held"] >= 40)],
+        [">= 200 models with the host tier, 0 failed calls",
+         f"{g['host_models']} models, {g['zipf_failed']} failed",
+         met(g["host_models"] >= 200 and g["zipf_failed"] == 0 and not g["zipf_wrong"])],
+        ["hot-model p99 <= 1.25x one model alone",
+         f"{g['hot_p99_ms']:.1f} / {g['alone_p99_ms']:.1f} ms = {ratio_p99:.2f}x", met(ratio_p99 <= 1.25)],
+        ["page-in <= 2x weights / pinned H2D bandwidth",
+         f"{g['page_in_s'] * 1e3:.2f} ms vs {floor * 1e3:.2f} ms ({g['weights_bytes'] / 2**20:.0f} MiB at "
+         f"{g['pinned_gbps']:.1f} GB/s) = {ratio_in:.2f}x", met(ratio_in <= 2.0)],
+    ]
+    return rows, targets
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny CPU configuration (CI smoke, no claims)")
-    p.add_argument("--system", choices=["plain", "ebb", "ebb-pool", "both", "all"], default="both",
-                   help="both: plain and ebb; all: plain, ebb and ebb-pool (GPU only)")
+    p.add_argument("--system", choices=["plain", "ebb", "ebb-pool", "ebb-groups", "ebb-groups-serve", "both", "all"],
+                   default="both",
+                   help="both: plain and ebb; all: plain, ebb and ebb-groups")
     p.add_argument("--pool-mib", type=int, default=1024, help="ebb-pool: the most the pool may hold")
     p.add_argument("--pool-chunk-mib", type=int, default=128, help="ebb-pool: chunk size")
     p.add_argument("--arch", default="resnet50")
@@ -118,15 +262,29 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-share", type=float, default=0.05, help="num_gpus per replica (logical)")
     p.add_argument("--rate-per-replica", type=float, default=2.0)
     p.add_argument("--measure-s", type=float, default=6.0)
+    p.add_argument("--group-max-models", type=int, default=56, help="ebb-groups: most models tried on the GPU")
+    p.add_argument("--group-host-models", type=int, default=200, help="ebb-groups: models with the host tier")
+    p.add_argument("--group-budget-models", type=int, default=32,
+                   help="ebb-groups host tier: GPU weights budget, in models (at most the GPU count held - 2)")
+    p.add_argument("--group-rate", type=float, default=40.0, help="ebb-groups: calls/s in all, Zipf and alone")
+    p.add_argument("--group-zipf-s", type=float, default=1.1, help="ebb-groups: Zipf exponent (rank k ~ 1/k^s)")
+    p.add_argument("--group-timeout-s", type=float, default=420.0)
+    p.add_argument("--group-serve", action="store_true",
+                   help="ebb-groups also through Serve (one group replica of --group-serve-models models)")
+    p.add_argument("--group-serve-models", type=int, default=40)
+    p.add_argument("--stack-limit-bytes", type=int, default=256, help="ebb-groups: CUDA stack limit set first")
     p.add_argument("--out-dir", default="out")
     args = p.parse_args(argv)
     if args.quick:
         args.arch, args.batch, args.image_size = "resnet18", 2, 32
         args.max_replicas, args.measure_s, args.card_gib, args.rate_per_replica = 2, 2.0, 1.0, 2.0
+        args.group_max_models, args.group_host_models, args.group_budget_models, args.group_rate = 4, 8, 2, 10.0
+        args.group_serve_models = 3
 
     import ray
 
-    benchlib.start_ray()
+    if systems_need_ray(args):
+        benchlib.start_ray()
     sampler = benchlib.NvmlSampler()
     ballast = None
     if sampler.available:
@@ -134,27 +292,43 @@ def main(argv=None) -> int:
         keep = int(args.card_gib * GiB)
         ballast = benchlib.Ballast(max(0, now["total"] - now["used"] - keep))
         ballast.take()
+    used_at_start = sampler.read()["used"] if sampler.available else None
     x = np.random.default_rng(0).standard_normal((args.batch, 3, args.image_size, args.image_size)).astype(np.float32)
-    systems = {"both": ["plain", "ebb"], "all": ["plain", "ebb", "ebb-pool"]}.get(args.system, [args.system])
+    systems = {"both": ["plain", "ebb"], "all": ["plain", "ebb", "ebb-groups"]}.get(args.system, [args.system])
+    if args.group_serve and "ebb-groups" in systems:
+        systems.insert(systems.index("ebb-groups"), "ebb-groups-serve")
     results = {}
+    groups: dict | None = None
+    groups_serve: dict | None = None
+    serve_systems = [s for s in systems if s != "ebb-groups"]
     try:
-        from ray import serve
+        if serve_systems:
+            from ray import serve
 
-        serve.start(http_options={"host": "127.0.0.1", "port": 18998})
-        for system in systems:
-            results[system] = run_system(system, args, x, sampler)
+            serve.start(http_options={"host": "127.0.0.1", "port": 18998})
+            for system in serve_systems:
+                if system == "ebb-groups-serve":
+                    groups_serve = run_groups_serve(args, x, sampler)
+                else:
+                    results[system] = run_system(system, args, x, sampler)
+            # Serve's replicas are gone (deleted); the group gets the same card to itself.
+            serve.shutdown()
+        if "ebb-groups" in systems:
+            groups = run_groups(args, sampler, used_at_start)
     finally:
         if ballast is not None:
             ballast.release()
-        from ray import serve
+        if serve_systems:
+            from ray import serve
 
-        serve.shutdown()
-        ray.shutdown()
+            serve.shutdown()
+            ray.shutdown()
 
     out_dir = Path(args.out_dir)
     benchlib.write_json(out_dir, "bench_density.json", {"card": benchlib.card_name(), "args": vars(args),
-                                                        "results": results})
-    _plot(out_dir / "bench_density.png", results, args)
+                                                        "results": results, "ebb-groups": groups,
+                                                        "ebb-groups-serve": groups_serve})
+    _plot(out_dir / "bench_density.png", results, args, groups)
     held = {s: max([r["replicas"] for r in rows if r.get("held")], default=0) for s, rows in results.items()}
     print(f"\nDensity on {benchlib.card_name()} with {args.card_gib:g} GiB free: {args.arch} b{args.batch}, "
           f"{args.rate_per_replica:g} calls/s per replica")
@@ -162,11 +336,25 @@ def main(argv=None) -> int:
     for system in ("ebb", "ebb-pool"):
         if "plain" in held and system in held and held["plain"]:
             table.append([f"ratio {system} / plain", f"{held[system] / held['plain']:.2f}x", ""])
+    targets = []
+    if groups_serve is not None:
+        table.append([f"ebb-groups through Serve (one replica, {groups_serve['models']} models tried)",
+                      groups_serve["models"] if groups_serve["held"] else 0, groups_serve["why"] or "held"])
+    if groups is not None:
+        rows, targets = groups_rows(groups, held)
+        table.extend(rows)
     print(benchlib.markdown_table(["system", "largest count held", "what stopped it"], table))
+    if targets:
+        print(f"\nebb-groups targets (issue 13; {groups.get('mode')}):")
+        print(benchlib.markdown_table(["target", "measured", "met?"], targets))
     return 0
 
 
-def _plot(path: Path, results: dict, args) -> None:
+def systems_need_ray(args) -> bool:
+    return args.system != "ebb-groups" or args.group_serve
+
+
+def _plot(path: Path, results: dict, args, groups: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +364,11 @@ def _plot(path: Path, results: dict, args) -> None:
     for system, rows in results.items():
         pts = [r for r in rows if "p99_ms" in r]
         ax.plot([r["replicas"] for r in pts], [r["p99_ms"] for r in pts], marker="o", label=f"{system} p99")
-    ax.set_xlabel("replicas on the card")
+    if groups and groups.get("checkpoints"):
+        pts = groups["checkpoints"]
+        ax.plot([r["models"] for r in pts], [r["p99_ms"] for r in pts], marker="s",
+                label="ebb-groups p99 (models, one process)")
+    ax.set_xlabel("replicas (models, for ebb-groups) on the card")
     ax.set_ylabel("p99 latency (ms)")
     ax.set_title(f"Density: {args.arch} b{args.batch}, {args.card_gib:g} GiB card")
     ax.legend()

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine_runtime import _cuda
+from engine_runtime import _cuda, cuda_process
 from engine_runtime.architectures import build
 from engine_runtime.backends import _graph_alloc
+from engine_runtime.backends._tiers import PyTorchTiers
 from engine_runtime.engine import BaseEngine
 from engine_runtime.errors import (
     EbbInternalError,
@@ -112,7 +113,7 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-class PyTorchEngine(BaseEngine):
+class PyTorchEngine(PyTorchTiers, BaseEngine):
     def __init__(
         self,
         name: str,
@@ -158,6 +159,12 @@ class PyTorchEngine(BaseEngine):
         self._input = TensorSpec(input_name, input_dtype, (-1,) + tuple(profile.max[1:]), value_range=input_range)
         self._output = TensorSpec(output_name, output_dtype, (-1,) + tuple(output_shape))
         self._weights_bytes = 0
+        # Weights tiers (backends/_tiers.py): _weights_store.VmmWeights on a GPU with VMM,
+        # HostWeights on a CPU (made on the first page-out).
+        self._weights = self._host_weights = None
+        self._weights_updated = False
+        #: Why the weights could not be put at stable addresses on this GPU (None: they are).
+        self.stable_weights_error: str | None = None
 
     @classmethod
     def from_architecture(cls, name: str, arch: str, *, max_batch: int, opt_batch: int | None = None,
@@ -168,7 +175,13 @@ class PyTorchEngine(BaseEngine):
         opt = opt_batch or max_batch
         profile = ShapeProfile((min_batch, *model.sample_shape), (opt, *model.sample_shape),
                                (max_batch, *model.sample_shape))
-        return cls(name, model.module, input_name=model.input_name, input_dtype=model.input_dtype,
+        first = [model.module]
+
+        def factory() -> nn.Module:
+            # The module built above first; after an unload, built again (same seed, same weights).
+            return first.pop() if first else build(arch, seed=seed, image_size=image_size, seq_len=seq_len).module
+
+        return cls(name, factory, input_name=model.input_name, input_dtype=model.input_dtype,
                    profile=profile, output_name=model.output_name, output_shape=model.output_shape,
                    input_range=model.input_range, **kwargs)
 
@@ -230,7 +243,8 @@ class PyTorchEngine(BaseEngine):
         # Our own stream, not torch.cuda.Stream(): see _cuda.create_stream (saves ~70 MiB).
         self._stream_handle = _cuda.create_stream(index)
         self._stream = torch.cuda.ExternalStream(self._stream_handle, device=self._device)
-        self._module = module.to(self._device)
+        cuda_process.note_engine_loaded()
+        self._module = self._place_weights(module, index)
         plan = self._plan or plan_context(ContextFacts(
             BackendKind.PYTORCH, index, vmm=_cuda.vmm_supported(index),
             graph_arena=self._use_cuda_graphs and _graph_alloc.load() is not None,
@@ -293,6 +307,8 @@ class PyTorchEngine(BaseEngine):
         offsets = [i * window for i in range(len(sizes))]
         self._arena = VmmArena(index, window * len(sizes), self._physical_source,
                                deadline_s=self.admission_deadline_s)
+        # From the first capture on, the process's CUDA stack limit must not change.
+        cuda_process.note_graphs_captured(len(sizes))
         with _graph_alloc.capture_lock:
             # One physical backing behind every window while capturing; released right after.
             # Physical memory for capture: the eager peak and a margin, not the whole window,
@@ -406,6 +422,7 @@ class PyTorchEngine(BaseEngine):
                     for name, src in sources.items():
                         targets[name].copy_(src)
                 self._stream.synchronize()
+                self._weights_updated = True
             else:
                 for name, src in sources.items():
                     targets[name].copy_(src)
@@ -531,9 +548,15 @@ class PyTorchEngine(BaseEngine):
 
     def _close_impl(self) -> None:
         if self._device is not None and self._device.type == "cuda":
-            self._unload_cuda()
+            self._unload_cuda(restore=None)
+        # On a CPU a host copy of paged-out weights is just dropped: closing must not make
+        # tensors (close() runs from __del__ at interpreter exit, where that aborted).
+        self._host_weights = None
 
-    def _unload_cuda(self) -> None:
+    def _unload_cuda(self, restore: bool | None = True) -> None:
+        """Free everything on the device. The module's tensors afterwards: CPU copies
+        (``restore``), left as they were (``False``: the module is dropped), or CPU copies
+        only if the weights were resident (``None``, closing: nothing made from a paged-out copy)."""
         if self._stream is not None:
             self._stream.synchronize()
         # Order matters: graphs first, then the tensors living in each private pool, then
@@ -551,7 +574,15 @@ class PyTorchEngine(BaseEngine):
         if self._arena is not None:
             self._arena.close()
             self._arena = None
-        if self._module is not None:
+        if self._weights is not None:
+            # Back to CPU tensors (from the device, or from the host copy when paged out).
+            weights, self._weights = self._weights, None
+            if restore or (restore is None and weights.resident):
+                weights.detach_to_cpu()
+            # Else the module's tensors stay views of the freed range: they own nothing, so
+            # dropping them later frees nothing; the module is not used again.
+            weights.close()
+        elif self._module is not None:
             self._module = self._module.to("cpu")
         torch.cuda.synchronize(self._device)
         if self._stream_handle:

@@ -30,6 +30,7 @@ import numpy as np
 from engine_runtime.backends import _trt
 from engine_runtime.memory.admission import Admission
 from engine_runtime.memory.arena import PhysicalSource
+from engine_runtime.backends._tiers import TensorRTTiers
 from engine_runtime.engine import BaseEngine
 from engine_runtime.errors import (
     ContextMemoryUnavailable,
@@ -147,7 +148,7 @@ class CudaDevice:
         return _cuda.mem_get_info(self.index)[0]
 
 
-class TensorRTEngine(BaseEngine):
+class TensorRTEngine(TensorRTTiers, BaseEngine):
     """A TensorRT plan behind Ebb's engine interface.
 
     Lazy: the constructor only reads (or keeps) the plan bytes. ``describe()`` needs
@@ -193,6 +194,7 @@ class TensorRTEngine(BaseEngine):
         self._stream: Any = None
         self._allocator: ContextAllocator | None = None
         self._physical_source = physical_source
+        self._refitted = False
 
     # -- plan and engine ----------------------------------------------------------
 
@@ -427,6 +429,7 @@ class TensorRTEngine(BaseEngine):
             ok = refitter.refit_cuda_engine()
         if not ok:
             raise WeightsUpdateError(self.name, "refit_cuda_engine failed: " + _join(self._logger.take_errors()))
+        self._refitted = True
         del arrays
 
     # -- running ----------------------------------------------------------------

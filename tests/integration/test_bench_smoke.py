@@ -22,6 +22,8 @@ BENCHES = [
     ("bench_pressure.py", ["--quick"], "bench_pressure.png", "| ---"),
     ("bench_pressure.py", ["--scenario", "mixed", "--quick"], "bench_pressure_mixed.png", "| ---"),
     ("bench_density.py", ["--quick"], "bench_density.png", "| ---"),
+    ("bench_density.py", ["--quick", "--system", "ebb-groups", "--group-serve"], "bench_density.png",
+     "ebb-groups targets"),
     ("bench_admission.py", ["--quick"], "admission.png", "p50 µs"),
     ("bench_pool.py", ["--quick"], "bench_pool_quick.png", "| -"),
     ("bench_remap.py", ["--quick"], None, "smoke run only"),
@@ -29,8 +31,7 @@ BENCHES = [
 ]
 
 
-@pytest.mark.parametrize("script, args, plot, table", BENCHES,
-                         ids=[b[0] + ("-" + b[1][1] if b[1][:1] == ["--scenario"] else "") for b in BENCHES])
+@pytest.mark.parametrize("script, args, plot, table", BENCHES, ids=[" ".join([b[0], *b[1]]) for b in BENCHES])
 def test_benchmark_smoke(script: str, args: list[str], plot: str | None, table: str, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args, "--out-dir", str(tmp_path)],

@@ -64,3 +64,28 @@ def test_status_command_prints_table_and_json(server, capsys):
 def test_status_command_says_why_when_unreachable(capsys):
     assert cli.main(["status", "--url", "http://127.0.0.1:9"]) == 2
     assert "cannot read the status" in capsys.readouterr().err
+
+
+def test_render_lists_a_group_replica_s_models_with_tier_bytes_last_use_and_page_ins():
+    import time
+
+    now = time.time()
+    group = {"replica_id": "g1", "model": "resnets", "group": "resnets", "mode": "dynamic", "mechanism": "vmm-arena",
+             "held_bytes": 0, "context_bytes": 0, "weights_bytes": 196 * MiB, "request_rate_per_s": 3.0,
+             "floor_bytes": 540 * MiB, "page_out_pending": ["resnet-b"],
+             "models": [
+                 {"name": "resnet-a", "tier": "gpu", "weights_bytes": 98 * MiB, "last_used_s": now - 2,
+                  "page_ins": 3, "page_in_seconds_total": 0.006, "calls": 40},
+                 {"name": "resnet-b", "tier": "gpu", "weights_bytes": 98 * MiB, "last_used_s": now - 300,
+                  "page_ins": 0, "page_in_seconds_total": 0.0, "calls": 1},
+                 {"name": "resnet-c", "tier": "host", "weights_bytes": 98 * MiB, "last_used_s": None,
+                  "page_ins": 0, "page_in_seconds_total": 0.0, "calls": 0}]}
+    status = {"gpus": [{**STATUS["gpus"][0], "replicas": [group]}],
+              "history": [{"time_s": now, "model": "resnets", "replica_id": "g1", "new_mode": None,
+                           "page_out": ["resnet-b"], "reason": "GPU-aaaa at 93.0% is above the high watermark"}]}
+    text = cli.render(status)
+    assert "process floor 540 MiB" in text and "group resnets: 3 models, weights on the GPU 196.0 MiB" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip().startswith("resnet-")}
+    assert rows["resnet-a"][:3] == ["resnet-a", "gpu", "98.0"] and rows["resnet-a"][-3:] == ["3", "2.00", "40"]
+    assert rows["resnet-b"][1] == "gpu*" and rows["resnet-c"][1] == "host" and "never" in rows["resnet-c"]
+    assert "g1 page out resnet-b:" in text

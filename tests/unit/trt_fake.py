@@ -8,7 +8,8 @@ computes ``output[:, j] = scale * (input[:, 2j] + input[:, 2j+1])`` (input ``(ba
 output ``(batch, 2)``: an output shape of its own, so a backend that sized outputs like
 inputs fails) over tensors found by their data pointer, where ``scale`` (2 at first) is
 the engine's one refittable weight: a ``Refitter`` changes it when the world's engine
-is built refittable.
+is built refittable, ``serialize()`` writes it into the plan and deserialising a
+plan sets it from there (2 for the original plan).
 
 Execution is asynchronous, as on a GPU: ``execute_async_v3`` only queues the work on
 its stream; it runs when the stream is synchronised (or a copy on that stream waits
@@ -148,10 +149,13 @@ def make_module(world: World, *, with_validity: bool = True) -> types.ModuleType
 
         def deserialize_cuda_engine(self, plan: bytes) -> Any:
             world.events.append(("deserialize", len(plan)))
+            plan, _, weight = bytes(plan).partition(b"|scale=")
             if plan != GOOD_PLAN:
                 self.logger.log(Severity.ERROR, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization "
                                 "(Serialization assertion header.magicTag == kEXPECTED_MAGIC_TAG failed)")
                 return None
+            # A plan carries its weight: the original's, or a refitted engine's serialize().
+            world.scale = float(weight) if weight else 2.0
             return Engine()
 
     if with_validity:
@@ -190,6 +194,10 @@ def make_module(world: World, *, with_validity: bool = True) -> types.ModuleType
 
         def get_engine_stat(self, stat: EngineStat) -> int:
             return WEIGHTS_BYTES
+
+        def serialize(self) -> bytes:
+            world.events.append(("serialize",))
+            return GOOD_PLAN + f"|scale={world.scale!r}".encode()
 
         def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC) -> Any:
             world.events.append(("create_context", strategy.name))

@@ -1,0 +1,432 @@
+"""The group deployment: each Serve replica is one process holding an ``EngineGroup``
+for all of a group's models (one CUDA context, one per-process floor, one source of
+context memory, weights tiered by bytes between the GPU and pinned host memory).
+
+Requests reach a replica through Serve's model multiplexing: the model name is the
+multiplexed model id (``handle.options(multiplexed_model_id="resnet-a")``; the HTTP
+ingress does this for ``/v2/models/resnet-a/infer``), so Serve's router prefers a
+replica that has served the model. Serve's multiplexing knows no bytes and evicts by
+count; the loader is therefore sized to the whole group (Serve never evicts) and
+returns at once, and the ``EngineGroup`` decides by bytes what stays on the GPU. An
+unknown model id is refused before the loader runs (no load attempt, no routing entry).
+
+Batches hold one model's requests only: Serve splits a batch by multiplexed model id,
+and the handler groups by model again (a request's model travels with it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from deployments.config import AppConfig, GroupConfig, ModelConfig
+from deployments.engine_factory import make_engine, plan_replica_context
+from deployments.gpu_identity import current_replica_gpu
+from deployments.group_report import aggregate_stats, tier_reports
+from deployments.protocol import CheckedInputs, validation_key
+from deployments.replica import (
+    log_to_replica_file,
+    run_batch,
+    setup_cuda_process,
+    to_numpy_inputs,
+)
+from engine_runtime import (
+    ContextMechanism,
+    EngineDescription,
+    EngineGroup,
+    GroupBudget,
+    MemoryMode,
+    StatsSnapshot,
+    UnboundedAdmission,
+    UnknownModelError,
+    WeightsTier,
+)
+from engine_runtime.device import check_reachable
+from engine_runtime.spec import check_finite, validate_inputs
+
+logger = logging.getLogger(__name__)
+
+#: Keys a group's ``user_config`` may carry (weights updates are per single-model deployment).
+GROUP_USER_CONFIG_KEYS = ("mode", "pin", "max_batch_size", "batch_wait_timeout_s")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class GroupDeployment:
+    """One ``EngineGroup`` per replica. Call ``infer`` through a handle with
+    ``.options(multiplexed_model_id=<model>)``, or over HTTP (the ingress)."""
+
+    def __init__(self, group: dict, models: list[dict], app: dict) -> None:
+        log_to_replica_file()
+        self.started_s = time.time()
+        self.group = GroupConfig.model_validate(group)
+        self.app = AppConfig.model_validate(app)
+        self.models = {m["name"]: ModelConfig.model_validate(m) for m in models}
+        # What shutdown() gives back; set as each is acquired, so a failing start (a model
+        # that does not build, weights over the budget) rolls back exactly what it got.
+        self.client = self.engines = self.pool = self.admission = None
+        self._shut_down = False
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self) -> None:
+        self.gpu = current_replica_gpu()
+        # Before any engine exists: the stack limit cannot change under captured graphs.
+        self.process = setup_cuda_process(self.app.cuda, self.gpu.cuda_index)
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id if ctx else f"local-{os.getpid()}"
+        from deployments.coordinator_client import (
+            CoordinatorClient,
+            ReplicaPorts,
+            admission_for,
+        )
+        from deployments.reporting import ReplicaIdentity
+
+        self.admission = admission_for(self.gpu)
+        # One pool client for the process; the group hands it to every engine, each of
+        # which plans its own mechanism from its device's facts when it loads.
+        self.pool, plan = plan_replica_context(next(iter(self.models.values())), self.app, self.gpu.cuda_index)
+        self.pool_status = plan.pool_status
+        self.engines = EngineGroup(
+            GroupBudget(self.group.gpu_weights_budget_bytes, self.group.host_tier),
+            # With the pool the lease is the admission (as for a single model, engine_factory).
+            admission=UnboundedAdmission() if self.pool is not None else self.admission,
+            physical_source=self.pool, name=self.group.name,
+            deadline_s=self.app.coordinator.admission_deadline_s)
+        self.mode = MemoryMode.parse(self.group.mode)
+        self.pin = self.group.pin
+        if self.pin != "auto":
+            self.mode = MemoryMode.parse(self.pin)
+        for m in self.models.values():
+            # Each engine starts in the group's mode; the group gives it the shared context source.
+            model = m.model_copy(update={"mode": self.mode.value})
+            self.engines.add(m.name, lambda model=model: make_engine(model, self.app, cuda_index=self.gpu.cuda_index),
+                             lazy=model.lazy)
+        self.descs: dict[str, EngineDescription] = {n: self.engines.engine(n).describe() for n in self.models}
+        self._configure_batching(self.group.batching.max_batch_size, self.group.batching.batch_wait_timeout_s)
+
+        #: Model ids Serve's multiplexing has registered on this replica (for the status view).
+        self.multiplexed_model_ids: list[str] = []
+
+        async def load(model_id: str) -> str:
+            # Serve's "loaded" set is the models this replica serves; the weights' tier is
+            # the EngineGroup's (a call pages them in), so nothing is loaded here.
+            self.multiplexed_model_ids.append(model_id)
+            return model_id
+
+        # Sized to the group, so Serve never evicts by count; Ebb evicts by bytes.
+        self._load_model = serve.multiplexed(max_num_models_per_replica=len(self.models))(load)
+        self._seen_acquisitions: dict[str, int] = {}
+        from deployments.metrics import ModelTierMetrics, ReplicaMetrics
+
+        self.metrics = ReplicaMetrics(self.group.name, self.replica_id, self.gpu.uuid)
+        self.tier_metrics = ModelTierMetrics(self.group.name, self.replica_id, self.gpu.uuid)
+        self.client = CoordinatorClient(ReplicaPorts(
+            identity=ReplicaIdentity(self.replica_id, self.group.name, self.gpu, 0, self.pool_status,
+                                     self.app.context_pool.max_bytes, self.process.floor_bytes),
+            engine=_GroupEngineView(self), admission=self.admission, pool=self.pool, max_shapes={},
+            pin=lambda: self.pin, publish_metrics=self.publish_metrics, group=self), self.app.coordinator)
+        self.client.start()
+        logger.info("replica %s of group %s on %s: %d models, weights budget %s, host tier %s, %s mode, "
+                    "context pool %s", self.replica_id, self.group.name, self.gpu.uuid, len(self.models),
+                    self.group.gpu_weights_budget_bytes, self.group.host_tier, self.mode.value, self.pool_status)
+
+    # -- calls ------------------------------------------------------------------
+
+    def _model_id(self) -> str:
+        """The request's model (its multiplexed model id), refused unless the group has it."""
+        name = serve.get_multiplexed_model_id()
+        if not name:
+            raise UnknownModelError("", list(self.models), f"group {self.group.name!r} (call it with "
+                                    f"handle.options(multiplexed_model_id=<model>))")
+        if name not in self.models:
+            raise UnknownModelError(name, list(self.models), f"group {self.group.name!r}")
+        return name
+
+    async def infer(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run the request's model (``multiplexed_model_id``) on named arrays; return named numpy arrays.
+
+        Raises ``UnknownModelError`` for a model the group does not hold (nothing is loaded),
+        an ``InvalidInputError`` subclass for bad input, and ``ContextMemoryUnavailable``
+        (or its ``WeightsBudgetUnavailable``) when memory could not be had in time.
+        """
+        arrived = time.monotonic()
+        name = self._model_id()
+        await self._load_model(name)
+        desc = self.descs[name]
+        host_finite = (self.models[name].reject_non_finite
+                       and not self.engines.engine(name).checks_finite_on_device)
+        if isinstance(inputs, CheckedInputs) and inputs.validated_against == validation_key(desc):
+            # The ingress checked these against this model's description (deployments.model).
+            arrays = inputs.arrays
+            if host_finite and not inputs.finite_checked:
+                check_finite(desc, arrays)
+        else:
+            arrays = to_numpy_inputs(inputs.arrays if isinstance(inputs, CheckedInputs) else inputs)
+            validate_inputs(desc, arrays, reject_non_finite=host_finite)
+        result = await self._batched((name, arrays, arrived, host_finite))
+        if isinstance(result, BaseException):
+            raise result  # this request's group of the batch failed; the others did not
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _batched(self, queued: list[tuple[str, dict[str, np.ndarray], float, bool]]
+                       ) -> list[dict[str, np.ndarray] | Exception]:
+        """Requests of one model per engine call: grouped by model (Serve splits batches
+        by multiplexed id too), then by shape, each group's failure its own."""
+        results: list[Any] = [None] * len(queued)
+        by_model: dict[str, list[int]] = {}
+        for i, (name, _, _, _) in enumerate(queued):
+            by_model.setdefault(name, []).append(i)
+        for name, indices in by_model.items():
+            def call(merged, deadline_s, checked, name=name):
+                return self.engines.infer(name, merged, deadline_s=deadline_s, finite_checked=checked)
+
+            out = await run_batch([queued[i][1:] for i in indices], call=call, desc=self.descs[name],
+                                  admission_deadline_s=self.app.coordinator.admission_deadline_s,
+                                  validate=validate_inputs)
+            for i, r in zip(indices, out):
+                results[i] = r
+        return results
+
+    def describe(self) -> EngineDescription:
+        """The request's model's description (names, dtypes, profiles, weights bytes)."""
+        return self.descs[self._model_id()]
+
+    def batching(self) -> dict[str, int | float]:
+        """The batching applied now, for Triton's model configuration (``dynamic_batching``)."""
+        return dict(self._batching)
+
+    def ready(self) -> bool:
+        """True while this replica can take calls (weights come onto the GPU on a call)."""
+        return not self._closed()
+
+    def set_mode(self, mode: str) -> str:
+        """Every engine to ``mode`` after its call in flight; returns the previous mode."""
+        previous = self.mode
+        self.apply_mode(MemoryMode.parse(mode))
+        return previous.value
+
+    # -- what the coordinator client reads and orders ------------------------------
+
+    def apply_mode(self, mode: MemoryMode) -> None:
+        self.engines.set_mode(mode)
+        self.mode = mode
+
+    def page_out_cold(self, models: list[str], reason: str) -> list[str]:
+        """Page out the models the coordinator named, each only if still cold here (a call
+        since the order makes it hot: paging it out would cost its next call a page-in)."""
+        now = time.time()
+        by_name = {m.name: m for m in self.engines.status()}
+        done = []
+        for name in models:
+            m = by_name.get(name)
+            if m is None or m.tier is not WeightsTier.GPU:
+                continue
+            idle_s = now - (m.last_used_s if m.last_used_s is not None else self.started_s)
+            if idle_s < self.group.cold_after_s:
+                continue
+            freed = self.engines.page_out(name)
+            logger.info("group %s: paged out %s (%.1f MiB, idle %.0f s) at the coordinator's request: %s",
+                        self.group.name, name, freed / 2**20, idle_s, reason)
+            done.append(name)
+        return done
+
+    def tier_reports(self):
+        return tier_reports(self.engines.status(), time.time(), self.started_s)
+
+    def report_fields(self) -> dict[str, Any]:
+        """What a group replica's report adds (``reporting.make_report``): its resident
+        weights (they vary) and every model's tier."""
+        return {"weights_bytes": self.engines.resident_weights_bytes(), "group": self.group.name,
+                "models": self.tier_reports(), "page_out_under_pressure": self.group.page_out_under_pressure,
+                "cold_after_s": self.group.cold_after_s}
+
+    def stats(self) -> StatsSnapshot:
+        return aggregate_stats([self.engines.engine(n).stats() for n in self.models],
+                               self.engines.resident_weights_bytes())
+
+    def static_context_bytes(self) -> int:
+        """Context bytes the replica holds in static mode: each resident engine's largest call."""
+        total = 0
+        for name in self.models:
+            engine = self.engines.engine(name)
+            if engine.loaded and engine.weights_tier is WeightsTier.GPU:
+                total += engine.context_bytes(self.descs[name].max_shapes())
+        return total
+
+    def mechanism_enum(self) -> ContextMechanism:
+        engines = [self.engines.engine(n) for n in self.models]
+        loaded = [e for e in engines if e.loaded] or engines
+        return loaded[0].mechanism
+
+    def mechanism(self) -> str:
+        return self.mechanism_enum().value
+
+    def loaded(self) -> bool:
+        return any(self.engines.engine(n).loaded for n in self.models)
+
+    def _closed(self) -> bool:
+        return any(self.engines.engine(n).closed for n in self.models)
+
+    def publish_metrics(self) -> None:
+        """The replica's summed figures and each model's tier (from the report loop)."""
+        durations: list[float] = []
+        for name in self.models:
+            seen, new = self.engines.engine(name).acquisition_durations_since(self._seen_acquisitions.get(name, 0))
+            self._seen_acquisitions[name] = seen
+            durations.extend(new)
+        self.metrics.update(self.mode, self.stats(), durations)
+        self.tier_metrics.update(self.tier_reports())
+
+    # -- views ------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """This replica's figures for the status view, with every model's tier."""
+        stats = self.stats()
+        return {
+            "replica_id": self.replica_id,
+            "group": self.group.name,
+            "gpu": self.gpu.uuid,
+            "virtual_gpu": self.gpu.virtual,
+            "pid": os.getpid(),
+            "mode": self.mode.value,
+            "pin": self.pin,
+            "mechanism": self.mechanism(),
+            "pool": self.pool_status,
+            "weights_budget_bytes": self.group.gpu_weights_budget_bytes,
+            "host_tier": self.group.host_tier,
+            "resident_weights_bytes": self.engines.resident_weights_bytes(),
+            "context_bytes_per_call": self.engines.context_bytes_per_call(),
+            "models": [vars(m) for m in self.tier_reports()],
+            "multiplexed_model_ids": list(self.multiplexed_model_ids),
+            "batching": dict(self._batching),
+            "stats": stats.to_dict(),
+            "process": self.process.to_dict(),
+            "coordinator": self.client.last_contact(),
+        }
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """For the memory-aware policy: a group replica costs its resident weights plus
+        one call's context (its engines draw context one call at a time)."""
+        from deployments.autoscaling import replica_stats
+
+        directive = self.client.last_directive
+        if directive is None:
+            return {}
+        return replica_stats(self.gpu.uuid, self.engines.resident_weights_bytes(),
+                             self.engines.context_bytes_per_call(), getattr(directive, "room_bytes", None),
+                             getattr(directive, "reclaimable_bytes", 0))
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def _configure_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        # Serve counts requests; no engine call may exceed its model's profile (run_batch splits).
+        largest = max(d.max_batch for d in self.descs.values())
+        max_batch_size = max(1, min(max_batch_size, largest))
+        self._batched.set_max_batch_size(max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._batching = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Apply ``user_config``: ``mode``, ``pin``, ``max_batch_size``, ``batch_wait_timeout_s``."""
+        user_config = dict(user_config or {})
+        unknown = sorted(set(user_config) - set(GROUP_USER_CONFIG_KEYS))
+        if unknown:
+            hint = " (weights updates are for single-model deployments)" if "weights" in unknown else ""
+            raise ValueError(f"user_config of group {self.group.name!r}: unknown key(s) {unknown}; "
+                             f"allowed: {list(GROUP_USER_CONFIG_KEYS)}{hint}")
+        if "pin" in user_config:
+            pin = str(user_config["pin"]).lower()
+            if pin not in ("auto", "static", "dynamic"):
+                raise ValueError(f"user_config.pin must be auto, static or dynamic, got {pin!r}")
+            self.pin = pin
+            if pin != "auto":
+                self.apply_mode(MemoryMode.parse(pin))
+        if "mode" in user_config:
+            self.apply_mode(MemoryMode.parse(user_config["mode"]))
+        batching = self.group.batching
+        self._configure_batching(int(user_config.get("max_batch_size", batching.max_batch_size)),
+                                 float(user_config.get("batch_wait_timeout_s", batching.batch_wait_timeout_s)))
+
+    def check_health(self) -> None:
+        """Raise if the group cannot answer or its GPU is unreachable (Serve restarts the replica)."""
+        if self._closed():
+            raise RuntimeError(f"group {self.group.name!r} is closed")
+        if self.gpu.cuda_index is not None and self.loaded():
+            check_reachable(self.gpu.cuda_index)
+
+    def shutdown(self) -> None:
+        """Give back every byte this replica holds: the coordinator client, every engine,
+        the pool, then the admission budget. Idempotent; each step runs even when an
+        earlier one raised."""
+        if getattr(self, "_shut_down", True):
+            return
+        self._shut_down = True
+        client, engines, pool, admission = self.client, self.engines, self.pool, self.admission
+        try:
+            if client is not None:
+                client.stop()
+        finally:
+            try:
+                if engines is not None:
+                    engines.close()
+                    held = sum(engines.engine(n).stats().context_bytes_held for n in engines.names())
+                    log = logger.warning if held else logger.info
+                    log("replica %s of group %s shut down: %d engines closed, %.1f MiB of context memory still "
+                        "held", getattr(self, "replica_id", "?"), self.group.name, len(engines.names()),
+                        held / 2**20)
+            finally:
+                try:
+                    if pool is not None:
+                        pool.close()  # after the engines: their arenas have given back every lease
+                finally:
+                    if admission is not None:
+                        admission.close()  # the last replica on the GPU removes the budget's file
+
+    def __del__(self) -> None:
+        # Serve's graceful shutdown calls __del__ (its hook for a replica's cleanup): the
+        # explicit, idempotent shutdown does the work.
+        self.shutdown()
+
+
+class _GroupEngineView:
+    """The whole group as the one engine the coordinator client reports and switches
+    (``coordinator_client.EnginePort``): summed stats, one mode for every engine."""
+
+    def __init__(self, replica: GroupDeployment) -> None:
+        self._replica = replica
+
+    @property
+    def mode(self) -> MemoryMode:
+        return self._replica.mode
+
+    @property
+    def mechanism(self) -> ContextMechanism:
+        return self._replica.mechanism_enum()
+
+    @property
+    def loaded(self) -> bool:
+        return self._replica.loaded()
+
+    def stats(self) -> StatsSnapshot:
+        return self._replica.stats()
+
+    def context_bytes(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        """What the group holds in static mode (``shapes`` is the client's, empty: each
+        engine's own largest call is used)."""
+        return self._replica.static_context_bytes()
+
+    def set_mode(self, mode: MemoryMode | str) -> MemoryMode:
+        previous = self._replica.mode
+        self._replica.apply_mode(MemoryMode.parse(mode))
+        return previous
+

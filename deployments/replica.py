@@ -1,0 +1,205 @@
+"""What every replica process does, grouped or not: the process's CUDA setup before any
+engine, numpy in and out, logging to the replica's file, and the batch runner that
+merges compatible requests into one engine call and hands each group's failure to
+its own requests only.
+
+``deployments.model`` (one engine per replica) and ``deployments.group`` (an
+``EngineGroup`` per replica) both build on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from deployments.config import CudaConfig
+from engine_runtime import ContextMemoryUnavailable, InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+#: ``(arrays, arrival time on the monotonic clock, whether NaN/inf were checked on the host)``
+Queued = tuple[dict[str, np.ndarray], float, bool]
+#: ``call(merged arrays, deadline_s, finite_checked) -> outputs``: one engine call (blocking).
+EngineCall = Callable[[dict[str, np.ndarray], float, bool], dict[str, np.ndarray]]
+
+
+def to_numpy_inputs(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Numpy in, numpy out; torch tensors are accepted and converted here."""
+    if not isinstance(inputs, Mapping):
+        raise InvalidInputError(f"inputs must be a mapping of name to array, got {type(inputs).__name__}")
+    out: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        if isinstance(value, np.ndarray):
+            out[name] = value
+        elif hasattr(value, "detach") and hasattr(value, "cpu"):
+            try:
+                value = value.detach().cpu()
+                out[name] = value.numpy() if str(value.dtype) != "torch.bfloat16" else value.float().numpy()
+            except (TypeError, RuntimeError, NotImplementedError) as err:
+                # Sparse, quantized or meta tensors have no numpy view: the caller's
+                # mistake (a 4xx through the ingress), not a bug of the replica.
+                raise InvalidInputError(f"input {name!r}: a {value.layout} tensor of {value.dtype} cannot be "
+                                        f"read as an array ({err}); send a numpy array or a dense tensor with data") from err
+        else:
+            raise InvalidInputError(f"input {name!r}: expected a numpy array or torch tensor, "
+                                    f"got {type(value).__name__}")
+    return out
+
+
+def group_for_engine(requests: list[dict[str, np.ndarray]], max_batch: int) -> list[list[int]]:
+    """Indices of requests merged into one engine call: same per-sample shapes and a
+    total batch within the engine profile's maximum."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    key = None
+    total = 0
+    for i, req in enumerate(requests):
+        k = tuple((n, a.shape[1:]) for n, a in sorted(req.items()))
+        b = next(iter(req.values())).shape[0]
+        if current and (k != key or total + b > max_batch):
+            groups.append(current)
+            current, total = [], 0
+        current.append(i)
+        key = k
+        total += b
+    if current:
+        groups.append(current)
+    return groups
+
+
+async def run_batch(queued: list[Queued], *, call: EngineCall, desc: Any, admission_deadline_s: float,
+                    validate: Callable[..., Any]) -> list[dict[str, np.ndarray] | Exception]:
+    """One engine call per group of compatible requests (all of one model). A group's
+    failure is handed to its own requests only (as the item, for the caller to raise):
+    raised from a ``@serve.batch`` handler, Serve would fail every request of the batch.
+    ``validate`` is ``spec.validate_inputs`` (passed in so that callers and their tests
+    choose it)."""
+    requests = [arrays for arrays, _, _ in queued]
+    results: list[dict[str, np.ndarray] | Exception | None] = [None] * len(requests)
+    groups = group_for_engine(requests, desc.max_batch)
+    while groups:
+        group = groups.pop(0)
+        if len(group) == 1:
+            merged = requests[group[0]]
+        else:
+            merged = {n: np.concatenate([requests[i][n] for i in group]) for n in requests[group[0]]}
+        # The admission deadline is a request's, from its arrival: time spent queued
+        # for the batch, or behind earlier groups, counts against it (a request
+        # behind a refused call does not wait a second full deadline).
+        oldest = min(queued[i][1] for i in group)
+        deadline_s = admission_deadline_s - (time.monotonic() - oldest)
+        checked = all(queued[i][2] for i in group)
+        try:
+            out = await asyncio.to_thread(call, merged, deadline_s, checked)
+        except InvalidInputError as err:
+            if len(group) == 1:
+                results[group[0]] = err
+                continue
+            # The merged batch was refused on the device (NaN/inf): find the request(s)
+            # on the host, fail those alone, and run the others again.
+            good = []
+            for i in group:
+                try:
+                    validate(desc, requests[i], reject_non_finite=True)
+                    good.append(i)
+                except InvalidInputError as own:
+                    results[i] = own
+            if len(good) == len(group):  # none to blame alone: the group shares the error
+                for i in group:
+                    results[i] = err
+            elif good:
+                groups.insert(0, good)
+            continue
+        except ContextMemoryUnavailable as err:
+            # Say how long the request waited in all, not only this call's share (a
+            # subclass, such as a group's weights budget, keeps its own message).
+            failed = err
+            if type(err) is ContextMemoryUnavailable:
+                failed = ContextMemoryUnavailable(err.requested_bytes, err.free_bytes, time.monotonic() - oldest,
+                                                  err.where)
+                failed.__cause__ = err
+            for i in group:
+                results[i] = failed
+            continue
+        except Exception as err:  # noqa: BLE001 - handed to this group's requests, raised there
+            for i in group:
+                results[i] = err
+            continue
+        start = 0
+        for i in group:
+            b = next(iter(requests[i].values())).shape[0]
+            results[i] = {k: v[start:start + b] for k, v in out.items()}
+            start += b
+    return results  # type: ignore[return-value]
+
+
+def log_to_replica_file() -> None:
+    """Send Ebb's own loggers to this replica's Serve log file.
+
+    In a replica Serve configures only its ``ray.serve`` logger (a file handler, no
+    propagation); records of other loggers below WARNING were dropped, so mode
+    switches, memory releases and the engine's close left no trace in any log.
+    """
+    serve_handlers = logging.getLogger("ray.serve").handlers
+    for name in ("deployments", "engine_runtime"):
+        ebb_logger = logging.getLogger(name)
+        if ebb_logger.level == logging.NOTSET or ebb_logger.level > logging.INFO:
+            ebb_logger.setLevel(logging.INFO)
+        for handler in serve_handlers:
+            if handler not in ebb_logger.handlers:
+                ebb_logger.addHandler(handler)
+        # Serve sends stderr, where the root logger's last-resort handler writes, to the
+        # same file: propagating would log every warning twice.
+        ebb_logger.propagate = not serve_handlers
+
+
+@dataclass(frozen=True)
+class ProcessSetup:
+    """What :func:`setup_cuda_process` did, for the status view (plain data)."""
+
+    #: The limit asked for (``cuda.stack_limit_bytes``); None: left at CUDA's default.
+    stack_limit_bytes: int | None
+    #: CUDA's limit before Ebb set it; None where it was not set (no GPU, not asked, failed).
+    stack_limit_previous_bytes: int | None
+    #: This process's NVML memory right after CUDA initialised and the limit, before any engine.
+    floor_bytes: int | None
+    #: Why the limit or the floor is missing, where it is.
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def setup_cuda_process(cfg: CudaConfig, cuda_index: int | None) -> ProcessSetup:
+    """First thing in a replica process, before any engine: set CUDA's stack limit
+    (``cuda.stack_limit_bytes``) and measure the process's floor.
+
+    Never raises: a replica whose limit could not be set serves with CUDA's default
+    (larger floor, same outputs), and says why in its status.
+    """
+    if cuda_index is None:
+        return ProcessSetup(cfg.stack_limit_bytes, None, None, None)
+    from engine_runtime import process_floor_bytes, set_cuda_stack_limit
+
+    previous, error = None, None
+    if cfg.stack_limit_bytes is not None:
+        try:
+            previous = set_cuda_stack_limit(cfg.stack_limit_bytes, cuda_index)
+        except Exception as err:  # noqa: BLE001 - reported; the replica serves with the default limit
+            error = f"stack limit not set: {err}"
+            logger.warning("CUDA stack limit %d bytes not set on cuda:%d: %s", cfg.stack_limit_bytes, cuda_index,
+                           err)
+    try:
+        floor = process_floor_bytes()
+    except Exception as err:  # noqa: BLE001 - a floor we cannot read is reported as unknown
+        floor, error = None, "; ".join(e for e in (error, f"floor not measured: {err}") if e)
+    if floor is not None:
+        logger.info("replica process floor on cuda:%d: %.0f MiB (stack limit %s bytes, was %s)", cuda_index,
+                    floor / 2**20, cfg.stack_limit_bytes, previous)
+    return ProcessSetup(cfg.stack_limit_bytes, previous, floor, error)
