@@ -149,7 +149,7 @@ class EbbIngress:
         self._descs: dict[str, EngineDescription] = {}
         self._bodies_receiving = 0
         self._parser = ThreadPoolExecutor(max_workers=_PARSE_THREADS, thread_name_prefix="ebb-parse")
-        self._counters = {name: _ModelCounters() for name in handles}
+        self._counters = {name: _ModelCounters() for name in self.handles}
         self._trim_pending = False
         self._processes: ProcessPoolExecutor | None = None
 
