@@ -45,7 +45,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +59,8 @@ from engine_runtime.units import MiB
 IDLE_ALLOWANCE_BYTES = 64 * MiB
 #: Issue 5's dynamic-over-static p50 overhead targets, by architecture.
 OVERHEAD_TARGET_PCT = {"resnet50": 5.0, "resnet152": 2.0}
+#: The cases issue 14 holds the serving path to (static <= plain eager, pool <= static + 2%).
+SERVING_PATH_MODELS = ("resnet18-b4", "resnet50-b32")
 #: Marks the one stdout line a worker returns its result on.
 RESULT_PREFIX = "EBB_BENCH_RESULT "
 #: Chunk of the shared pool in the ebb-pool row: the measured trade-off (H200, 1 GiB lease:
@@ -79,6 +81,7 @@ class ModelCase:
 
 
 MODELS = {
+    "resnet18-b4": ModelCase("resnet18", 4),
     "resnet50-b32": ModelCase("resnet50", 32),
     "resnet152-b100": ModelCase("resnet152", 100),
     "bert-base-s128-b32": ModelCase("bert-base", 32, seq_len=128),
@@ -390,6 +393,18 @@ def _targets(results: list[dict]) -> list[str]:
             verdict = "met" if diff_ms <= 0 else f"missed by {diff_ms:.2f} ms"
             lines.append(f"- {r['model']} {r['config']}: p50 {r['p50_s'] * 1e3:.2f} ms vs plain eager "
                          f"{plain * 1e3:.2f} ms (target: no slower): {verdict}")
+        # Issue 14: Ebb static no slower than plain eager; dynamic through the pool at most
+        # static + 2%, for ResNet-18 b4 and ResNet-50 b32.
+        if r["config"] == "ebb-pool" and r["model"] in SERVING_PATH_MODELS:
+            static = next((s["p50_s"] for s in results if s["model"] == r["model"] and s["config"] == "ebb-static"), None)
+            if static and plain:
+                d = (static - plain) * 1e3
+                lines.append(f"- {r['model']} ebb-static: p50 {static * 1e3:.2f} ms vs plain eager {plain * 1e3:.2f} ms "
+                             f"(target: at most plain): {'met' if d <= 0 else f'missed by {d:.2f} ms'}")
+            if static:
+                pct = (r["p50_s"] / static - 1) * 100
+                lines.append(f"- {r['model']} ebb-pool: p50 {r['p50_s'] * 1e3:.2f} ms vs ebb-static {static * 1e3:.2f} ms, "
+                             f"{pct:+.1f}% (target <= +2%): {'met' if pct <= 2.0 else f'missed by {pct - 2.0:.1f} points'}")
         if r.get("idle_over_floor_bytes") is not None:
             over = r["idle_over_floor_bytes"]
             verdict = "met" if over <= IDLE_ALLOWANCE_BYTES else f"missed by {(over - IDLE_ALLOWANCE_BYTES) / MiB:.0f} MiB"
