@@ -10,7 +10,8 @@ import contextlib
 import pytest
 import torch
 
-from engine_runtime.backends.pytorch import PyTorchEngine, _Bucket
+from engine_runtime.backends._pytorch_graphs import _Bucket
+from engine_runtime.backends.pytorch import PyTorchEngine
 from engine_runtime.errors import EbbInternalError, InputValueError
 
 

@@ -123,6 +123,7 @@ REQUEST_PATH = [
     "engine_runtime/spec.py",
     "engine_runtime/engine.py", "engine_runtime/memory/admission.py", "engine_runtime/memory/budget.py",
     "engine_runtime/memory/_shm.py", "engine_runtime/backends/pytorch.py",
+    "engine_runtime/backends/_pytorch_graphs.py",
     "engine_runtime/backends/tensorrt.py",
 ]
 #: Calls that run code from data: never on the request path, anywhere in Ebb only where listed.

@@ -4,7 +4,7 @@
 ``PoolPhysical``, a ``PhysicalSource`` for the arena), ``launcher`` (start the owner or
 join it), ``support`` (can this host pool at all), ``_wire`` (files and socket
 messages), ``_lease_table`` (the shared-memory table of who holds which chunk, on
-:mod:`engine_runtime.memory._shm`).
+:mod:`engine_runtime.memory._shm`; its layout and states in ``_table_layout``).
 """
 
 from engine_runtime.errors import PoolUnavailableError

@@ -25,17 +25,17 @@ table's own:
   has about 2,200 chunks). Each held chunk records how many chunks its lease has, so
   a give-back checks the lease's own chunks only. Every change to or from FREE goes
   through ``_mark_free`` / ``_mark_taken``, which keep both figures exact.
+
+The file's layout, the chunk states and the frozen results are in ``_table_layout``.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import mmap
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,12 @@ from engine_runtime.memory._shm import (
     wait_in_line,
     write_new,
 )
+from engine_runtime.memory.pool._table_layout import (  # the layout the operations below share
+    _ABSENT, _CHUNK_FIELDS, _CREATING, _DRAINING, _FREE, _H_CAPACITY, _H_CHUNK, _H_FREE_LOW, _H_GENERATION,
+    _H_LAST_TICKET, _H_LEASES, _H_MAGIC, _H_MAX, _H_NEXT_LEASE, _H_NFREE, _H_OWNER_PID, _H_OWNER_START,
+    _H_QUEUE_SLOTS, _H_RECLAIMED, _H_TIMEOUTS, _H_VERSION, _H_WAITING, _H_WAITS, _HEADER_BYTES, _HEADER_FIELDS,
+    _LABEL_BYTES, _LEASED, _MAGIC, _QUEUE_FIELDS, _RETIRED, _VERSION, ChunkState, ResizePlan, TableSnapshot,
+)
 from engine_runtime.units import MiB
 
 __all__ = ["ChunkState", "LeaseTable", "ResizePlan", "TableSnapshot", "process_alive", "process_start"]
@@ -60,102 +66,10 @@ __all__ = ["ChunkState", "LeaseTable", "ResizePlan", "TableSnapshot", "process_a
 logger = logging.getLogger(__name__)
 
 
-_MAGIC = 0x45424250_4F4F4C31  # "EBBPOOL1"
-_VERSION = 2
-
-# Header: int64 fields at fixed positions.
-_H_MAGIC, _H_VERSION, _H_MAX, _H_CHUNK, _H_CAPACITY, _H_GENERATION = 0, 1, 2, 3, 4, 5
-_H_LAST_TICKET, _H_NEXT_LEASE, _H_OWNER_PID, _H_QUEUE_SLOTS = 6, 7, 8, 9
-_H_LEASES, _H_WAITS, _H_TIMEOUTS, _H_RECLAIMED, _H_OWNER_START, _H_WAITING = 10, 11, 12, 13, 14, 15
-#: Free chunks now; every chunk below ``_H_FREE_LOW`` is not free.
-_H_NFREE, _H_FREE_LOW = 16, 17
-_HEADER_FIELDS = 18
-_LABEL_BYTES = 128
-_HEADER_BYTES = _HEADER_FIELDS * 8 + _LABEL_BYTES
-
-# Chunk slots: state, pid, start, lease id, generation, chunks in the lease; one
-# contiguous int64 array per field, because contiguous scans are the fast ones.
-_CHUNK_FIELDS = 6
 #: Chunks looked at per step when looking for the lowest free ones.
 _SCAN_BLOCK = 256
-# Waiting-queue columns: ticket (0 = empty entry), pid, start, chunks wanted (``_shm.TicketQueue``).
-_QUEUE_FIELDS = 4
-
 #: Waiting: 0.1 ms doubling to 2 ms; dead holders and waiters looked for every 50 ms.
 _BACKOFF = Backoff(first_s=0.0001, max_s=0.002, reap_every_s=0.05)
-
-
-class ChunkState(enum.IntEnum):
-    """Life of one chunk slot."""
-
-    #: No physical memory behind this slot.
-    ABSENT = 0
-    #: Memory exists and nobody holds it.
-    FREE = 1
-    #: Held by a process.
-    LEASED = 2
-    #: Held, and retired as soon as it is given back (the pool shrank under it).
-    DRAINING = 3
-    #: Unheld and out of service; the owner will release its memory to the driver.
-    RETIRED = 4
-    #: The owner is creating its memory (between ``resize`` and ``commit_created``).
-    CREATING = 5
-
-
-# Plain ints for the hot paths: comparing numpy arrays against IntEnum members goes
-# through the enum's attribute machinery and costs microseconds per comparison.
-_ABSENT, _FREE, _LEASED, _DRAINING, _RETIRED, _CREATING = (int(s) for s in ChunkState)
-
-
-@dataclass(frozen=True)
-class ResizePlan:
-    """What ``resize`` changed and what the owner must now do."""
-
-    capacity: int
-    #: Slots now ``CREATING``: create memory for them, then ``commit_created`` (or ``abort_created``).
-    to_create: list[int] = field(default_factory=list)
-    #: Slots that went ``FREE`` -> ``RETIRED`` (or were cancelled while ``CREATING``).
-    retired: list[int] = field(default_factory=list)
-    #: Slots still leased that will retire when given back.
-    draining: list[int] = field(default_factory=list)
-    #: Slots brought back into service without new memory (draining or retired ones).
-    revived: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class TableSnapshot:
-    """Counts of a lease table at one instant, for the status view and for tests."""
-
-    path: str
-    label: str
-    chunk_bytes: int
-    max_chunks: int
-    capacity: int
-    generation: int
-    states: dict[str, int]
-    #: Chunks held per process id.
-    holders: dict[int, int]
-    waiting: int
-    owner_pid: int
-    leases_total: int
-    waits_total: int
-    timeouts_total: int
-    reclaimed_total: int
-
-    @property
-    def free_chunks(self) -> int:
-        return self.states.get("FREE", 0)
-
-    @property
-    def free_bytes(self) -> int:
-        return self.free_chunks * self.chunk_bytes
-
-    @property
-    def pool_bytes(self) -> int:
-        """Memory the pool holds: every chunk with physical memory behind it."""
-        held = sum(self.states.get(s.name, 0) for s in
-                   (ChunkState.FREE, ChunkState.LEASED, ChunkState.DRAINING, ChunkState.RETIRED))
-        return held * self.chunk_bytes
 
 
 # --- the table ----------------------------------------------------------------
