@@ -182,7 +182,11 @@ def run_perf_analyzer(binary: str, protocol: str, url: str, model: str, batch: i
         cmd = [binary, "-m", model, "-u", url, "-i", "grpc" if protocol == "grpc" else "http",
                "-b", str(batch), "--concurrency-range", f"{concurrency}:{concurrency}",
                "--measurement-interval", str(measurement_ms), "--stability-percentage", "25",
-               "--max-trials", "6", "-f", str(csv_path)]
+               "--max-trials", "6", "-f", str(csv_path),
+               # perf_analyzer's default input is random bytes, which as FP32 include NaN
+               # and inf: Ebb refuses those (400, reject_non_finite), as the H200 run of
+               # 2026-12-02 showed for every row. Zeros are finite and the same size.
+               "--input-data", "zero"]
         if protocol.startswith("http"):
             fmt = "json" if protocol == "http-json" else "binary"
             cmd += ["--input-tensor-format", fmt, "--output-tensor-format", fmt]
