@@ -33,6 +33,7 @@ from deployments.protocol import CheckedInputs, validation_key
 from deployments.replica import (
     log_to_replica_file,
     run_batch,
+    release_in_order,
     setup_cuda_process,
     to_numpy_inputs,
 )
@@ -371,26 +372,20 @@ class GroupDeployment:
         if getattr(self, "_shut_down", True):
             return
         self._shut_down = True
-        client, engines, pool, admission = self.client, self.engines, self.pool, self.admission
-        try:
-            if client is not None:
-                client.stop()
-        finally:
-            try:
-                if engines is not None:
-                    engines.close()
-                    held = sum(engines.engine(n).stats().context_bytes_held for n in engines.names())
-                    log = logger.warning if held else logger.info
-                    log("replica %s of group %s shut down: %d engines closed, %.1f MiB of context memory still "
-                        "held", getattr(self, "replica_id", "?"), self.group.name, len(engines.names()),
-                        held / 2**20)
-            finally:
-                try:
-                    if pool is not None:
-                        pool.close()  # after the engines: their arenas have given back every lease
-                finally:
-                    if admission is not None:
-                        admission.close()  # the last replica on the GPU removes the budget's file
+        engines = self.engines
+
+        def close_engines() -> None:
+            engines.close()
+            held = sum(engines.engine(n).stats().context_bytes_held for n in engines.names())
+            log = logger.warning if held else logger.info
+            log("replica %s of group %s shut down: %d engines closed, %.1f MiB of context memory still "
+                "held", getattr(self, "replica_id", "?"), self.group.name, len(engines.names()), held / 2**20)
+
+        # The engines before the pool, the admission last (as ModelDeployment.shutdown).
+        release_in_order([None if self.client is None else self.client.stop,
+                          None if engines is None else close_engines,
+                          None if self.pool is None else self.pool.close,
+                          None if self.admission is None else self.admission.close])
 
     def __del__(self) -> None:
         # Serve's graceful shutdown calls __del__ (its hook for a replica's cleanup): the

@@ -24,6 +24,7 @@ from deployments.protocol import CheckedInputs, validation_key
 from deployments.replica import (
     log_to_replica_file,
     run_batch,
+    release_in_order,
     setup_cuda_process,
     to_numpy_inputs,
 )
@@ -248,25 +249,21 @@ class ModelDeployment:
         if getattr(self, "_shut_down", True):
             return
         self._shut_down = True
-        client, engine, pool, admission = self.client, self.engine, self.pool, self.admission
-        try:
-            if client is not None:
-                client.stop()
-        finally:
-            try:
-                if engine is not None:
-                    engine.close()
-                    held = engine.stats().context_bytes_held
-                    log = logger.warning if held else logger.info
-                    log("replica %s of %s shut down: engine closed, %.1f MiB (%d bytes) of context memory "
-                        "still held", getattr(self, "replica_id", "?"), self.model.name, held / 2**20, held)
-            finally:
-                try:
-                    if pool is not None:
-                        pool.close()  # after the engine: its arena has unmapped and given back every lease
-                finally:
-                    if admission is not None:
-                        admission.close()  # the last replica on the GPU removes the budget's file
+        engine = self.engine
+
+        def close_engine() -> None:
+            engine.close()
+            held = engine.stats().context_bytes_held
+            log = logger.warning if held else logger.info
+            log("replica %s of %s shut down: engine closed, %.1f MiB (%d bytes) of context memory "
+                "still held", getattr(self, "replica_id", "?"), self.model.name, held / 2**20, held)
+
+        # The engine before the pool (its arena has then unmapped and given back every
+        # lease), the admission last (the last replica on the GPU removes the budget's file).
+        release_in_order([None if self.client is None else self.client.stop,
+                          None if engine is None else close_engine,
+                          None if self.pool is None else self.pool.close,
+                          None if self.admission is None else self.admission.close])
 
     def __del__(self) -> None:
         # Serve's graceful shutdown calls __del__ (its documented hook for a replica's

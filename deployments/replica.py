@@ -203,3 +203,23 @@ def setup_cuda_process(cfg: CudaConfig, cuda_index: int | None) -> ProcessSetup:
         logger.info("replica process floor on cuda:%d: %.0f MiB (stack limit %s bytes, was %s)", cuda_index,
                     floor / 2**20, cfg.stack_limit_bytes, previous)
     return ProcessSetup(cfg.stack_limit_bytes, previous, floor, error)
+
+
+def release_in_order(steps: list[Callable[[], None] | None]) -> None:
+    """Run every release step in order, each even when an earlier one raised (a failing
+    engine close must not keep the pool's chunks imported or the budget's slot taken);
+    ``None`` steps are skipped. The first failure is raised once all have run; later
+    ones are logged, so none is lost."""
+    first: BaseException | None = None
+    for step in steps:
+        if step is None:
+            continue
+        try:
+            step()
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the other steps
+            if first is None:
+                first = err
+            else:
+                logger.error("release step %s also failed: %r", getattr(step, "__qualname__", step), err)
+    if first is not None:
+        raise first

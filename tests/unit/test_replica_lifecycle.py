@@ -121,3 +121,24 @@ def test_a_failing_start_rolls_back_the_joined_pool(replica_env, where):
     assert rec.calls[-2:] == ["pool.close", "admission.close"] and rec.calls.count("pool.close") == 1
     if where == "client_start":
         assert "client.stop" in rec.calls  # a client that may have started is stopped too
+
+
+def test_release_in_order_runs_every_step_and_raises_the_first_failure():
+    from deployments.replica import release_in_order
+
+    ran = []
+
+    def ok(name):
+        return lambda: ran.append(name)
+
+    def fails(name):
+        def step():
+            ran.append(name)
+            raise RuntimeError(name)
+        return step
+
+    with pytest.raises(RuntimeError, match="engine"):
+        release_in_order([ok("client"), fails("engine"), None, fails("pool"), ok("admission")])
+    assert ran == ["client", "engine", "pool", "admission"]
+    release_in_order([None, ok("again")])
+    assert ran[-1] == "again"
