@@ -409,9 +409,15 @@ class Coordinator:
         with self._lock:
             now_s = time.monotonic()
             self._last_report_s = now_s
+            decided_before = sum(self._state.decisions_by_reason.values())
             directive = self._state.observe(report, now_s)
-            # Every report can decide; the per-GPU gauges need no more than one update a poll.
-            if now_s - self._metrics_at_s >= self._state.cfg.poll_interval_s:
+            # Every report can decide; the per-GPU gauges need no more than one update a poll,
+            # but a report that decided publishes at once, before its directive reaches the
+            # replica: the decision counter must not trail the switch it ordered (a skipped
+            # update waited for a later report, and the re-report right after the switch
+            # falls inside the same poll).
+            decided = sum(self._state.decisions_by_reason.values()) != decided_before
+            if decided or now_s - self._metrics_at_s >= self._state.cfg.poll_interval_s:
                 self._metrics_at_s = now_s
                 self._metrics.update(self._state.gpu_figures(), dict(self._state.decisions_by_reason))
             return directive

@@ -87,7 +87,10 @@ def test_decisions_by_reason_and_rejections_under_pressure(app):
     try:
         wait_for(lambda: metric("ray_ebb_replica_mode", model="encoder", mode="dynamic") == 1, 30,
                  "the replica to be moved to dynamic")
-        decisions = metric("ray_ebb_coordinator_decisions_total")
+        # The coordinator and the replica are two workers, each exporting on its own
+        # report interval: the counter may show up a moment after the mode it ordered.
+        decisions = wait_for(lambda: metric("ray_ebb_coordinator_decisions_total"), 10,
+                             "the coordinator's decision counted")
         assert decisions >= 1
 
         def refused() -> bool:

@@ -123,20 +123,36 @@ def test_the_nvml_identity_checks_catch_a_replica_on_the_wrong_card(result):
     assert any("the ballast is on cards" in p for p in scenario.problems(ballast))
 
 
+def stand_in_owner(*args: str) -> subprocess.Popen:
+    """A process with a pool owner's arguments that lives until its stdin is closed.
+
+    It is returned once it has said it is up: Popen returns as soon as the exec has
+    begun, and until the exec is through, the child's /proc/<pid>/cmdline reads empty,
+    so a scan right after Popen (as ``pool_owner_pids`` makes) can miss it."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()",
+                             "engine_runtime.memory.pool", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"up\n"
+    return proc
+
+
+def stop_stand_ins(procs) -> None:
+    for p in procs:
+        p.stdin.close()
+        p.wait(timeout=10)
+        p.stdout.close()
+
+
 def test_pool_owners_are_found_by_card_and_directory(tmp_path):
     """The GPU test finds each card's pool owner by its command line; a stand-in process
     with an owner's arguments (and one for another directory) shows it picks the right one."""
-    args = ["engine_runtime.memory.pool", "--gpu-uuid", "GPU-fake-0001"]
-    sleeper = [sys.executable, "-c", "import sys; sys.stdin.read()"]
-    mine = subprocess.Popen([*sleeper, *args, "--directory", str(tmp_path)], stdin=subprocess.PIPE)
-    other = subprocess.Popen([*sleeper, *args, "--directory", str(tmp_path / "elsewhere")], stdin=subprocess.PIPE)
+    args = ["--gpu-uuid", "GPU-fake-0001"]
+    mine = stand_in_owner(*args, "--directory", str(tmp_path))
+    other = stand_in_owner(*args, "--directory", str(tmp_path / "elsewhere"))
     try:
         assert scenario.pool_owner_pids("GPU-fake-0001", str(tmp_path)) == [mine.pid]
         assert scenario.pool_owner_pids("GPU-fake-0002", str(tmp_path)) == []
     finally:
-        for p in (mine, other):
-            p.stdin.close()
-            p.wait(timeout=10)
+        stop_stand_ins((mine, other))
 
 
 # -- the real-card pieces, run against stand-ins for torch.cuda and NVML ----------------------
@@ -221,9 +237,7 @@ def test_identity_snapshot_reads_where_nvml_sees_replicas_and_pool_owners(tmp_pa
     from engine_runtime.memory.pool import PoolPaths
 
     PoolPaths.for_gpu(a).table.write_bytes(b"")
-    sleeper = [sys.executable, "-c", "import sys; sys.stdin.read()", "engine_runtime.memory.pool"]
-    owners = {u: subprocess.Popen([*sleeper, "--gpu-uuid", u, "--directory", str(tmp_path)], stdin=subprocess.PIPE)
-              for u in (a, b)}
+    owners = {u: stand_in_owner("--gpu-uuid", u, "--directory", str(tmp_path)) for u in (a, b)}
     try:
         # Replica 11 is where it says (card a); replica 12 says card b but NVML has it on both.
         fake = _FakeNvml({a: {11: 700, 12: 600, owners[a].pid: 900}, b: {12: 600, owners[b].pid: 900}})
@@ -233,9 +247,7 @@ def test_identity_snapshot_reads_where_nvml_sees_replicas_and_pool_owners(tmp_pa
                 b: {"pool_bytes": 0, "replicas": [{"replica_id": "r2", "model": "m", "pid": 12, "pool": "in use"}]}}
         snap = scenario.identity_snapshot(view)
     finally:
-        for p in owners.values():
-            p.stdin.close()
-            p.wait(timeout=10)
+        stop_stand_ins(owners.values())
     by_id = {r["replica_id"]: r for r in snap["replicas"]}
     assert by_id["r1"]["nvml_cards"] == [a] and by_id["r1"]["nvml_bytes"] == 700
     assert by_id["r2"]["nvml_cards"] == [a, b]
