@@ -53,6 +53,8 @@ sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from engine_runtime.cuda_process import ProcessMemory  # noqa: E402
 from engine_runtime.units import MiB
 
 #: Issue 5's allowance for an idle dynamic replica above CUDA context + weights.
@@ -95,56 +97,16 @@ QUICK_MODELS = {
 # -- measuring (also used by tests/gpu/test_pytorch_gpu.py) ----------------------------
 
 
-class NvmlProcessMemory:
-    """This process's memory on its first CUDA device, as NVML (and so every neighbour) sees it.
-
-    Construct it *before* CUDA is initialised: it records the device's used bytes then,
-    for the fallback. Reads the per-process list (``nvmlDeviceGetComputeRunningProcesses``,
-    v3 where the driver has it, else v2) for ``os.getpid()``. Where this process is not
-    in the list (a container with its own PID namespace: NVML reports host PIDs), it
-    falls back to the device's used bytes minus those at construction, which is this
-    process's share only on a card nobody else is changing; ``source`` says which.
-    """
+class NvmlProcessMemory(ProcessMemory):
+    """The project's one NVML reader (``engine_runtime.cuda_process.ProcessMemory``: this
+    process's bytes on its first visible device, per-process list with the device-delta
+    fallback), plus the card's name and driver for the benchmark's header. Construct it
+    *before* CUDA is initialised, for that fallback to mean anything."""
 
     def __init__(self) -> None:
-        import pynvml
-
-        from engine_runtime.pressure import cuda_visible_to_nvml_uuids
-
-        self._nvml = pynvml
-        pynvml.nvmlInit()
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        uuids = [_text(pynvml.nvmlDeviceGetUUID(h)) for h in handles]
-        visible = cuda_visible_to_nvml_uuids(os.environ.get("CUDA_VISIBLE_DEVICES"), uuids)
-        if not visible:
-            raise RuntimeError(f"no NVML device matches CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}")
-        self.handle = pynvml.nvmlDeviceGetHandleByUUID(visible[0])
-        self.device_name = _text(pynvml.nvmlDeviceGetName(self.handle))
-        self.driver_version = _text(pynvml.nvmlSystemGetDriverVersion())
-        self.pid = os.getpid()
-        self.source = "nvml-process"
-        self._list = pynvml.nvmlDeviceGetComputeRunningProcesses
-        self._device_used_at_start = self._device_used()
-
-    def _device_used(self) -> int:
-        return int(self._nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
-
-    def _processes(self) -> list[Any]:
-        try:
-            return self._list(self.handle)
-        except self._nvml.NVMLError_FunctionNotFound:
-            # Drivers before the v3 entry point: the v2 list has the same fields we read.
-            self._list = self._nvml.nvmlDeviceGetComputeRunningProcesses_v2
-            return self._list(self.handle)
-
-    def read(self) -> int:
-        """Bytes this process holds on the device now."""
-        mine = [p.usedGpuMemory for p in self._processes() if p.pid == self.pid]
-        if mine and all(isinstance(v, int) for v in mine):
-            self.source = "nvml-process"
-            return sum(mine)
-        self.source = "nvml-device-delta"
-        return self._device_used() - self._device_used_at_start
+        super().__init__()
+        self.device_name = _text(self._nvml.nvmlDeviceGetName(self.handle))
+        self.driver_version = _text(self._nvml.nvmlSystemGetDriverVersion())
 
 
 class PeakSampler:
