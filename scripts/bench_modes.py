@@ -54,6 +54,7 @@ sys.path.insert(0, REPO)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from engine_runtime import cuda_process  # noqa: E402
 from engine_runtime.cuda_process import ProcessMemory  # noqa: E402
 from engine_runtime.units import MiB
 
@@ -137,25 +138,11 @@ class PeakSampler:
 
 
 def warm_cuda_libraries(device: torch.device) -> None:
-    """Initialise CUDA, cuBLAS and cuDNN as any replica must, then hand back every cached byte.
-
-    What NVML shows for the process afterwards is the fair baseline for "what Ebb
-    holds": the CUDA context and the libraries' handles and loaded modules are paid by
-    every process that runs these models, with Ebb or without; the caching allocator's
-    blocks and cuBLAS workspaces are not, so they are freed. Kernels the model itself
-    loads later (lazy module loading, the default) are not in the baseline: they fall
-    inside the 64 MiB allowance.
-    """
-    a = torch.randn(256, 256, device=device)
-    (a @ a).sum().item()
-    x = torch.randn(2, 3, 32, 32, device=device)
-    w = torch.randn(8, 3, 3, 3, device=device)
-    torch.nn.functional.conv2d(x, w).sum().item()
-    torch.cuda.synchronize(device)
-    del a, x, w
-    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
-        torch._C._cuda_clearCublasWorkspaces()
-    torch.cuda.empty_cache()
+    """The baseline every replica pays (``engine_runtime.cuda_process.warm_cuda_libraries``:
+    CUDA, cuBLAS and cuDNN initialised, caches handed back). Kernels the model itself
+    loads later (lazy module loading, the default) are not in it: they fall inside the
+    64 MiB allowance."""
+    cuda_process.warm_cuda_libraries(device.index or 0)
 
 
 def _text(value: Any) -> str:
