@@ -47,6 +47,7 @@ from engine_runtime import (
     UnboundedAdmission,
     UnknownModelError,
     WeightsTier,
+    process_memory_breakdown,
 )
 from engine_runtime.device import check_reachable
 from engine_runtime.spec import check_finite, validate_inputs
@@ -207,8 +208,9 @@ class GroupDeployment:
         return dict(self._batching)
 
     def ready(self) -> bool:
-        """True while this replica can take calls (weights come onto the GPU on a call)."""
-        return not self._closed()
+        """True while this replica can take calls (weights come onto the GPU on a call; a
+        broken engine refuses every call until Serve replaces the replica)."""
+        return not self._closed() and not self._broken()
 
     def set_mode(self, mode: str) -> str:
         """Every engine to ``mode`` after its call in flight; returns the previous mode."""
@@ -278,6 +280,10 @@ class GroupDeployment:
     def _closed(self) -> bool:
         return any(self.engines.engine(n).closed for n in self.models)
 
+    def _broken(self) -> dict[str, str]:
+        """Each broken engine's name and why (``BaseEngine.broken``)."""
+        return {n: why for n in self.models if (why := self.engines.engine(n).broken) is not None}
+
     def publish_metrics(self) -> None:
         """The replica's summed figures and each model's tier (from the report loop)."""
         durations: list[float] = []
@@ -312,6 +318,8 @@ class GroupDeployment:
             "batching": dict(self._batching),
             "stats": stats.to_dict(),
             "process": self.process.to_dict(),
+            # NVML now and PyTorch's caching allocator: where memory beyond floor + weights sits.
+            "memory": (process_memory_breakdown(self.gpu.cuda_index) if self.gpu.cuda_index is not None else None),
             "coordinator": self.client.last_contact(),
         }
 
@@ -362,6 +370,12 @@ class GroupDeployment:
         """Raise if the group cannot answer or its GPU is unreachable (Serve restarts the replica)."""
         if self._closed():
             raise RuntimeError(f"group {self.group.name!r} is closed")
+        broken = self._broken()
+        if broken:
+            # A sticky CUDA error in one engine: the process's context (shared by every
+            # engine of the group) cannot run anything again.
+            raise RuntimeError(f"group {self.group.name!r}: engine(s) broken: "
+                               + "; ".join(f"{name}: {why}" for name, why in broken.items()))
         if self.gpu.cuda_index is not None and self.loaded():
             check_reachable(self.gpu.cuda_index)
 

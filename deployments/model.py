@@ -148,8 +148,9 @@ class ModelDeployment:
         return dict(self._batching)
 
     def ready(self) -> bool:
-        """True while this replica can take calls (the engine loads on the first one if lazy)."""
-        return not self.engine.closed
+        """True while this replica can take calls (the engine loads on the first one if lazy;
+        a broken engine refuses every call until Serve replaces the replica)."""
+        return not self.engine.closed and self.engine.broken is None
 
     def set_mode(self, mode: str) -> str:
         """Switch memory mode after the call in flight; returns the previous mode."""
@@ -239,6 +240,9 @@ class ModelDeployment:
         """Raise if the engine cannot answer or its GPU is unreachable (Serve restarts us)."""
         if self.engine.closed:
             raise RuntimeError(f"engine {self.model.name!r} is closed")
+        if self.engine.broken is not None:
+            # A sticky CUDA error: this process's context cannot run anything again.
+            raise RuntimeError(f"engine {self.model.name!r} is broken: {self.engine.broken}")
         if self.gpu.cuda_index is not None and self.engine.loaded:
             check_reachable(self.gpu.cuda_index)
 

@@ -9,6 +9,7 @@ from engine_runtime.cuda_process import (
     get_cuda_stack_limit,
     measure_process_floor,
     process_floor_bytes,
+    process_memory_breakdown,
     set_cuda_stack_limit,
 )
 from engine_runtime.engine import BaseEngine, Engine
@@ -17,6 +18,7 @@ from engine_runtime.errors import (
     ContextMemoryUnavailable,
     EbbError,
     EbbInternalError,
+    EngineBrokenError,
     EngineClosedError,
     EngineLoadError,
     InputDtypeError,
@@ -63,6 +65,7 @@ __all__ = [
     "EbbError",
     "EbbInternalError",
     "Engine",
+    "EngineBrokenError",
     "EngineClosedError",
     "EngineDescription",
     "EngineGroup",
@@ -98,5 +101,6 @@ __all__ = [
     "get_cuda_stack_limit",
     "measure_process_floor",
     "process_floor_bytes",
+    "process_memory_breakdown",
     "set_cuda_stack_limit",
 ]

@@ -224,6 +224,28 @@ def measure_process_floor(device: int = 0, libraries: bool = True) -> int | None
     return _floor_bytes
 
 
+def process_memory_breakdown(device: int = 0) -> dict[str, int | None]:
+    """Where this process's device memory is, beyond the floor: NVML's figure now, and
+    what PyTorch's caching allocator holds (reserved) and uses (allocated). For the
+    status view: a replica over ``floor + resident weights`` shows whether the rest sits
+    in the caching allocator or outside it (arena mappings, graph executables, kernels
+    loaded on first use). ``None`` where a figure cannot be read (no CUDA, no NVML)."""
+    out: dict[str, int | None] = {"nvml_bytes": None, "torch_reserved_bytes": None, "torch_allocated_bytes": None}
+    try:
+        import torch
+
+        if torch.cuda.is_initialized():
+            out["torch_reserved_bytes"] = int(torch.cuda.memory_reserved(device))
+            out["torch_allocated_bytes"] = int(torch.cuda.memory_allocated(device))
+    except Exception as err:  # noqa: BLE001 - a figure we cannot read is reported as unknown
+        logger.debug("caching allocator figures not read: %s", err)
+    try:
+        out["nvml_bytes"] = int(ProcessMemory().read())
+    except Exception as err:  # noqa: BLE001 - no NVML: unknown
+        logger.debug("NVML process figure not read: %s", err)
+    return out
+
+
 def process_floor_bytes() -> int | None:
     """The floor measured by :func:`measure_process_floor` (measuring it now if nothing has
     loaded yet); None without a GPU."""

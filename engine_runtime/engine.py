@@ -23,10 +23,12 @@ import numpy as np
 from engine_runtime.errors import (
     ContextMemoryUnavailable,
     EbbInternalError,
+    EngineBrokenError,
     EngineClosedError,
     InvalidInputError,
     WeightsUpdateError,
     is_out_of_memory,
+    sticky_cuda_error,
 )
 from engine_runtime.memory import ContextBlock, ContextMechanism, MemoryMode
 from engine_runtime.memory.admission import Admission, UnboundedAdmission
@@ -86,6 +88,11 @@ class Engine(Protocol):
     @property
     def loaded(self) -> bool: ...
 
+    @property
+    def broken(self) -> str | None:
+        """Why the engine refuses every call (a sticky CUDA error's text), or None."""
+        ...
+
     def stats(self) -> StatsSnapshot: ...
 
     def update_weights(self, weights: Mapping[str, Any]) -> None:
@@ -137,6 +144,8 @@ class BaseEngine(TieredWeights, ABC):
         self._call_lock = threading.RLock()
         self._loaded = False
         self._closed = False
+        # The first sticky CUDA error's text once one happened (``broken``), else None.
+        self._broken: str | None = None
         self._static_block: ContextBlock | None = None
         self._static_held = False
         self._stats = EngineStats()
@@ -163,6 +172,14 @@ class BaseEngine(TieredWeights, ABC):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def broken(self) -> str | None:
+        """The first sticky CUDA error's text (``errors.sticky_cuda_error``) once a call
+        met one, else None. A broken engine refuses every call with ``EngineBrokenError``:
+        its process's CUDA context is unusable, and only a new process recovers (the
+        deployments' ``check_health`` raises, so Serve replaces the replica)."""
+        return self._broken
 
     @property
     def mechanism(self) -> ContextMechanism:
@@ -238,6 +255,7 @@ class BaseEngine(TieredWeights, ABC):
         # counts against it, as it does for the request that is waiting.
         deadline_at = time.monotonic() + (self.admission_deadline_s if deadline_s is None else max(0.0, deadline_s))
         self._check_open()
+        self._check_not_broken()
         self._stats.call_started()
         started = time.perf_counter()
         mode: MemoryMode | None = None
@@ -254,6 +272,7 @@ class BaseEngine(TieredWeights, ABC):
             want_numpy = any(isinstance(v, np.ndarray) for v in inputs.values())
             with self._call_lock:
                 self._check_open()
+                self._check_not_broken()  # broken by the call this one waited behind
                 if not self._loaded:  # unloaded (weights tier) since the check above
                     self._load_locked()
                 if self._weights_on_host:
@@ -273,11 +292,14 @@ class BaseEngine(TieredWeights, ABC):
         except InvalidInputError:
             outcome = "invalid"
             raise
-        except ContextMemoryUnavailable:
+        except ContextMemoryUnavailable as err:
             outcome = "unavailable"
+            self._note_sticky(err)  # one raised from a sticky error (a failed unmap, say)
             raise
         except Exception as err:
-            if not is_out_of_memory(err):
+            if self._note_sticky(err) or not is_out_of_memory(err):
+                # A sticky CUDA error is raised as it is (a bug: 500); the calls after it
+                # get EngineBrokenError (503) until the replica is replaced.
                 raise
             # The device ran out outside the lease or budget (PyTorch's caching allocator,
             # a graph's first launch, a lazy load on a full card): as much a lack of memory
@@ -289,6 +311,24 @@ class BaseEngine(TieredWeights, ABC):
                                                  f"{type(err).__name__})") from err
         finally:
             self._stats.call_finished(outcome, mode, time.perf_counter() - started)
+
+    def _note_sticky(self, err: BaseException) -> bool:
+        """Mark the engine broken if ``err`` is (or was raised from) a sticky CUDA error;
+        whether it was. The first such error's text is kept."""
+        sticky = sticky_cuda_error(err)
+        if sticky is None:
+            return False
+        if self._broken is None:
+            lines = [line for line in str(sticky).splitlines() if line.strip()]
+            # Its first line: PyTorch adds advice (CUDA_LAUNCH_BLOCKING...) on the next ones.
+            self._broken = f"{type(sticky).__name__}: {(lines[0] if lines else '')[:500]}"
+            logger.error("engine %s: sticky CUDA error, the engine refuses every later call and its "
+                         "replica must be restarted: %s", self.name, self._broken)
+        return True
+
+    def _check_not_broken(self) -> None:
+        if self._broken is not None:
+            raise EngineBrokenError(self.name, self._broken)
 
     def _oom_requested_bytes(self, inputs: Tensors) -> int:
         """The call's context bytes, for the message of an out-of-memory failure (0 if unknown)."""

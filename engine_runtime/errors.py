@@ -13,6 +13,7 @@ __all__ = [
     "ContextMemoryUnavailable",
     "EbbError",
     "EbbInternalError",
+    "EngineBrokenError",
     "EngineBuildError",
     "EngineClosedError",
     "EngineLoadError",
@@ -123,6 +124,22 @@ class EngineBuildError(EbbError):
 class EngineClosedError(EbbError):
     def __init__(self, name: str):
         super().__init__(f"engine {name!r} is closed")
+
+
+class EngineBrokenError(EbbError):
+    """The engine's CUDA context hit a sticky error (``sticky_cuda_error``) and can run
+    nothing more: every later CUDA call of the process fails the same way, so the engine
+    refuses calls at once instead. Only a new process (Serve replaces the replica, whose
+    ``check_health`` raises) recovers. Maps to HTTP 503 with ``Retry-After``: another
+    replica can answer.
+
+    ``engine``: the engine's name; ``cause``: the first sticky error's text.
+    """
+
+    def __init__(self, engine: str, cause: str):
+        self.engine = engine
+        self.cause = cause
+        super().__init__(f"engine {engine!r} is broken and must be restarted; its CUDA context failed with: {cause}")
 
 
 class ContextMemoryUnavailable(EbbError):
@@ -247,3 +264,57 @@ def is_out_of_memory(exc: BaseException) -> bool:
                                        "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY",
                                        "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED"))
     return False
+
+
+#: CUDA's sticky errors, by what each says: once one happened, the process's CUDA context
+#: is corrupt and every later CUDA call fails (cudaGetErrorString's text as PyTorch's
+#: ``torch.AcceleratorError``/``RuntimeError`` "CUDA error: ..." carries it; the runtime's
+#: and the driver's names as ``engine_runtime._cuda.CudaError`` carries them):
+#: cudaErrorAssert / CUDA_ERROR_ASSERT (710, a device-side assert), cudaErrorIllegalAddress
+#: / CUDA_ERROR_ILLEGAL_ADDRESS (700), cudaErrorLaunchFailure / CUDA_ERROR_LAUNCH_FAILED
+#: (719), cudaErrorLaunchTimeout (702), cudaErrorHardwareStackError (714),
+#: cudaErrorIllegalInstruction (715), cudaErrorMisalignedAddress (716),
+#: cudaErrorInvalidAddressSpace (717), cudaErrorInvalidPc (718), cudaErrorECCUncorrectable
+#: (214), cudaErrorNvlinkUncorrectable (220). Out of memory is not sticky: later calls can work.
+STICKY_CUDA_ERROR_TEXTS = (
+    "device-side assert triggered", "cudaErrorAssert", "CUDA_ERROR_ASSERT",
+    "an illegal memory access", "cudaErrorIllegalAddress", "CUDA_ERROR_ILLEGAL_ADDRESS",
+    "unspecified launch failure", "cudaErrorLaunchFailure", "CUDA_ERROR_LAUNCH_FAILED",
+    "the launch timed out and was terminated", "cudaErrorLaunchTimeout", "CUDA_ERROR_LAUNCH_TIMEOUT",
+    "hardware stack error", "cudaErrorHardwareStackError", "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "an illegal instruction was encountered", "cudaErrorIllegalInstruction", "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "misaligned address", "cudaErrorMisalignedAddress", "CUDA_ERROR_MISALIGNED_ADDRESS",
+    "operation not supported on global/shared address space", "cudaErrorInvalidAddressSpace",
+    "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+    "invalid program counter", "cudaErrorInvalidPc", "CUDA_ERROR_INVALID_PC",
+    "uncorrectable ECC error encountered", "cudaErrorECCUncorrectable", "CUDA_ERROR_ECC_UNCORRECTABLE",
+    "uncorrectable NVLink error", "cudaErrorNvlinkUncorrectable", "CUDA_ERROR_NVLINK_UNCORRECTABLE",
+)
+
+
+def sticky_cuda_error(exc: BaseException) -> BaseException | None:
+    """The sticky CUDA error in ``exc`` or the exceptions it was raised from, else None.
+
+    A sticky error (``STICKY_CUDA_ERROR_TEXTS``: a device-side assert, an illegal
+    address, an unspecified launch failure...) leaves the process's CUDA context unusable:
+    an engine that met one must stop taking calls. PyTorch raises it as
+    ``torch.AcceleratorError`` (a ``RuntimeError``) or ``RuntimeError`` saying
+    "CUDA error: ...", the wrappers in ``engine_runtime._cuda`` as ``CudaError`` naming the
+    error; no error code reaches Python from PyTorch, so it is matched by CUDA's own
+    wording (as ``is_out_of_memory`` is). Errors raised while handling one, or from one
+    (``__context__``, ``__cause__``), are followed: a cleanup that failed after an assert
+    hides the assert otherwise.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo and len(seen) < 16:
+        err = todo.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, (RuntimeError, EbbInternalError)) and not isinstance(err, EngineBrokenError):
+            text = str(err)
+            if any(s in text for s in STICKY_CUDA_ERROR_TEXTS):
+                return err
+        todo.extend(e for e in (err.__cause__, err.__context__) if e is not None)
+    return None

@@ -239,6 +239,10 @@ def measure(case: ModelCase, config: str, *, device_name: str, calls: int, warmu
         snap = engine.stats()
         result.update(mechanism=engine.mechanism.value, context_bytes=snap.last_context_bytes or snap.peak_context_bytes,
                       acquisition_p50_s=snap.acquisition_p50_s, acquisition_p99_s=snap.acquisition_p99_s)
+        counts = engine.mapping_counts()
+        if counts is not None:
+            # Pieces mapped vs found still mapped: whether keep_mapped saved the remaps it should.
+            result["mapping_counts"] = dict(counts)
         engine.close()
         if pool is not None:
             snap_pool = pool.snapshot()

@@ -2,9 +2,10 @@
 
 One mapping for both transports: client mistakes are 4xx (gRPC INVALID_ARGUMENT,
 NOT_FOUND, RESOURCE_EXHAUSTED for a body too large), a lack of GPU memory in time
-or a replica going away is 503 with ``Retry-After`` (UNAVAILABLE), a body not sent
-in time is 408 (DEADLINE_EXCEEDED), and anything else is a bug: 500 (INTERNAL),
-logged with its traceback, its details kept from the client.
+or a replica going away (or broken, waiting to be replaced) is 503 with
+``Retry-After`` (UNAVAILABLE), a body not sent in time is 408 (DEADLINE_EXCEEDED),
+and anything else is a bug: 500 (INTERNAL), logged with its traceback, its details
+kept from the client.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from engine_runtime.errors import (
     ContextMemoryUnavailable,
     EbbError,
+    EngineBrokenError,
     EngineClosedError,
     InvalidInputError,
 )
@@ -90,6 +92,10 @@ def http_status_for(exc: BaseException) -> tuple[int, str, dict[str, str]]:
     if isinstance(exc, EngineClosedError):
         # Graceful shutdown closes the engine under requests still queued; Serve
         # routes the retry to another replica.
+        return 503, str(exc), {"Retry-After": str(_MIN_RETRY_AFTER_S)}
+    if isinstance(exc, EngineBrokenError):
+        # A sticky CUDA error left the replica's context unusable: its health check now
+        # fails and Serve replaces it; the retry goes to another replica (or the new one).
         return 503, str(exc), {"Retry-After": str(_MIN_RETRY_AFTER_S)}
     logger.error("internal error answering a request: %s", type(exc).__name__, exc_info=exc)
     return 500, "internal error", {}

@@ -191,6 +191,16 @@ class PyTorchGraphs:
                 staged = bucket.host_input[:batch]
                 staged.copy_(x)
                 device_input.copy_(staged, non_blocking=True)
+            if batch < bucket.batch:
+                # The graph runs on all bucket.batch rows: fill the padding rows with a
+                # valid value (0: a valid token id, a valid image) before the replay. The
+                # static input lives in the graph's arena window, whose physical memory
+                # may just have held another process's data (the GPU's context pool hands
+                # the same chunks from replica to replica): a padded row of garbage ids
+                # made BERT's embedding kernel assert, which poisons the whole CUDA context
+                # (every later call of the replica failed). A memset on our stream, into
+                # a view: nothing is allocated.
+                bucket.static_input[batch:].zero_()
             # NaN/inf check on the device: one reduction into a scalar made once, read
             # after the stream is synchronised below. (A host pass over a 60 MB batch
             # costs ~10 ms.)

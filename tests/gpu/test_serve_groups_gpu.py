@@ -124,7 +124,7 @@ def test_between_calls_the_group_replica_holds_floor_plus_resident_weights_plus_
     print(f"\ngroup replica pid {st['pid']}: NVML {nvml}, floor "
           f"{floor / MiB:.0f} MiB, resident weights {resident / MiB:.0f} MiB "
           f"({[m['name'] for m in st['models'] if m['tier'] == 'gpu']}), context per call "
-          f"{st['context_bytes_per_call'] / MiB:.0f} MiB")
+          f"{st['context_bytes_per_call'] / MiB:.0f} MiB; breakdown {st['memory']}")
     if held is None:
         pytest.skip("NVML does not list the replica's pid (a container's own PID namespace): no per-process figure")
     assert held <= floor + resident + SLACK_BYTES, (held, floor, resident)

@@ -26,7 +26,14 @@ from engine_runtime import (
     ShapeProfile,
     TensorSpec,
 )
-from engine_runtime.errors import BatchTooLargeError, InputValueError, InvalidInputError, UnknownInputError
+from engine_runtime.errors import (
+    BatchTooLargeError,
+    EngineBrokenError,
+    InputValueError,
+    InvalidInputError,
+    UnknownInputError,
+    sticky_cuda_error,
+)
 from engine_runtime.memory import HostAccountingAllocator
 
 FEATURES = 4
@@ -585,3 +592,192 @@ def test_finite_checked_skips_only_the_engine_s_host_pass_over_values():
             engine.infer({"x": np.zeros((2, 99), np.float32)}, finite_checked=True)
     finally:
         engine.close()
+
+
+# -- sticky CUDA errors ------------------------------------------------------------------
+
+#: As PyTorch raised it on an H200 when BERT's embedding got an out-of-range id.
+DEVICE_ASSERT = ("CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously reported "
+                 "at some other API call, so the stacktrace below might be incorrect.\nFor debugging consider "
+                 "passing CUDA_LAUNCH_BLOCKING=1")
+
+
+def _cuda_error(call: str, name: str, code: int):
+    """An ``engine_runtime._cuda.CudaError`` as the wrappers raise it (no cuda-python here)."""
+    import enum
+
+    from engine_runtime._cuda import CudaError
+
+    return CudaError(call, enum.IntEnum("cudaError_t", {name: code})[name])
+
+
+STICKY = [
+    lambda: torch.AcceleratorError(DEVICE_ASSERT),
+    lambda: RuntimeError(DEVICE_ASSERT),
+    lambda: RuntimeError("CUDA error: an illegal memory access was encountered"),
+    lambda: RuntimeError("CUDA error: unspecified launch failure"),
+    lambda: _cuda_error("cudaMemGetInfo", "cudaErrorAssert", 710),
+    lambda: _cuda_error("cuMemUnmap", "CUDA_ERROR_ILLEGAL_ADDRESS", 700),
+]
+STICKY_IDS = ["accelerator-assert", "runtime-assert", "illegal-address", "launch-failure", "cudaErrorAssert",
+              "CUDA_ERROR_ILLEGAL_ADDRESS"]
+
+
+class _RaisesOnce:
+    """A hook raising ``error`` on its first call only; counts the calls that ran."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error, self.ran = error, 0
+
+    def __call__(self, eng, mode) -> None:
+        self.ran += 1
+        if self.ran == 1:
+            raise self.error
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+@pytest.mark.parametrize("make_error", STICKY, ids=STICKY_IDS)
+def test_a_sticky_cuda_error_breaks_the_engine_and_every_later_call_is_refused(make_error, mode):
+    error = make_error()
+    hook = _RaisesOnce(error)
+    engine = RecordingEngine(name="bert", hook=hook, mode=mode)
+    try:
+        assert engine.broken is None
+        with pytest.raises(type(error)) as first:
+            engine.infer({"x": _x()})
+        assert first.value is error  # the call that met it raises it as it is (a bug: 500)
+        assert engine.broken is not None and str(error).splitlines()[0] in engine.broken
+        assert type(error).__name__ in engine.broken
+        assert "CUDA_LAUNCH_BLOCKING" not in engine.broken  # PyTorch's advice lines are dropped
+        for _ in range(2):
+            with pytest.raises(EngineBrokenError) as later:
+                engine.infer({"x": _x()})
+            assert later.value.engine == "bert" and later.value.cause == engine.broken
+            assert "'bert'" in str(later.value) and engine.broken in str(later.value)
+        assert hook.ran == 1, "a broken engine ran a call"
+        assert engine.stats().context_bytes_held == (0 if mode == "dynamic" else MAX_BATCH * PER_SAMPLE_BYTES)
+        assert engine.stats().calls_failed == 1
+    finally:
+        engine.close()
+
+
+def test_the_first_sticky_error_is_the_one_kept():
+    engine = RecordingEngine(hook=lambda e, mode: None)
+    try:
+        engine._note_sticky(RuntimeError("CUDA error: device-side assert triggered"))
+        engine._note_sticky(RuntimeError("CUDA error: unspecified launch failure"))
+        assert "device-side assert" in engine.broken and "launch failure" not in engine.broken
+    finally:
+        engine.close()
+
+
+def test_a_call_waiting_behind_the_one_that_broke_the_engine_is_refused():
+    in_call, finish_call = threading.Event(), threading.Event()
+
+    def hook(eng, mode):
+        in_call.set()
+        assert finish_call.wait(WAIT_S), "test never released the call"
+        raise RuntimeError(DEVICE_ASSERT)
+
+    engine = RecordingEngine(hook=hook)
+    lock = _WatchedLock()
+    engine._call_lock = lock
+    second_waiting = threading.Event()
+    lock.waiting["second"] = second_waiting
+    results: dict[str, BaseException] = {}
+
+    def call(name):
+        try:
+            engine.infer({"x": _x()})
+        except BaseException as err:  # noqa: BLE001 - kept for the assertions
+            results[name] = err
+
+    first = threading.Thread(target=call, args=("first",), name="first")
+    second = threading.Thread(target=call, args=("second",), name="second")
+    try:
+        first.start()
+        assert in_call.wait(WAIT_S)
+        second.start()
+        assert second_waiting.wait(WAIT_S), "the second call never reached the call lock"
+        finish_call.set()
+        first.join(WAIT_S)
+        second.join(WAIT_S)
+        assert isinstance(results["first"], RuntimeError) and not isinstance(results["first"], EngineBrokenError)
+        assert isinstance(results["second"], EngineBrokenError)
+        assert engine.log.count("call-start:dynamic") == 1
+    finally:
+        finish_call.set()
+        engine.close()
+
+
+@pytest.mark.parametrize("make_error", [
+    lambda: ValueError("bad value"),
+    lambda: RuntimeError("shape mismatch in matmul"),
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"),
+    lambda: RuntimeError("CUDA error: out of memory"),
+    lambda: _cuda_error("cuMemCreate", "CUDA_ERROR_OUT_OF_MEMORY", 2),
+    lambda: ContextMemoryUnavailable(1, 0, where="test"),
+], ids=["value-error", "runtime-error", "torch-oom", "cuda-oom", "cuda-error-oom", "unavailable"])
+def test_other_errors_do_not_break_the_engine(make_error):
+    hook = _RaisesOnce(make_error())
+    engine = RecordingEngine(hook=hook)
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - each its own: raised, or 503 for memory
+            engine.infer({"x": _x()})
+        assert engine.broken is None
+        np.testing.assert_array_equal(engine.infer({"x": _x()})["y"], _x() * 2)
+        assert hook.ran == 2
+    finally:
+        engine.close()
+
+
+def test_a_sticky_error_under_a_memory_refusal_still_breaks_the_engine():
+    def hook(eng, mode):
+        try:
+            raise _cuda_error("cuMemUnmap", "CUDA_ERROR_LAUNCH_FAILED", 719)
+        except Exception as err:
+            raise ContextMemoryUnavailable(1, 0, where="test") from err
+
+    engine = RecordingEngine(hook=hook)
+    try:
+        with pytest.raises(ContextMemoryUnavailable):
+            engine.infer({"x": _x()})
+        assert "CUDA_ERROR_LAUNCH_FAILED" in engine.broken
+        with pytest.raises(EngineBrokenError):
+            engine.infer({"x": _x()})
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(("exc", "sticky"), [
+    *[(make(), True) for make in STICKY],
+    (RuntimeError("CUDA error: misaligned address"), True),
+    (RuntimeError("CUDA error: the launch timed out and was terminated"), True),
+    (RuntimeError("CUDA error: out of memory"), False),
+    (RuntimeError("expected scalar type Float"), False),
+    (ValueError("CUDA error: device-side assert triggered"), False),  # only the types CUDA's errors come as
+    (EngineBrokenError("bert", "RuntimeError: CUDA error: device-side assert triggered"), False),
+])
+def test_sticky_cuda_error_table(exc, sticky):
+    assert (sticky_cuda_error(exc) is exc) is sticky
+
+
+def test_a_sticky_error_is_found_under_the_errors_raised_from_it():
+    from engine_runtime.errors import EngineLoadError
+
+    asserted = RuntimeError(DEVICE_ASSERT)
+    try:
+        try:
+            raise asserted
+        except RuntimeError as err:
+            raise EngineLoadError(f"running the model failed: {type(err).__name__}") from err
+    except EngineLoadError as wrapped:
+        assert sticky_cuda_error(wrapped) is asserted
+
+
+def test_engine_broken_error_survives_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(EngineBrokenError("bert", "AcceleratorError: CUDA error: device-side assert")))
+    assert (err.engine, err.cause) == ("bert", "AcceleratorError: CUDA error: device-side assert")
+    assert "'bert'" in str(err)

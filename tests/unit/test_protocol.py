@@ -34,6 +34,7 @@ from deployments.protocol import (
 from engine_runtime.errors import (
     ContextMemoryUnavailable,
     EbbInternalError,
+    EngineBrokenError,
     EngineClosedError,
     InvalidInputError,
 )
@@ -272,6 +273,15 @@ def test_memory_unavailable_is_503_with_retry_after(waited_s, retry_after):
 def test_closed_engine_is_503():
     status, _, headers = http_status_for(EngineClosedError("demo"))
     assert status == 503 and int(headers["Retry-After"]) >= 1
+
+
+def test_broken_engine_is_503_with_retry_after(caplog):
+    # A sticky CUDA error poisoned the replica: Serve replaces it, the retry goes elsewhere.
+    status, message, headers = http_status_for(
+        EngineBrokenError("bert", "AcceleratorError: CUDA error: device-side assert triggered"))
+    assert status == 503 and int(headers["Retry-After"]) >= 1
+    assert "'bert'" in message and "device-side assert" in message
+    assert "internal error" not in caplog.text
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("secret path /opt/x"), EbbInternalError("bug"), ValueError("v"),

@@ -142,3 +142,52 @@ def test_release_in_order_runs_every_step_and_raises_the_first_failure():
     assert ran == ["client", "engine", "pool", "admission"]
     release_in_order([None, ok("again")])
     assert ran[-1] == "again"
+
+
+# -- a broken engine fails the health check (Serve replaces the replica) ------------------
+
+DEVICE_ASSERT = "CUDA error: device-side assert triggered\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1"
+
+
+def test_a_sticky_cuda_error_fails_the_replica_s_health_check(replica_env, monkeypatch):
+    import numpy as np
+
+    from engine_runtime import EngineBrokenError
+
+    replica = make_replica()
+    try:
+        replica.check_health()
+        assert replica.ready()
+
+        def asserting(*args, **kwargs):
+            raise RuntimeError(DEVICE_ASSERT)
+
+        monkeypatch.setattr(replica.engine, "_execute_impl", asserting)
+        spec = replica.desc.inputs[0]
+        x = {spec.name: np.zeros((1, 3, 32, 32), np.float32)}
+        with pytest.raises(RuntimeError, match="device-side assert"):
+            replica.engine.infer(x)
+        with pytest.raises(EngineBrokenError):
+            replica.engine.infer(x)
+        with pytest.raises(RuntimeError, match=r"engine 'r18' is broken: RuntimeError: CUDA error: device-side"):
+            replica.check_health()
+        assert not replica.ready()
+    finally:
+        replica.shutdown()
+
+
+def test_a_broken_engine_fails_its_group_replica_s_health_check():
+    from deployments.group import GroupDeployment
+
+    engines = {"a": SimpleNamespace(closed=False, broken=None), "b": SimpleNamespace(closed=False, broken=None)}
+    obj = object.__new__(GroupDeployment.func_or_class)  # no Ray: only what check_health reads
+    obj.engines = SimpleNamespace(engine=engines.__getitem__)
+    obj.models = dict.fromkeys(engines)
+    obj.group = SimpleNamespace(name="zoo")
+    obj.gpu = GpuIdentity("cpu-node0", None, True, "node0")
+    obj.check_health()
+    assert obj.ready()
+    engines["b"].broken = "AcceleratorError: CUDA error: device-side assert triggered"
+    with pytest.raises(RuntimeError, match=r"group 'zoo': engine\(s\) broken: b: AcceleratorError: CUDA error"):
+        obj.check_health()
+    assert not obj.ready()
