@@ -111,15 +111,22 @@ def model_statistics(name: str, version: str, *, success_count: int, success_ns:
     """One model's entry of Triton's statistics extension (``GET /v2/models/{name}/stats``).
 
     Counted at the ingress: a success's time is the whole call (queue, batching and
-    the engine together), so ``compute_infer`` carries it and the finer splits are 0.
+    the engine together), so ``compute_infer`` carries it and the finer splits' times
+    are 0. Their *counts* are not: every successful request passed one queue and one
+    compute of each kind, as in Triton, and Triton's tools rely on it. perf_analyzer,
+    asked for no version, takes the version whose ``queue.count`` grew during its
+    window ("failed to find the requested model version" otherwise, seen on an H200),
+    and refuses stats whose compute_input, compute_infer and compute_output counts
+    differ ("Server side statistics compute counts must be the same").
     """
     zero = {"count": 0, "ns": 0}
     success = {"count": int(success_count), "ns": int(success_ns)}
+    counted = {"count": int(success_count), "ns": 0}
     return {
         "name": name, "version": version, "last_inference": int(last_inference_ms),
         "inference_count": int(inference_count), "execution_count": int(success_count),
         "inference_stats": {"success": success, "fail": {"count": int(fail_count), "ns": 0},
-                            "queue": zero, "compute_input": zero, "compute_infer": success,
-                            "compute_output": zero, "cache_hit": zero, "cache_miss": zero},
+                            "queue": dict(counted), "compute_input": dict(counted), "compute_infer": success,
+                            "compute_output": dict(counted), "cache_hit": zero, "cache_miss": zero},
         "batch_stats": [],
     }

@@ -73,7 +73,12 @@ def test_model_config_through_tritonclient(app: ServeApp):
     unknown = requests.get(f"{app.url}/v2/models/nope/config", timeout=10)
     assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
     # Statistics, which perf_analyzer reads around each measurement.
-    assert client.get_inference_statistics("resnet18")["model_stats"][0]["name"] == "resnet18"
+    stats = client.get_inference_statistics("resnet18")["model_stats"][0]
+    assert stats["name"] == "resnet18" and stats["version"] == "1"
+    # perf_analyzer finds the version by its queue count and wants equal compute counts.
+    inference = stats["inference_stats"]
+    assert {inference[k].get("count", 0) for k in ("queue", "compute_input", "compute_infer", "compute_output")} \
+        == {inference["success"].get("count", 0)}
 
 
 def test_nan_over_http_where_the_model_allows_it(app: ServeApp):

@@ -561,3 +561,40 @@ def test_lying_shapes_never_allocate_more_than_the_body(dims, binary, size):
         tracemalloc.stop()
     # Parsing the JSON itself costs a few KiB; a shape believed would cost up to exabytes.
     assert peak < 64 * len(body) + (256 << 10), peak
+
+
+def _perf_analyzer_version(start: dict, end: dict, name: str) -> int:
+    """What perf_analyzer does with two statistics readings around a measurement when no
+    version was asked for (inference_profiler.cc, 2.60): the highest version of ``name``
+    whose queue count grew, -1 if none; and it refuses unequal compute counts."""
+    def by_id(body: dict) -> dict:
+        return {(m["name"], m["version"]): m["inference_stats"] for m in body["model_stats"]}
+
+    found = -1
+    before = by_id(start)
+    for (n, version), stats in by_id(end).items():
+        counts = {stats[k]["count"] for k in ("compute_input", "compute_infer", "compute_output")}
+        if len(counts) != 1:
+            raise RuntimeError("Server side statistics compute counts must be the same.")
+        grew = stats["queue"]["count"] > before.get((n, version), {"queue": {"count": 0}})["queue"]["count"]
+        if n == name and grew:
+            found = max(found, int(version))
+    return found
+
+
+def test_statistics_let_perf_analyzer_find_the_model_version():
+    """Before: queue and compute_input/output counts were 0 while compute_infer counted
+    the successes, so perf_analyzer on an H200 failed every measurement with "failed to
+    find the requested model version"."""
+    from deployments.protocol.response import model_statistics
+
+    def reading(successes: int) -> dict:
+        return {"model_stats": [model_statistics("r50", "1", success_count=successes, success_ns=successes * 1000,
+                                                 fail_count=0, inference_count=successes, last_inference_ms=1)]}
+
+    assert _perf_analyzer_version(reading(10), reading(25), "r50") == 1
+    # Nothing ran in the window: no version found, as Triton itself would answer.
+    assert _perf_analyzer_version(reading(10), reading(10), "r50") == -1
+    stats = reading(7)["model_stats"][0]["inference_stats"]
+    assert stats["queue"]["count"] == stats["compute_input"]["count"] == stats["compute_output"]["count"] == 7
+    assert stats["compute_infer"] == {"count": 7, "ns": 7000}  # the whole call's time, where it was measured
