@@ -6,15 +6,17 @@ by the status view; written on every acquisition and call, so updates are O(1).
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from engine_runtime.memory import MemoryMode
 
 
-__all__ = ["EngineStats", "StatsSnapshot"]
+__all__ = ["CallTimes", "EngineStats", "StatsSnapshot", "time_calls"]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -22,6 +24,45 @@ def _percentile(values: list[float], q: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass(frozen=True)
+class CallTimes:
+    """Wall-clock times of back-to-back calls, as :func:`time_calls` measured them."""
+
+    calls: int
+    warmup: int
+    p50_s: float
+    p99_s: float
+    mean_s: float
+    samples_s: tuple[float, ...]
+
+
+def time_calls(call: Callable[[], object], calls: int = 100, warmup: int = 10) -> CallTimes:
+    """Ebb's one way of timing a call: ``warmup`` untimed calls, then ``calls`` timed
+    back to back, each on its own (``time.perf_counter`` around the call and nothing
+    else: no memory reading, no output check inside the timed loop).
+
+    ``call`` must return only once its work is done (``engine.infer`` does: it
+    synchronises before it returns). ``scripts/bench_modes.py`` and the GPU tests time
+    with this, so a figure from one is the figure from the other (issue 14); before,
+    each had its own loop, one reading NVML between calls, and their figures for the
+    same model differed.
+    """
+    if calls < 1 or warmup < 0:
+        raise ValueError(f"time_calls needs calls >= 1 and warmup >= 0, got calls={calls}, warmup={warmup}")
+    for _ in range(warmup):
+        call()
+    samples = []
+    clock = time.perf_counter
+    for _ in range(calls):
+        t0 = clock()
+        call()
+        samples.append(clock() - t0)
+    ordered = sorted(samples)
+    return CallTimes(calls, warmup, statistics.median(ordered),
+                     ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], statistics.fmean(ordered),
+                     tuple(samples))
 
 
 @dataclass

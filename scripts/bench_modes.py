@@ -57,6 +57,7 @@ import torch  # noqa: E402
 from engine_runtime import cuda_process  # noqa: E402
 from engine_runtime.cuda_process import ProcessMemory  # noqa: E402
 from engine_runtime.units import MiB
+from engine_runtime.stats import time_calls  # noqa: E402
 
 #: Issue 5's allowance for an idle dynamic replica above CUDA context + weights.
 IDLE_ALLOWANCE_BYTES = 64 * MiB
@@ -205,13 +206,8 @@ def measure(case: ModelCase, config: str, *, device_name: str, calls: int, warmu
     after_load = read()
 
     x = _sample_input(case)
-    for _ in range(warmup):
-        run(x)
-    latencies = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        run(x)
-        latencies.append(time.perf_counter() - start)
+    # The one timing method (engine_runtime.stats.time_calls), shared with tests/gpu.
+    timed = time_calls(lambda: run(x), calls=calls, warmup=warmup)
     idle = read()
     peak = None
     if on_gpu:
@@ -232,8 +228,8 @@ def measure(case: ModelCase, config: str, *, device_name: str, calls: int, warmu
         "peak_bytes": peak,
         "load_s": load_s,
         "calls": calls,
-        "p50_s": float(np.percentile(latencies, 50)),
-        "p99_s": float(np.percentile(latencies, 99)),
+        "p50_s": timed.p50_s,
+        "p99_s": timed.p99_s,
     }
     if engine is not None:
         snap = engine.stats()

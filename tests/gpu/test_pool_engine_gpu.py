@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -35,7 +34,7 @@ CHUNK_BYTES = 64 * MiB
 ARCH, BATCH = "resnet50", 32
 #: NVML's reading moves by a few MiB with nothing to do with the pool (driver bookkeeping).
 SLACK_BYTES = 32 * MiB
-CALLS = 30
+CALLS = 100  # as bench_modes (time_calls: 10 warm-up, then these)
 
 
 def _input(seed: int) -> np.ndarray:
@@ -43,12 +42,10 @@ def _input(seed: int) -> np.ndarray:
 
 
 def _p50_ms(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    # The one timing method bench_modes uses too (issue 14): same warm-up, same loop.
+    from engine_runtime.stats import time_calls
+
+    return time_calls(fn, calls=n, warmup=10).p50_s * 1e3
 
 
 # --- the replica process -------------------------------------------------------------------

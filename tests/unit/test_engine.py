@@ -781,3 +781,32 @@ def test_engine_broken_error_survives_pickling():
     err = pickle.loads(pickle.dumps(EngineBrokenError("bert", "AcceleratorError: CUDA error: device-side assert")))
     assert (err.engine, err.cause) == ("bert", "AcceleratorError: CUDA error: device-side assert")
     assert "'bert'" in str(err)
+
+
+def test_time_calls_warms_up_then_times_each_call_alone():
+    """The one timing method of bench_modes and the GPU tests: warm-up calls are not
+    timed, every timed call is, and the figures come from those samples only."""
+    from engine_runtime.stats import time_calls
+
+    seen = []
+    durations = iter([0.0] * 3 + [0.001] * 9 + [0.005])
+
+    clock = [0.0]
+
+    def call():
+        seen.append(len(seen))
+        clock[0] += next(durations)
+
+    import engine_runtime.stats as stats_module
+
+    real = stats_module.time.perf_counter
+    stats_module.time.perf_counter = lambda: clock[0]
+    try:
+        t = time_calls(call, calls=10, warmup=3)
+    finally:
+        stats_module.time.perf_counter = real
+    assert len(seen) == 13 and t.calls == 10 and t.warmup == 3 and len(t.samples_s) == 10
+    assert t.p50_s == pytest.approx(0.001) and t.p99_s == pytest.approx(0.005)
+    assert t.mean_s == pytest.approx((9 * 0.001 + 0.005) / 10)
+    with pytest.raises(ValueError, match="calls >= 1"):
+        time_calls(call, calls=0)
