@@ -12,6 +12,12 @@ on a 141 GB H200); both systems get the same card.
     python scripts/bench_density.py --system ebb-pool   # GPU: ebb with the per-GPU pool
     python scripts/bench_density.py --system ebb-groups # one process holding a group of models
     python scripts/bench_density.py --quick          # CPU smoke (CI): logical GPU, plain and ebb
+    python scripts/bench_density.py --merge a/bench_density.json b/bench_density.json c/bench_density.json
+                                                     # one side-by-side table from one system per command
+                                                     # (same card and settings; a GPU machine's 10-minute
+                                                     # command limit cut --system all, 2026-12-02)
+
+A run stopped by SIGTERM (``timeout``) writes the rows it measured before it tears down.
     python scripts/bench_density.py --quick --system ebb-groups   # CPU smoke (CI) of ebb-groups, no Ray
 
 ebb-groups is not a count of replicas: one process (as a group replica) holds a group of
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,10 +75,13 @@ def _plain_app(args, n: int):
         args.arch, args.image_size)
 
 
-def run_system(system: str, args, x: np.ndarray, sampler: benchlib.NvmlSampler) -> list[dict]:
+def run_system(system: str, args, x: np.ndarray, sampler: benchlib.NvmlSampler,
+               rows: list[dict] | None = None) -> list[dict]:
+    """Add replicas one at a time until one step fails; ``rows`` (appended to, one per
+    step) is also returned."""
     from ray import serve
 
-    rows = []
+    rows = [] if rows is None else rows
     baseline_p99 = None
     for n in range(1, args.max_replicas + 1):
         app = _plain_app(args, n) if system == "plain" else _ebb_app(args, n, pool=system == "ebb-pool")
@@ -274,7 +284,15 @@ def main(argv=None) -> int:
     p.add_argument("--group-serve-models", type=int, default=40)
     p.add_argument("--stack-limit-bytes", type=int, default=256, help="ebb-groups: CUDA stack limit set first")
     p.add_argument("--out-dir", default="out")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="print one side-by-side table from bench_density.json files of separate runs "
+                        "(one system per command, same card and settings) and run nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out_dir))
+    # A run cut by its time limit (timeout sends SIGTERM) still releases its ballast and
+    # writes what it measured: SIGTERM becomes SystemExit, which the finally below sees.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.quick:
         args.arch, args.batch, args.image_size = "resnet18", 2, 32
         args.max_replicas, args.measure_s, args.card_gib, args.rate_per_replica = 2, 2.0, 1.0, 2.0
@@ -301,6 +319,7 @@ def main(argv=None) -> int:
     groups: dict | None = None
     groups_serve: dict | None = None
     serve_systems = [s for s in systems if s != "ebb-groups"]
+    cut: SystemExit | None = None
     try:
         if serve_systems:
             from ray import serve
@@ -310,11 +329,18 @@ def main(argv=None) -> int:
                 if system == "ebb-groups-serve":
                     groups_serve = run_groups_serve(args, x, sampler)
                 else:
-                    results[system] = run_system(system, args, x, sampler)
+                    # Filled row by row: a run cut short keeps the rows it measured.
+                    results[system] = []
+                    run_system(system, args, x, sampler, results[system])
             # Serve's replicas are gone (deleted); the group gets the same card to itself.
             serve.shutdown()
         if "ebb-groups" in systems:
             groups = run_groups(args, sampler, used_at_start)
+    except SystemExit as exc:  # SIGTERM (a time limit): report what was measured, then exit
+        cut = exc
+        print("\ncut short by SIGTERM: the table below holds what was measured before it", flush=True)
+        # Before the teardown, which may not finish inside what is left of the time limit.
+        report(Path(args.out_dir), benchlib.card_name(), args, results, groups, groups_serve, cut=True)
     finally:
         if ballast is not None:
             ballast.release()
@@ -324,15 +350,24 @@ def main(argv=None) -> int:
             serve.shutdown()
             ray.shutdown()
 
-    out_dir = Path(args.out_dir)
-    benchlib.write_json(out_dir, "bench_density.json", {"card": benchlib.card_name(), "args": vars(args),
+    if cut is not None:
+        return int(cut.code or 1)
+    return report(Path(args.out_dir), benchlib.card_name(), args, results, groups, groups_serve)
+
+
+def report(out_dir: Path, card: str, args, results: dict, groups: dict | None, groups_serve: dict | None,
+           cut: bool = False) -> int:
+    """Write bench_density.json and .png and print the side-by-side table (``cut``: the
+    run was stopped before its systems ended, which the table says instead of "max tried")."""
+    benchlib.write_json(out_dir, "bench_density.json", {"card": card, "args": vars(args), "cut_short": cut,
                                                         "results": results, "ebb-groups": groups,
                                                         "ebb-groups-serve": groups_serve})
     _plot(out_dir / "bench_density.png", results, args, groups)
     held = {s: max([r["replicas"] for r in rows if r.get("held")], default=0) for s, rows in results.items()}
-    print(f"\nDensity on {benchlib.card_name()} with {args.card_gib:g} GiB free: {args.arch} b{args.batch}, "
+    print(f"\nDensity on {card} with {args.card_gib:g} GiB free: {args.arch} b{args.batch}, "
           f"{args.rate_per_replica:g} calls/s per replica")
-    table = [[s, held[s], next((r["why"] for r in rows if not r.get("held")), "max tried")] for s, rows in results.items()]
+    last = "cut short (SIGTERM)" if cut else "max tried"
+    table = [[s, held[s], next((r["why"] for r in rows if not r.get("held")), last)] for s, rows in results.items()]
     for system in ("ebb", "ebb-pool"):
         if "plain" in held and system in held and held["plain"]:
             table.append([f"ratio {system} / plain", f"{held[system] / held['plain']:.2f}x", ""])
@@ -348,6 +383,39 @@ def main(argv=None) -> int:
         print(f"\nebb-groups targets (issue 13; {groups.get('mode')}):")
         print(benchlib.markdown_table(["target", "measured", "met?"], targets))
     return 0
+
+
+
+
+def merge(paths: list[str], out_dir: Path) -> int:
+    """One table from several runs of this script on one warm machine (each system in a
+    command of its own, so none is cut by a per-command time limit): the systems'
+    results side by side, with the card and settings each run recorded. Refuses files
+    from different cards or card sizes (their figures are not comparable)."""
+    results: dict = {}
+    groups = groups_serve = None
+    cards, sizes, args, cut = set(), set(), None, False
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        cards.add(data.get("card"))
+        sizes.add((data["args"]["card_gib"], data["args"]["arch"], data["args"]["batch"]))
+        args = args or argparse.Namespace(**data["args"])
+        for system, rows in (data.get("results") or {}).items():
+            if system in results:
+                raise SystemExit(f"{path}: system {system!r} is in two of the files being merged")
+            results[system] = rows
+        cut = cut or bool(data.get("cut_short"))
+        groups = data.get("ebb-groups") or groups
+        groups_serve = data.get("ebb-groups-serve") or groups_serve
+    if len(cards) > 1 or len(sizes) > 1:
+        raise SystemExit(f"cannot merge runs on different cards or settings: cards {sorted(map(str, cards))}, "
+                         f"(card GiB, arch, batch) {sorted(sizes)}")
+    args.system = "+".join([*results, *(["ebb-groups"] if groups else [])])
+    return report(out_dir, cards.pop(), args, results, groups, groups_serve, cut=cut)
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def systems_need_ray(args) -> bool:
