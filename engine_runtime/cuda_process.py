@@ -240,7 +240,11 @@ def process_memory_breakdown(device: int = 0) -> dict[str, int | None]:
     except Exception as err:  # noqa: BLE001 - a figure we cannot read is reported as unknown
         logger.debug("caching allocator figures not read: %s", err)
     try:
-        out["nvml_bytes"] = int(ProcessMemory().read())
+        reader = ProcessMemory()
+        nbytes = reader.read()
+        # Made just now, the reader's fallback (the device's used bytes since it was made)
+        # would read about 0: only NVML's per-process figure means anything here.
+        out["nvml_bytes"] = int(nbytes) if reader.source == "nvml-process" else None
     except Exception as err:  # noqa: BLE001 - no NVML: unknown
         logger.debug("NVML process figure not read: %s", err)
     return out

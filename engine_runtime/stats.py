@@ -59,10 +59,8 @@ def time_calls(call: Callable[[], object], calls: int = 100, warmup: int = 10) -
         t0 = clock()
         call()
         samples.append(clock() - t0)
-    ordered = sorted(samples)
-    return CallTimes(calls, warmup, statistics.median(ordered),
-                     ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], statistics.fmean(ordered),
-                     tuple(samples))
+    return CallTimes(calls, warmup, statistics.median(samples), _percentile(samples, 0.99),
+                     statistics.fmean(samples), tuple(samples))
 
 
 @dataclass

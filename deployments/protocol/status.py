@@ -89,13 +89,10 @@ def http_status_for(exc: BaseException) -> tuple[int, str, dict[str, str]]:
     if isinstance(exc, ContextMemoryUnavailable):
         retry_after_s = min(_MAX_RETRY_AFTER_S, max(_MIN_RETRY_AFTER_S, math.ceil(exc.waited_s)))
         return 503, str(exc), {"Retry-After": str(retry_after_s)}
-    if isinstance(exc, EngineClosedError):
-        # Graceful shutdown closes the engine under requests still queued; Serve
-        # routes the retry to another replica.
-        return 503, str(exc), {"Retry-After": str(_MIN_RETRY_AFTER_S)}
-    if isinstance(exc, EngineBrokenError):
-        # A sticky CUDA error left the replica's context unusable: its health check now
-        # fails and Serve replaces it; the retry goes to another replica (or the new one).
+    if isinstance(exc, (EngineClosedError, EngineBrokenError)):
+        # Graceful shutdown closes the engine under requests still queued; a sticky CUDA
+        # error left the replica's context unusable (its health check fails and Serve
+        # replaces it). Either way Serve routes the retry to another replica.
         return 503, str(exc), {"Retry-After": str(_MIN_RETRY_AFTER_S)}
     logger.error("internal error answering a request: %s", type(exc).__name__, exc_info=exc)
     return 500, "internal error", {}
