@@ -63,6 +63,8 @@ class BudgetSnapshot:
     reclaimed_bytes: int
     #: The most bytes ever held at once since the file was made or ``reset_peak()``.
     peak_used_bytes: int = 0
+    #: Ids of the processes with a request queued, sorted (each once, however many it queued).
+    waiting_pids: tuple[int, ...] = ()
 
 
 # -- the shared file ----------------------------------------------------------------
@@ -470,6 +472,7 @@ class SharedBudget:
                 waiters=int(w[_W_WAITERS]),
                 reclaimed_bytes=int(reclaimed),
                 peak_used_bytes=int(w[_W_PEAK]),
+                waiting_pids=tuple(sorted({pid for pid, _ in self._queue.members()})),
             )
 
 

@@ -268,6 +268,7 @@ def test_shrinking_capacity_under_reservations(key):
     waiter = CTX.Process(target=_reserve_and_report, args=(key, 40 * MiB, 10.0, results))
     waiter.start()
     wait_for(lambda: budget.snapshot().waiters == 1, what="the new request to queue")
+    assert budget.snapshot().waiting_pids == (waiter.pid,)  # who waits, not only how many
     assert results.empty()  # over the shrunk capacity: it waits
     go.set()
     kind, nbytes, _ = results.get(timeout=10)
