@@ -1,6 +1,6 @@
 """A replica's arena leaving pool chunks mapped between calls (``VmmArena(keep_mapped)``),
 on the CPU: the pool's owner and client run for real over the shared-memory table, CUDA
-is faked by memfd handles and bookkept mappings (``test_lease_table.FakeCuda``).
+is faked by memfd handles and bookkept mappings (``cuda_fake.FakeCuda``).
 
 What must hold: a call maps only the chunks it did not get back; the lease, not the
 mapping, guards each call (a chunk left mapped here is lent to others); a chunk the
@@ -16,7 +16,8 @@ import sys
 import pytest
 
 from engine_runtime.memory.pool._lease_table import ChunkState
-from test_lease_table import CHUNK, FakeCuda, owner, wait_for  # noqa: F401 - the memfd-backed owner fixture
+from cuda_fake import CHUNK, FakeCuda
+from test_lease_table import owner, wait_for  # noqa: F401 - the memfd-backed owner fixture
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool needs Linux")
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from engine_runtime.memory.pool._lease_table import ChunkState, LeaseTable, process_alive, process_start
+from cuda_fake import CHUNK, FakeCuda, fake_cuda
 from engine_runtime.errors import ContextMemoryUnavailable, EbbInternalError
+from engine_runtime.memory.pool._lease_table import ChunkState, LeaseTable, process_alive, process_start
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the lease table needs Linux")
 
-CHUNK = 2 * 2**20
 # Spawned children start from a fresh interpreter, as replica processes do.
 SPAWN = mp.get_context("spawn")
 WAIT_S = 30.0  # upper bound for any handshake with a child; the tests never sleep to pass
@@ -358,144 +358,6 @@ def test_uncontended_lease_and_give_back_take_the_fast_path(table: LeaseTable) -
 # The protocol (descriptors over SCM_RIGHTS, growth learnt on lease, retired imports
 # dropped, dead clients reclaimed) needs no GPU: a memfd stands in for a chunk of
 # device memory, and it crosses processes exactly as a VMM export does.
-
-
-class _FakeHandle:
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.released = False
-
-
-class FakeCuda:
-    """The subset of ``engine_runtime._cuda`` the pool uses, backed by memfd."""
-
-    CudaError = EbbInternalError
-    live: dict[int, _FakeHandle] = {}
-
-    @staticmethod
-    def granularity(index: int) -> int:
-        return CHUNK
-
-    @staticmethod
-    def device_uuid(index: int) -> str:
-        return "GPU-fake"
-
-    @staticmethod
-    def mem_get_info(index: int) -> tuple[int, int]:
-        return 64 * CHUNK, 64 * CHUNK
-
-    @staticmethod
-    def device(index: int):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    class _Runtime:
-        @staticmethod
-        def cudaSetDevice(index: int):
-            return (0,)
-
-        @staticmethod
-        def cudaFree(ptr: int):
-            return (0,)
-
-    @classmethod
-    def runtime(cls):
-        return cls._Runtime
-
-    @staticmethod
-    def _check(call: str, err) -> None:
-        return None
-
-    @classmethod
-    def _track(cls, fd: int) -> _FakeHandle:
-        h = _FakeHandle(fd)
-        cls.live[id(h)] = h
-        return h
-
-    @classmethod
-    def mem_create(cls, index: int, nbytes: int, shareable: bool = False) -> _FakeHandle:
-        fd = os.memfd_create("ebb-fake-chunk")
-        os.ftruncate(fd, nbytes)
-        return cls._track(fd)
-
-    @classmethod
-    def mem_release(cls, h: _FakeHandle) -> None:
-        if h.released:
-            raise EbbInternalError("handle released twice")
-        h.released = True
-        os.close(h.fd)
-        cls.live.pop(id(h))
-
-    @staticmethod
-    def export_fd(h: _FakeHandle) -> int:
-        return os.dup(h.fd)
-
-    # Virtual memory, for VmmArena: mappings are bookkept and checked as the driver
-    # would (no overlap, unmap only of whole mappings, nothing mapped when freed).
-    mappings: dict[int, tuple[int, _FakeHandle]] = {}  # address -> (bytes, handle)
-    calls: dict[str, int] = {}
-    _next_va = 1 << 40
-
-    @staticmethod
-    def round_up(n: int, to: int) -> int:
-        return (n + to - 1) // to * to
-
-    @classmethod
-    def _count(cls, name: str) -> None:
-        cls.calls[name] = cls.calls.get(name, 0) + 1
-
-    @classmethod
-    def address_reserve(cls, nbytes: int, alignment: int) -> int:
-        ptr = cls._next_va
-        cls._next_va += cls.round_up(nbytes, alignment) + alignment
-        return ptr
-
-    @classmethod
-    def address_free(cls, ptr: int, nbytes: int) -> None:
-        inside = [a for a in cls.mappings if ptr <= a < ptr + nbytes]
-        if inside:
-            raise EbbInternalError(f"address range freed with {len(inside)} mapping(s) in it")
-
-    @classmethod
-    def mem_map(cls, ptr: int, nbytes: int, handle: _FakeHandle, offset: int = 0) -> None:
-        cls._count("map")
-        if handle.released:
-            raise EbbInternalError("mapping a released handle")
-        for a, (n, _) in cls.mappings.items():
-            if a < ptr + nbytes and ptr < a + n:
-                raise EbbInternalError(f"mapping at 0x{ptr:x} overlaps one at 0x{a:x}")
-        cls.mappings[ptr] = (nbytes, handle)
-
-    @classmethod
-    def mem_unmap(cls, ptr: int, nbytes: int) -> None:
-        cls._count("unmap")
-        inside = sorted(a for a in cls.mappings if ptr <= a < ptr + nbytes)
-        covered = sum(cls.mappings[a][0] for a in inside)
-        if not inside or covered != nbytes or inside[0] != ptr:
-            raise EbbInternalError(f"unmap of 0x{ptr:x}+{nbytes} does not cover whole mappings")
-        for a in inside:
-            del cls.mappings[a]
-
-    @classmethod
-    def set_access(cls, index: int, ptr: int, nbytes: int) -> None:
-        cls._count("set_access")
-
-    @classmethod
-    def import_fd(cls, fd: int) -> _FakeHandle:
-        return cls._track(os.dup(fd))
-
-
-def fake_cuda(monkeypatch=None) -> None:
-    import engine_runtime
-
-    FakeCuda.live, FakeCuda.mappings, FakeCuda.calls = {}, {}, {}
-    if monkeypatch is not None:
-        monkeypatch.setattr(engine_runtime, "_cuda", FakeCuda, raising=False)
-        monkeypatch.setitem(sys.modules, "engine_runtime._cuda", FakeCuda)
-    else:
-        engine_runtime._cuda = FakeCuda
-        sys.modules["engine_runtime._cuda"] = FakeCuda
 
 
 @pytest.fixture
