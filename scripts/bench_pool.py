@@ -208,7 +208,9 @@ def cpu_path(args: argparse.Namespace) -> None:
                                max_chunks=4 * nchunks)
             owner = threading.Thread(target=pool.serve_forever, daemon=True)
             owner.start()
-            client = PoolPhysical(sock, 0)  # with its watcher thread, as in a replica
+            # As a replica's (deployments.engine_factory, no max_bytes): with its watcher
+            # thread, and growing the pool for any lease larger than it.
+            client = PoolPhysical(sock, 0, grow_limit_chunks=sys.maxsize)
             other = None
             try:
                 table = client.table

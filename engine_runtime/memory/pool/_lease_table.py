@@ -407,9 +407,14 @@ class LeaseTable:
         pid, start = self._me
         # As the vectorised check: distinct indices that all carry the lease's id, as many
         # as the lease has, held by this process, are exactly the lease.
-        if (not lease_id or w[at_count + first] != count or w[at_pid + first] != pid
-                or w[at_start + first] != start or len(set(indices)) != count
-                or not all(0 <= i < n and w[at_lease + i] == lease_id for i in indices)):
+        whole = (lease_id and w[at_count + first] == count and w[at_pid + first] == pid
+                 and w[at_start + first] == start and len(set(indices)) == count)
+        if whole:
+            for i in indices:
+                if not (0 <= i < n and w[at_lease + i] == lease_id):
+                    whole = False
+                    break
+        if not whole:
             in_range = 0 <= first < n
             raise EbbInternalError(
                 f"process {pid} gave back chunks {indices[:16]} that are not one whole lease of its own "
