@@ -57,16 +57,21 @@ def wait_for(condition, timeout_s: float = WAIT_S, what: str = "condition") -> N
 # --- workers (module level so spawned children can import them) --------------------
 
 
-def _hammer(path: str, worker: int, owners, violations, leases, start, iterations: int, max_chunks: int) -> None:
-    """Lease, claim every chunk in a shared array, check nobody else claims them, give back."""
+def _hammer(path: str, worker: int, owners, violations, leases, start, iterations: int, max_chunks: int,
+            prefer_last: bool = False) -> None:
+    """Lease, claim every chunk in a shared array, check nobody else claims them, give back.
+    ``prefer_last``: ask for the chunks of the last lease again, as an arena that keeps
+    its chunks mapped does (the lease table's word-by-word fast path)."""
     import random
 
     t = LeaseTable.open(path)
     rng = random.Random(worker)
     done = 0
+    last: list[int] = []
     start.wait()  # all workers race from the same moment, however slow their start-up was
     for _ in range(iterations):
-        indices = t.lease(rng.randint(1, max_chunks), deadline_s=10.0)
+        indices = t.lease(rng.randint(1, max_chunks), deadline_s=10.0, prefer=last if prefer_last else ())
+        last = indices
         for i in indices:
             if owners[i] != 0:
                 violations.value += 1
@@ -85,10 +90,10 @@ def _hammer(path: str, worker: int, owners, violations, leases, start, iteration
     t.close()
 
 
-def _hold(path: str, nchunks: int, out, release) -> None:
-    """Lease ``nchunks``, report them, hold until ``release`` is set (or until killed)."""
+def _hold(path: str, nchunks: int, out, release, prefer: tuple[int, ...] = ()) -> None:
+    """Lease ``nchunks`` (``prefer``: these ones), report them, hold until ``release`` is set (or until killed)."""
     t = LeaseTable.open(path)
-    indices = t.lease(nchunks, deadline_s=10.0)
+    indices = t.lease(nchunks, deadline_s=10.0, prefer=prefer)
     out.put((os.getpid(), indices))
     release.wait(WAIT_S * 4)
     t.give_back(indices)
@@ -120,12 +125,14 @@ def _churn(path: str, nchunks: int, started, stop) -> None:
 # --- tests -----------------------------------------------------------------------------
 
 
-def test_concurrent_leases_never_share_a_chunk(table: LeaseTable) -> None:
+@pytest.mark.parametrize("prefer_last", [False, True], ids=["lowest-free", "prefer-last-lease"])
+def test_concurrent_leases_never_share_a_chunk(table: LeaseTable, prefer_last: bool) -> None:
     owners = SPAWN.Array("i", table.max_chunks, lock=False)
     violations = SPAWN.Value("i", 0, lock=True)
     leases = SPAWN.Value("i", 0, lock=True)
     start = SPAWN.Barrier(4)
-    procs = [SPAWN.Process(target=_hammer, args=(str(table.path), w + 1, owners, violations, leases, start, 500, 6))
+    procs = [SPAWN.Process(target=_hammer, args=(str(table.path), w + 1, owners, violations, leases, start, 500, 6,
+                                                 prefer_last))
              for w in range(4)]
     for p in procs:
         p.start()
@@ -301,17 +308,56 @@ def test_resize_revives_draining_and_retired_before_creating(table: LeaseTable) 
     assert table.resize(1000).capacity == table.max_chunks
 
 
-def test_give_back_refuses_what_is_not_one_whole_lease_of_its_own(table: LeaseTable) -> None:
-    a = table.lease(3, deadline_s=0)
-    b = table.lease(2, deadline_s=0)
-    for bad in (a[:2], a + b, [a[0], a[0], a[1]], [99], [-1]):
+@pytest.mark.parametrize("sizes", [(3, 2), (18, 17)], ids=["word-by-word", "vectorised"])
+def test_give_back_refuses_what_is_not_one_whole_lease_of_its_own(table: LeaseTable, sizes) -> None:
+    grow(table, 40)
+    a = table.lease(sizes[0], deadline_s=0)
+    b = table.lease(sizes[1], deadline_s=0)
+    before = table.snapshot()
+    for bad in (a[:2], a[:-1], a + b, [a[0], *a[:-1]], [a[0], a[0], a[1]], [99], [-1], [*a[:-1], 99]):
         with pytest.raises(EbbInternalError):
             table.give_back(bad)
+        assert table.snapshot() == before  # refused: nothing changed
     table.give_back(a)
     with pytest.raises(EbbInternalError):
         table.give_back(a)  # twice: the chunks may be someone else's by now
     table.give_back(b)
-    assert table.snapshot().states["FREE"] == 16
+    assert table.snapshot().states["FREE"] == 40
+
+
+@pytest.mark.parametrize("nchunks", [2, 18], ids=["word-by-word", "vectorised"])
+def test_a_lease_given_back_while_draining_retires(table: LeaseTable, nchunks: int) -> None:
+    grow(table, 40)
+    held = table.lease(nchunks, deadline_s=0, prefer=list(range(nchunks)))
+    plan = table.resize(1)  # every free chunk retires, then all but one held chunk drains
+    assert sorted(plan.draining) == list(range(1, nchunks))
+    gen = table.generation
+    table.give_back(held)
+    snap = table.snapshot()
+    assert (snap.states["FREE"], snap.states["RETIRED"], snap.holders) == (1, 40 - 1, {})
+    assert table.generation == gen + 1  # clients learn that more chunks retired
+    assert table.lease(1, deadline_s=0, prefer=[nchunks - 1]) == [0]  # a retired chunk is never lent
+
+
+def test_preferred_free_chunks_are_not_taken_past_a_waiter(table: LeaseTable) -> None:
+    mine = table.lease(1, deadline_s=0)  # chunk 0: what this replica keeps mapped
+    table.give_back(mine)
+    others = table.lease(15, deadline_s=0, prefer=list(range(1, 16)))  # every other chunk held
+    out, release = SPAWN.Queue(), SPAWN.Event()
+    waiter = SPAWN.Process(target=_hold, args=(str(table.path), 2, out, release))
+    waiter.start()
+    try:
+        wait_for(lambda: table.snapshot().waiting == 1, what="the 2-chunk request to queue")
+        with pytest.raises(ContextMemoryUnavailable):
+            table.lease(1, deadline_s=0, prefer=mine)  # free and preferred, but someone waits first
+        assert table.chunk_state(mine[0]) is ChunkState.FREE
+        table.give_back(others)
+        _, got = out.get(timeout=WAIT_S)
+        assert got == [0, 1]  # the waiter was served first, with the chunk this replica wanted
+    finally:
+        release.set()
+        waiter.join(WAIT_S)
+    assert table.lease(1, deadline_s=0, prefer=mine) == mine
 
 
 def test_a_forked_child_excludes_its_parent(table: LeaseTable) -> None:

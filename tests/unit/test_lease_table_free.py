@@ -29,6 +29,7 @@ def test_free_count_and_mark_stay_exact_through_random_operations(tmp_path: Path
     t = LeaseTable.create(tmp_path / "t", max_chunks=MAX_CHUNKS, chunk_bytes=1, label="x")
     try:
         held: list[list[int]] = []
+        returned: list[list[int]] = []  # leases given back: what a replica that kept them mapped asks for
         for _ in range(400):
             op = rng.random()
             if op < 0.08:
@@ -43,7 +44,16 @@ def test_free_count_and_mark_stay_exact_through_random_operations(tmp_path: Path
             elif op < 0.55:
                 n = rng.randint(1, 40)
                 free_before = np.flatnonzero(t._state == lt._FREE)
-                prefer = rng.sample(range(MAX_CHUNKS), rng.randint(0, 3)) if rng.random() < 0.3 else ()
+                pick = rng.random()
+                if pick < 0.3 and returned:
+                    n = len(returned[-1])  # the same call again (the word-by-word fast path when free)
+                    prefer = returned.pop()
+                elif pick < 0.5:
+                    prefer = rng.sample(range(MAX_CHUNKS), rng.randint(0, 3))
+                else:
+                    prefer = ()
+                all_free = (len(prefer) >= n and len(set(prefer[:n])) == n
+                            and all(t._state[i] == lt._FREE for i in prefer[:n]))
                 try:
                     got = t.lease(n, deadline_s=0, prefer=prefer)
                 except Exception:  # noqa: BLE001 - not enough free: refused, nothing taken
@@ -51,10 +61,14 @@ def test_free_count_and_mark_stay_exact_through_random_operations(tmp_path: Path
                 else:
                     if not prefer:  # the lowest free chunks, as the full scan took
                         assert got == free_before[:n].tolist()
+                    elif all_free:  # nobody took them since: exactly those, in their places
+                        assert got == list(prefer[:n])
                     assert len(set(got)) == n and all(t._state[i] == lt._LEASED for i in got)
                     held.append(got)
             elif held:
-                t.give_back(held.pop(rng.randrange(len(held))))
+                lease = held.pop(rng.randrange(len(held)))
+                t.give_back(lease)
+                returned.append(lease)
             _check(t)
         for lease in held:
             t.give_back(lease)
