@@ -218,7 +218,7 @@ class VmmArena:
             # mapped here, so there is nothing to map, unmap or give access to.
             self._pieces_reused += len(tokens)
             self._stale.clear()
-            self._resident[offset] = _Resident(list(lease.pieces), tokens)
+            self._resident[offset] = old
             return
         sizes = [size for _, size in lease.pieces]
         starts = [0, *itertools.accumulate(sizes)][:-1]
