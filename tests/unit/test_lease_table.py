@@ -201,12 +201,14 @@ def test_a_large_request_is_not_starved_by_small_ones(table: LeaseTable) -> None
     assert waited < 2.0, f"the 8-chunk lease waited {waited:.2f} s behind 2-chunk leases"
 
 
-def test_a_killed_holder_s_chunks_are_reclaimed(table: LeaseTable) -> None:
+@pytest.mark.parametrize("prefer", [(), (9, 3, 12, 4, 7)], ids=["lowest-free", "preferred"])
+def test_a_killed_holder_s_chunks_are_reclaimed(table: LeaseTable, prefer: tuple[int, ...]) -> None:
     out, release = SPAWN.Queue(), SPAWN.Event()
-    p = SPAWN.Process(target=_hold, args=(str(table.path), 5, out, release))
+    p = SPAWN.Process(target=_hold, args=(str(table.path), 5, out, release, prefer))
     p.start()
     pid, indices = out.get(timeout=WAIT_S)
-    assert table.held_by(pid) == indices
+    assert indices == (list(prefer) or [0, 1, 2, 3, 4])
+    assert table.held_by(pid) == sorted(indices)
     assert table.reclaim_dead() == []  # alive: nothing to take
     os.kill(pid, signal.SIGKILL)
     # Not reaped yet: a zombie counts as dead (its CUDA context is gone).
