@@ -8,12 +8,25 @@ whole), then writes a PNG to ``--out-dir``. The table is printed last.
 
     python scripts/bench_pool.py --out-dir bench_out            # GPU machine
     python scripts/bench_pool.py --quick --out-dir bench_out    # CPU: lease table only
+    python scripts/bench_pool.py --cpu-path --out-dir bench_out # CPU: host side of a call, fake driver
+
+``--cpu-path`` times the host-side work a dynamic call on the pool does per call, layer
+by layer, as the call does it (``BaseEngine.dynamic_context`` -> ``VmmArena`` with
+kept mappings -> ``PoolPhysical`` -> the lease table), with CUDA faked
+(``tests/unit/cuda_fake.py``: a mapping is bookkeeping, a chunk a memfd). It says what
+the Python, the lock and the table cost on this host's CPU, nothing about a GPU: on a
+card ``cuMemMap``/``cuMemUnmap`` of changed chunks and the driver's own time come on top.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import gc
+import json
 import multiprocessing as mp
+import pstats
+import threading
 import os
 import statistics
 import sys
@@ -120,6 +133,163 @@ def quick(args: argparse.Namespace) -> None:
                 ["chunk MiB", "chunks", "alone p50 µs", "alone p90 µs", "contended p50 µs", "contended p90 µs"], rows)
 
 
+# --- CPU: the host side of one dynamic call on the pool, with CUDA faked ----------------------
+
+
+def _percentiles_us(times_ns: list[int]) -> tuple[float, float]:
+    ordered = sorted(times_ns)
+    return ordered[len(ordered) // 2] / 1e3, ordered[int(0.99 * (len(ordered) - 1))] / 1e3
+
+
+def _timed_pairs(acquire, release, iterations: int, warmup: int, between=None) -> dict[str, list[int]]:
+    """Run ``release(acquire())`` ``warmup + iterations`` times; the acquire's, the
+    release's and the pair's durations (ns) of the last ``iterations``. ``between()``
+    runs untimed before each pair (another replica's turn)."""
+    acq, rel, pair = [], [], []
+    clock = time.perf_counter_ns
+    gc.collect()
+    for i in range(warmup + iterations):
+        if between is not None:
+            between()
+        t0 = clock()
+        held = acquire()
+        t1 = clock()
+        release(held)
+        t2 = clock()
+        if i >= warmup:
+            acq.append(t1 - t0)
+            rel.append(t2 - t1)
+            pair.append(t2 - t0)
+    return {"acquire": acq, "release": rel, "total": pair}
+
+
+def cpu_path(args: argparse.Namespace) -> None:
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "tests" / "unit"))
+    from cuda_fake import CHUNK, FakeCuda, fake_cuda  # the unit tests' fake driver
+
+    fake_cuda()
+    from engine_runtime.engine import BaseEngine
+    from engine_runtime.memory import arena as arena_module
+    from engine_runtime.memory.arena import VmmArena
+    from engine_runtime.memory.modes import ContextMechanism
+    from engine_runtime.memory.pool import ContextPool, PoolPhysical
+
+    arena_module._cuda = FakeCuda  # bound when the arena module was first imported
+
+    class PoolCallEngine(BaseEngine):
+        """Only what ``dynamic_context`` needs: the admission (unbounded on the pool, as
+        ``deployments.engine_factory`` gives) and the stats a real call keeps."""
+
+        def _describe_impl(self):
+            raise NotImplementedError
+
+        def _mechanism_impl(self):
+            return ContextMechanism.VMM_POOL
+
+        def _context_bytes_impl(self, shapes):
+            raise NotImplementedError
+
+        def _load_impl(self) -> None:
+            pass
+
+        def _execute_impl(self, inputs, shapes, mode):
+            raise NotImplementedError
+
+        def _close_impl(self) -> None:
+            pass
+
+    results: dict[str, dict] = {}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ebbc", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None) as d:
+        for nchunks in args.cpu_chunks:
+            sock = Path(f"/tmp/ebb-bench-{os.getpid()}-{nchunks}.sock")  # AF_UNIX paths are short
+            pool = ContextPool(0, "GPU-fake", CHUNK, 4 * nchunks, sock, table_path=Path(d) / f"pool-{nchunks}.table",
+                               max_chunks=4 * nchunks)
+            owner = threading.Thread(target=pool.serve_forever, daemon=True)
+            owner.start()
+            # As a replica's (deployments.engine_factory, no max_bytes): with its watcher
+            # thread, and growing the pool for any lease larger than it.
+            client = PoolPhysical(sock, 0, grow_limit_chunks=sys.maxsize)
+            other = None
+            try:
+                table = client.table
+                nbytes = nchunks * CHUNK
+                arena = VmmArena(0, nbytes, source=client, deadline_s=5.0, keep_mapped=True)
+                engine = PoolCallEngine("bench", admission_deadline_s=5.0)
+                allocate = lambda n: arena.allocate(n, (0,), deadline_s=engine.call_deadline_s)  # noqa: E731
+                mine = list(range(nchunks))
+
+                def call_enter():
+                    cm = engine.dynamic_context(nbytes, allocate)
+                    cm.__enter__()
+                    return cm
+
+                layers = [
+                    ("lease table: lease(prefer) / give_back",
+                     lambda: table.lease(nchunks, 5.0, prefer=mine), table.give_back),
+                    ("pool client: acquire(prefer) / release",
+                     lambda: client.acquire(nbytes, 5.0, prefer=mine), lambda lease: lease.release()),
+                    ("arena: allocate / release (kept mapping)",
+                     lambda: arena.allocate(nbytes, (0,), deadline_s=5.0), lambda block: block.release()),
+                    ("call: dynamic_context enter / exit",
+                     call_enter, lambda cm: cm.__exit__(None, None, None)),
+                ]
+                per_layer = {}
+                for name, acquire, release in layers:
+                    per_layer[name] = _timed_pairs(acquire, release, args.iterations, args.warmup)
+                # Every call finds its chunks taken meanwhile by another replica (a second
+                # handle on the table, with a lock of its own): the slow path, and a remap.
+                other = type(table).open(table.path)
+                held: list[list[int]] = []
+
+                def take_theirs() -> None:
+                    if held:
+                        other.give_back(held.pop())
+                    res = arena._resident.get(0)
+                    held.append(other.lease(nchunks, 5.0, prefer=list(res.tokens) if res else mine))
+
+                per_layer["call, chunks taken meanwhile (remap)"] = _timed_pairs(
+                    call_enter, lambda cm: cm.__exit__(None, None, None), args.iterations, args.warmup,
+                    between=take_theirs)
+                if held:
+                    other.give_back(held.pop())
+                if args.profile:
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    for _ in range(args.iterations):
+                        with engine.dynamic_context(nbytes, allocate):
+                            pass
+                    prof.disable()
+                    print(f"\ncProfile of {args.iterations} calls, {nchunks} chunk(s), chunks kept:")
+                    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+                counts = arena.mapping_counts()
+                arena.close()
+            finally:
+                if other is not None:
+                    other.close()
+                client.close()
+                pool.stop()
+                owner.join(30)
+                pool.close()
+            results[str(nchunks)] = {name: {k: list(_percentiles_us(v)) for k, v in t.items()}
+                                     for name, t in per_layer.items()}
+            results[str(nchunks)]["mapping_counts"] = counts
+            for name, t in per_layer.items():
+                (a50, a99), (r50, r99), (t50, t99) = (_percentiles_us(t[k]) for k in ("acquire", "release", "total"))
+                rows.append([str(nchunks), name, f"{a50:.1f}", f"{a99:.1f}", f"{r50:.1f}", f"{r99:.1f}",
+                             f"{t50:.1f}", f"{t99:.1f}"])
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_pool_cpu_path.json").write_text(json.dumps(
+        {"iterations": args.iterations, "warmup": args.warmup, "python": sys.version.split()[0],
+         "cpu_only_fake_driver": True, "results": results}, indent=1))
+    print_table(f"Host side of one dynamic call on the pool, CPU only, CUDA faked (no GPU figure), "
+                f"{args.iterations} calls after {args.warmup} (µs; each layer includes those above it)",
+                ["chunks", "layer", "acquire p50", "acquire p99", "give back p50", "give back p99",
+                 "total p50", "total p99"], rows)
+
+
 # --- GPU: the whole per-call path ---------------------------------------------------------------
 
 
@@ -206,16 +376,25 @@ def gpu(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU-only smoke: the lease table, no CUDA")
+    parser.add_argument("--cpu-path", action="store_true",
+                        help="CPU only, CUDA faked: the host side of a dynamic call on the pool, layer by layer")
+    parser.add_argument("--cpu-chunks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16],
+                        help="--cpu-path: chunks per call (1 GiB is 16 chunks of the default 64 MiB)")
+    parser.add_argument("--profile", action="store_true", help="--cpu-path: cProfile the kept-chunks call too")
     parser.add_argument("--out-dir", default="bench_out", help="where the PNG goes")
     parser.add_argument("--device", type=int, default=0)
     parser.add_argument("--lease-gib", type=float, default=1.0)
     parser.add_argument("--chunks-mib", type=lambda s: [int(x) for x in s.split(",")], default=[2, 32, 128, 512, 1024])
     parser.add_argument("--iterations", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=None)
     args = parser.parse_args()
     if args.iterations is None:
-        args.iterations = 200 if args.quick else 100
-    if args.quick:
+        args.iterations = 200 if args.quick else 5000 if args.cpu_path else 100
+    if args.warmup is None:
+        args.warmup = 200 if args.cpu_path else 10
+    if args.cpu_path:
+        cpu_path(args)
+    elif args.quick:
         quick(args)
     else:
         gpu(args)

@@ -120,6 +120,18 @@ def dead_among(procs: Iterable[Proc], me: Proc) -> set[Proc]:
 
 # --- the file -------------------------------------------------------------------
 
+#: This process's pid, kept current by a fork hook: ``SharedFile.lock`` compares it with
+#: the pid that mapped the file on every call, and ``os.getpid()`` is a system call.
+_pid_now = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _pid_now
+    _pid_now = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def _check_owned(fd: int, path: Path, error: type[SharedMemoryFileError]) -> os.stat_result:
     st = os.fstat(fd)
@@ -271,7 +283,7 @@ class SharedFile:
         tables' hot paths call ``lock``/``unlock`` directly (a generator costs microseconds)."""
         if self._mm is None:
             raise EbbInternalError(f"shared-memory file {self.path} is closed")
-        if os.getpid() != self._pid:
+        if _pid_now != self._pid:
             self._after_fork()
         self._tlock.acquire()
         try:

@@ -45,11 +45,14 @@ class Admission(Protocol):
 
 
 class UnboundedAdmission:
-    """Admits every request at once; for engines with no shared budget."""
+    """Admits every request at once; for engines with no shared budget (and on the
+    GPU's pool, whose lease is the admission)."""
 
-    @contextlib.contextmanager
-    def reserve(self, nbytes: int, deadline_s: float) -> Iterator[None]:
-        yield
+    #: Entered once per dynamic call: one stateless manager, not a generator per call.
+    _ADMITTED = contextlib.nullcontext()
+
+    def reserve(self, nbytes: int, deadline_s: float) -> contextlib.AbstractContextManager[None]:
+        return self._ADMITTED
 
 
 #: How often a starting engine looks at the card's free memory while it waits.

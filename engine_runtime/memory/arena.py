@@ -173,7 +173,8 @@ class VmmArena:
                 raise EbbInternalError("arena is already mapped; a second mapping would alias the first")
             self._busy = True
             res = self._resident.get(offset)
-            prefer = list(res.tokens) if res is not None else []
+            # The list itself: a resident's tokens are replaced, never changed in place.
+            prefer = res.tokens if res is not None else ()
         lease: PhysicalLease | None = None
         try:
             # Leasing may wait for the admission deadline: not under the lock, which the
@@ -182,25 +183,29 @@ class VmmArena:
             span = sum(size for _, size in lease.pieces)
             self._check_window(offset, span)
             with self._lock:
-                self._retry_pending_locked(offset, span)
+                if self._unmap_pending:
+                    self._retry_pending_locked(offset, span)
                 # Windows never overlap when sized as the backends size them; should one
                 # reach into another's, the other's leftover mapping goes first.
-                for off, res in list(self._resident.items()):
-                    if off != offset and off < offset + span and offset < off + res.span:
-                        del self._resident[off]
-                        self._unmap_resident(off, res)
+                if len(self._resident) > (offset in self._resident):
+                    for off, res in list(self._resident.items()):
+                        if off != offset and off < offset + span and offset < off + res.span:
+                            del self._resident[off]
+                            self._unmap_resident(off, res)
                 self._remap_locked(offset, lease)
                 block = ContextBlock(self.base + offset, span,
                                      lambda b, lease=lease, off=offset: self._give_back_mapped(b, lease, off))
                 self._mapped = block
+                self._busy = False
                 return block
         except BaseException:
-            if lease is not None:
-                lease.release()
+            try:
+                if lease is not None:
+                    lease.release()
+            finally:
+                with self._lock:
+                    self._busy = False
             raise
-        finally:
-            with self._lock:
-                self._busy = False
 
     def _remap_locked(self, offset: int, lease: PhysicalLease) -> None:
         """Make window ``offset`` map exactly ``lease``'s pieces, touching only positions
@@ -208,6 +213,13 @@ class VmmArena:
         addr = self.base + offset
         old = self._resident.pop(offset, None)
         tokens = [int(t) for t in lease.token]
+        if old is not None and self._same_mapping(old, lease.pieces, tokens):
+            # The common case with keep_mapped: this replica got back exactly what it has
+            # mapped here, so there is nothing to map, unmap or give access to.
+            self._pieces_reused += len(tokens)
+            self._stale.clear()
+            self._resident[offset] = old
+            return
         sizes = [size for _, size in lease.pieces]
         starts = [0, *itertools.accumulate(sizes)][:-1]
         # Positions mapped now, with their (handle, size, start).
@@ -250,6 +262,16 @@ class VmmArena:
         self._stale.clear()
         self._resident[offset] = _Resident(list(lease.pieces), tokens)
 
+    def _same_mapping(self, old: _Resident, pieces: list[tuple[Any, int]], tokens: list[int]) -> bool:
+        """Whether ``old`` maps exactly these pieces (the same handles, by identity, and
+        sizes) of these chunks, none of which the pool retired meanwhile (``_stale``)."""
+        if old.tokens != tokens or len(old.pieces) != len(pieces):
+            return False
+        for (handle, size), (old_handle, old_size) in zip(pieces, old.pieces):
+            if handle is not old_handle or size != old_size:
+                return False
+        return not self._stale or self._stale.isdisjoint(tokens)
+
     def _give_back_mapped(self, block: ContextBlock, lease: PhysicalLease, offset: int) -> None:
         """End of a call: the lease goes back, the mapping stays (see the class docstring).
 
@@ -261,12 +283,13 @@ class VmmArena:
             finally:
                 if self._mapped is block:
                     self._mapped = None
-                res = self._resident.get(offset)
-                stale, self._stale = self._stale, set()
-                if res is not None and stale.intersection(res.tokens):
-                    # The pool retired one of these chunks while the call ran.
-                    del self._resident[offset]
-                    self._unmap_resident(offset, res)
+                if self._stale:
+                    res = self._resident.get(offset)
+                    stale, self._stale = self._stale, set()
+                    if res is not None and not stale.isdisjoint(res.tokens):
+                        # The pool retired one of these chunks while the call ran.
+                        del self._resident[offset]
+                        self._unmap_resident(offset, res)
 
     def _on_retired(self, indices: Sequence[int]) -> None:
         """The pool's watcher: chunks retired or recreated. Unmap them wherever left mapped."""

@@ -26,6 +26,8 @@ BENCHES = [
      "ebb-groups targets"),
     ("bench_admission.py", ["--quick"], "admission.png", "p50 µs"),
     ("bench_pool.py", ["--quick"], "bench_pool_quick.png", "| -"),
+    ("bench_pool.py", ["--cpu-path", "--iterations", "50", "--warmup", "5", "--cpu-chunks", "1,4"], None,
+     "CUDA faked (no GPU figure)"),
     ("bench_remap.py", ["--quick"], None, "smoke run only"),
     ("bench_serving.py", ["--quick"], "bench_serving_smoke.png", "smoke run only"),
 ]

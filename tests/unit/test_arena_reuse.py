@@ -1,6 +1,6 @@
 """A replica's arena leaving pool chunks mapped between calls (``VmmArena(keep_mapped)``),
 on the CPU: the pool's owner and client run for real over the shared-memory table, CUDA
-is faked by memfd handles and bookkept mappings (``test_lease_table.FakeCuda``).
+is faked by memfd handles and bookkept mappings (``cuda_fake.FakeCuda``).
 
 What must hold: a call maps only the chunks it did not get back; the lease, not the
 mapping, guards each call (a chunk left mapped here is lent to others); a chunk the
@@ -15,8 +15,10 @@ import sys
 
 import pytest
 
+from engine_runtime.errors import ContextMemoryUnavailable
 from engine_runtime.memory.pool._lease_table import ChunkState
-from test_lease_table import CHUNK, FakeCuda, owner, wait_for  # noqa: F401 - the memfd-backed owner fixture
+from cuda_fake import CHUNK, FakeCuda
+from test_lease_table import SPAWN, WAIT_S, _hold, owner, wait_for  # noqa: F401 - the memfd-backed owner fixture
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool needs Linux")
 
@@ -95,6 +97,67 @@ def test_only_chunks_taken_meanwhile_are_remapped(client, owner):  # noqa: F811
         owner.table.give_back(taken)
     finally:
         arena.close()
+    assert FakeCuda.mappings == {}
+
+
+def test_chunks_another_process_took_are_replaced_and_never_shared(client, owner):  # noqa: F811
+    arena = arena_on(client)
+    out, release = SPAWN.Queue(), SPAWN.Event()
+    try:
+        arena.allocate(3 * CHUNK).release()
+        mine = [int(t) for t in arena._resident[0].tokens]
+        # Another replica's process leases exactly the chunks this arena keeps mapped.
+        other = SPAWN.Process(target=_hold, args=(str(owner.table.path), 3, out, release, tuple(mine)))
+        other.start()
+        pid, theirs = out.get(timeout=WAIT_S)
+        assert theirs == mine
+        FakeCuda.calls.clear()
+        block = arena.allocate(3 * CHUNK)  # the fast path finds them taken: new ones, mapped
+        now = [int(t) for t in arena._resident[0].tokens]
+        assert not set(now) & set(mine)
+        assert FakeCuda.calls == {"map": 3, "unmap": 3, "set_access": 1}
+        assert [FakeCuda.mappings[arena.base + k * CHUNK][1] for k in range(3)] == [client._handles[i][1] for i in now]
+        assert owner.table.held_by(os.getpid()) == sorted(now) and owner.table.held_by(pid) == mine
+        block.release()
+        release.set()
+        assert out.get(timeout=WAIT_S) == "given back"
+        other.join(WAIT_S)
+        FakeCuda.calls.clear()
+        arena.allocate(3 * CHUNK).release()  # its own kept ones again: nothing mapped
+        assert [int(t) for t in arena._resident[0].tokens] == now and "map" not in FakeCuda.calls
+    finally:
+        release.set()
+        arena.close()
+    assert FakeCuda.mappings == {}
+
+
+def test_kept_chunks_retired_before_the_watcher_says_so_are_not_reused(owner, monkeypatch):  # noqa: F811
+    from engine_runtime.memory import arena as arena_module
+    from engine_runtime.memory.pool import PoolPhysical
+
+    monkeypatch.setattr(arena_module, "_cuda", FakeCuda)
+    # A watcher that does not look in time: only the next lease can notice.
+    with PoolPhysical(owner.socket_path, 0, retire_poll_s=3600) as client:
+        arena = arena_on(client)
+        try:
+            arena.allocate(3 * CHUNK).release()
+            kept = [int(t) for t in arena._resident[0].tokens]
+            old = {i: client._handles[i][1] for i in kept}
+            owner.resize(1)  # free chunks retire, highest first: all but the lowest kept one
+            assert all(owner.table.chunk_state(i) is ChunkState.ABSENT for i in kept[1:])
+            with pytest.raises(ContextMemoryUnavailable):
+                arena.allocate(3 * CHUNK, deadline_s=0)  # never the retired ones, though still mapped here
+            owner.resize(3)  # their slots get new memory under the same indices
+            block = arena.allocate(3 * CHUNK)
+            now = [int(t) for t in arena._resident[0].tokens]
+            handles = [client._handles[i][1] for i in now]
+            assert [FakeCuda.mappings[arena.base + k * CHUNK][1] for k in range(3)] == handles
+            assert all(not h.released for h in handles)
+            # The surviving chunk stayed mapped; the recreated ones were mapped afresh.
+            assert [h is old.get(i) for i, h in zip(now, handles)] == [i == kept[0] for i in now]
+            block.release()
+        finally:
+            arena.close()
     assert FakeCuda.mappings == {}
 
 

@@ -456,6 +456,74 @@ def test_a_call_s_deadline_bounds_its_wait_including_behind_a_call_in_flight():
         engine.close()
 
 
+class OrderRecordingAdmission:
+    """Admits every reservation and records its entry and its exit (with the error it saw)."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes, deadline_s):
+        self.log.append("admitted")
+        try:
+            yield
+        except BaseException as err:
+            self.log.append(f"admission left on {type(err).__name__}")
+            raise
+        self.log.append("admission left")
+
+
+@pytest.mark.parametrize("fail_at", [None, "allocate", "call", "release", "call+release"])
+def test_dynamic_context_releases_memory_then_admission_whatever_fails(fail_at):
+    log: list[str] = []
+
+    class AllocateFailed(Exception):
+        pass
+
+    class CallFailed(Exception):
+        pass
+
+    class ReleaseFailed(Exception):
+        pass
+
+    def release(block):
+        log.append("released")
+        if fail_at is not None and "release" in fail_at:
+            raise ReleaseFailed
+
+    def allocate(nbytes):
+        if fail_at == "allocate":
+            raise AllocateFailed
+        log.append("allocated")
+        return ContextBlock(0, nbytes, release)
+
+    engine = RecordingEngine(admission=OrderRecordingAdmission(log))
+    try:
+        raised = None
+        try:
+            with engine.dynamic_context(64, allocate) as block:
+                assert block.nbytes == 64 and engine.stats().context_bytes_held == 64
+                log.append("ran")
+                if fail_at is not None and "call" in fail_at:
+                    raise CallFailed
+        except (AllocateFailed, CallFailed, ReleaseFailed) as err:
+            raised = type(err).__name__
+        expected = {
+            None: (None, ["admitted", "allocated", "ran", "released", "admission left"]),
+            "allocate": ("AllocateFailed", ["admitted", "admission left on AllocateFailed"]),
+            "call": ("CallFailed", ["admitted", "allocated", "ran", "released", "admission left on CallFailed"]),
+            "release": ("ReleaseFailed", ["admitted", "allocated", "ran", "released",
+                                          "admission left on ReleaseFailed"]),
+            # The release's error wins, as a ``finally`` that raises does.
+            "call+release": ("ReleaseFailed", ["admitted", "allocated", "ran", "released",
+                                               "admission left on ReleaseFailed"]),
+        }[fail_at]
+        assert (raised, log) == expected
+        assert engine.stats().context_bytes_held == 0
+    finally:
+        engine.close()
+
+
 def test_refused_admission_propagates_and_is_counted():
     admission = RefusingAdmission()
     engine = RecordingEngine(admission=admission, admission_deadline_s=0.25)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from engine_runtime.memory.pool._lease_table import ChunkState, LeaseTable, process_alive, process_start
+from cuda_fake import CHUNK, FakeCuda, fake_cuda
 from engine_runtime.errors import ContextMemoryUnavailable, EbbInternalError
+from engine_runtime.memory.pool._lease_table import ChunkState, LeaseTable, process_alive, process_start
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the lease table needs Linux")
 
-CHUNK = 2 * 2**20
 # Spawned children start from a fresh interpreter, as replica processes do.
 SPAWN = mp.get_context("spawn")
 WAIT_S = 30.0  # upper bound for any handshake with a child; the tests never sleep to pass
@@ -57,16 +57,21 @@ def wait_for(condition, timeout_s: float = WAIT_S, what: str = "condition") -> N
 # --- workers (module level so spawned children can import them) --------------------
 
 
-def _hammer(path: str, worker: int, owners, violations, leases, start, iterations: int, max_chunks: int) -> None:
-    """Lease, claim every chunk in a shared array, check nobody else claims them, give back."""
+def _hammer(path: str, worker: int, owners, violations, leases, start, iterations: int, max_chunks: int,
+            prefer_last: bool = False) -> None:
+    """Lease, claim every chunk in a shared array, check nobody else claims them, give back.
+    ``prefer_last``: ask for the chunks of the last lease again, as an arena that keeps
+    its chunks mapped does (the lease table's word-by-word fast path)."""
     import random
 
     t = LeaseTable.open(path)
     rng = random.Random(worker)
     done = 0
+    last: list[int] = []
     start.wait()  # all workers race from the same moment, however slow their start-up was
     for _ in range(iterations):
-        indices = t.lease(rng.randint(1, max_chunks), deadline_s=10.0)
+        indices = t.lease(rng.randint(1, max_chunks), deadline_s=10.0, prefer=last if prefer_last else ())
+        last = indices
         for i in indices:
             if owners[i] != 0:
                 violations.value += 1
@@ -85,10 +90,10 @@ def _hammer(path: str, worker: int, owners, violations, leases, start, iteration
     t.close()
 
 
-def _hold(path: str, nchunks: int, out, release) -> None:
-    """Lease ``nchunks``, report them, hold until ``release`` is set (or until killed)."""
+def _hold(path: str, nchunks: int, out, release, prefer: tuple[int, ...] = ()) -> None:
+    """Lease ``nchunks`` (``prefer``: these ones), report them, hold until ``release`` is set (or until killed)."""
     t = LeaseTable.open(path)
-    indices = t.lease(nchunks, deadline_s=10.0)
+    indices = t.lease(nchunks, deadline_s=10.0, prefer=prefer)
     out.put((os.getpid(), indices))
     release.wait(WAIT_S * 4)
     t.give_back(indices)
@@ -120,12 +125,14 @@ def _churn(path: str, nchunks: int, started, stop) -> None:
 # --- tests -----------------------------------------------------------------------------
 
 
-def test_concurrent_leases_never_share_a_chunk(table: LeaseTable) -> None:
+@pytest.mark.parametrize("prefer_last", [False, True], ids=["lowest-free", "prefer-last-lease"])
+def test_concurrent_leases_never_share_a_chunk(table: LeaseTable, prefer_last: bool) -> None:
     owners = SPAWN.Array("i", table.max_chunks, lock=False)
     violations = SPAWN.Value("i", 0, lock=True)
     leases = SPAWN.Value("i", 0, lock=True)
     start = SPAWN.Barrier(4)
-    procs = [SPAWN.Process(target=_hammer, args=(str(table.path), w + 1, owners, violations, leases, start, 500, 6))
+    procs = [SPAWN.Process(target=_hammer, args=(str(table.path), w + 1, owners, violations, leases, start, 500, 6,
+                                                 prefer_last))
              for w in range(4)]
     for p in procs:
         p.start()
@@ -194,12 +201,14 @@ def test_a_large_request_is_not_starved_by_small_ones(table: LeaseTable) -> None
     assert waited < 2.0, f"the 8-chunk lease waited {waited:.2f} s behind 2-chunk leases"
 
 
-def test_a_killed_holder_s_chunks_are_reclaimed(table: LeaseTable) -> None:
+@pytest.mark.parametrize("prefer", [(), (9, 3, 12, 4, 7)], ids=["lowest-free", "preferred"])
+def test_a_killed_holder_s_chunks_are_reclaimed(table: LeaseTable, prefer: tuple[int, ...]) -> None:
     out, release = SPAWN.Queue(), SPAWN.Event()
-    p = SPAWN.Process(target=_hold, args=(str(table.path), 5, out, release))
+    p = SPAWN.Process(target=_hold, args=(str(table.path), 5, out, release, prefer))
     p.start()
     pid, indices = out.get(timeout=WAIT_S)
-    assert table.held_by(pid) == indices
+    assert indices == (list(prefer) or [0, 1, 2, 3, 4])
+    assert table.held_by(pid) == sorted(indices)
     assert table.reclaim_dead() == []  # alive: nothing to take
     os.kill(pid, signal.SIGKILL)
     # Not reaped yet: a zombie counts as dead (its CUDA context is gone).
@@ -301,17 +310,56 @@ def test_resize_revives_draining_and_retired_before_creating(table: LeaseTable) 
     assert table.resize(1000).capacity == table.max_chunks
 
 
-def test_give_back_refuses_what_is_not_one_whole_lease_of_its_own(table: LeaseTable) -> None:
-    a = table.lease(3, deadline_s=0)
-    b = table.lease(2, deadline_s=0)
-    for bad in (a[:2], a + b, [a[0], a[0], a[1]], [99], [-1]):
+@pytest.mark.parametrize("sizes", [(3, 2), (18, 17)], ids=["word-by-word", "vectorised"])
+def test_give_back_refuses_what_is_not_one_whole_lease_of_its_own(table: LeaseTable, sizes) -> None:
+    grow(table, 40)
+    a = table.lease(sizes[0], deadline_s=0)
+    b = table.lease(sizes[1], deadline_s=0)
+    before = table.snapshot()
+    for bad in (a[:2], a[:-1], a + b, [a[0], *a[:-1]], [a[0], a[0], a[1]], [99], [-1], [*a[:-1], 99]):
         with pytest.raises(EbbInternalError):
             table.give_back(bad)
+        assert table.snapshot() == before  # refused: nothing changed
     table.give_back(a)
     with pytest.raises(EbbInternalError):
         table.give_back(a)  # twice: the chunks may be someone else's by now
     table.give_back(b)
-    assert table.snapshot().states["FREE"] == 16
+    assert table.snapshot().states["FREE"] == 40
+
+
+@pytest.mark.parametrize("nchunks", [2, 18], ids=["word-by-word", "vectorised"])
+def test_a_lease_given_back_while_draining_retires(table: LeaseTable, nchunks: int) -> None:
+    grow(table, 40)
+    held = table.lease(nchunks, deadline_s=0, prefer=list(range(nchunks)))
+    plan = table.resize(1)  # every free chunk retires, then all but one held chunk drains
+    assert sorted(plan.draining) == list(range(1, nchunks))
+    gen = table.generation
+    table.give_back(held)
+    snap = table.snapshot()
+    assert (snap.states["FREE"], snap.states["RETIRED"], snap.holders) == (1, 40 - 1, {})
+    assert table.generation == gen + 1  # clients learn that more chunks retired
+    assert table.lease(1, deadline_s=0, prefer=[nchunks - 1]) == [0]  # a retired chunk is never lent
+
+
+def test_preferred_free_chunks_are_not_taken_past_a_waiter(table: LeaseTable) -> None:
+    mine = table.lease(1, deadline_s=0)  # chunk 0: what this replica keeps mapped
+    table.give_back(mine)
+    others = table.lease(15, deadline_s=0, prefer=list(range(1, 16)))  # every other chunk held
+    out, release = SPAWN.Queue(), SPAWN.Event()
+    waiter = SPAWN.Process(target=_hold, args=(str(table.path), 2, out, release))
+    waiter.start()
+    try:
+        wait_for(lambda: table.snapshot().waiting == 1, what="the 2-chunk request to queue")
+        with pytest.raises(ContextMemoryUnavailable):
+            table.lease(1, deadline_s=0, prefer=mine)  # free and preferred, but someone waits first
+        assert table.chunk_state(mine[0]) is ChunkState.FREE
+        table.give_back(others)
+        _, got = out.get(timeout=WAIT_S)
+        assert got == [0, 1]  # the waiter was served first, with the chunk this replica wanted
+    finally:
+        release.set()
+        waiter.join(WAIT_S)
+    assert table.lease(1, deadline_s=0, prefer=mine) == mine
 
 
 def test_a_forked_child_excludes_its_parent(table: LeaseTable) -> None:
@@ -358,144 +406,6 @@ def test_uncontended_lease_and_give_back_take_the_fast_path(table: LeaseTable) -
 # The protocol (descriptors over SCM_RIGHTS, growth learnt on lease, retired imports
 # dropped, dead clients reclaimed) needs no GPU: a memfd stands in for a chunk of
 # device memory, and it crosses processes exactly as a VMM export does.
-
-
-class _FakeHandle:
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.released = False
-
-
-class FakeCuda:
-    """The subset of ``engine_runtime._cuda`` the pool uses, backed by memfd."""
-
-    CudaError = EbbInternalError
-    live: dict[int, _FakeHandle] = {}
-
-    @staticmethod
-    def granularity(index: int) -> int:
-        return CHUNK
-
-    @staticmethod
-    def device_uuid(index: int) -> str:
-        return "GPU-fake"
-
-    @staticmethod
-    def mem_get_info(index: int) -> tuple[int, int]:
-        return 64 * CHUNK, 64 * CHUNK
-
-    @staticmethod
-    def device(index: int):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    class _Runtime:
-        @staticmethod
-        def cudaSetDevice(index: int):
-            return (0,)
-
-        @staticmethod
-        def cudaFree(ptr: int):
-            return (0,)
-
-    @classmethod
-    def runtime(cls):
-        return cls._Runtime
-
-    @staticmethod
-    def _check(call: str, err) -> None:
-        return None
-
-    @classmethod
-    def _track(cls, fd: int) -> _FakeHandle:
-        h = _FakeHandle(fd)
-        cls.live[id(h)] = h
-        return h
-
-    @classmethod
-    def mem_create(cls, index: int, nbytes: int, shareable: bool = False) -> _FakeHandle:
-        fd = os.memfd_create("ebb-fake-chunk")
-        os.ftruncate(fd, nbytes)
-        return cls._track(fd)
-
-    @classmethod
-    def mem_release(cls, h: _FakeHandle) -> None:
-        if h.released:
-            raise EbbInternalError("handle released twice")
-        h.released = True
-        os.close(h.fd)
-        cls.live.pop(id(h))
-
-    @staticmethod
-    def export_fd(h: _FakeHandle) -> int:
-        return os.dup(h.fd)
-
-    # Virtual memory, for VmmArena: mappings are bookkept and checked as the driver
-    # would (no overlap, unmap only of whole mappings, nothing mapped when freed).
-    mappings: dict[int, tuple[int, _FakeHandle]] = {}  # address -> (bytes, handle)
-    calls: dict[str, int] = {}
-    _next_va = 1 << 40
-
-    @staticmethod
-    def round_up(n: int, to: int) -> int:
-        return (n + to - 1) // to * to
-
-    @classmethod
-    def _count(cls, name: str) -> None:
-        cls.calls[name] = cls.calls.get(name, 0) + 1
-
-    @classmethod
-    def address_reserve(cls, nbytes: int, alignment: int) -> int:
-        ptr = cls._next_va
-        cls._next_va += cls.round_up(nbytes, alignment) + alignment
-        return ptr
-
-    @classmethod
-    def address_free(cls, ptr: int, nbytes: int) -> None:
-        inside = [a for a in cls.mappings if ptr <= a < ptr + nbytes]
-        if inside:
-            raise EbbInternalError(f"address range freed with {len(inside)} mapping(s) in it")
-
-    @classmethod
-    def mem_map(cls, ptr: int, nbytes: int, handle: _FakeHandle, offset: int = 0) -> None:
-        cls._count("map")
-        if handle.released:
-            raise EbbInternalError("mapping a released handle")
-        for a, (n, _) in cls.mappings.items():
-            if a < ptr + nbytes and ptr < a + n:
-                raise EbbInternalError(f"mapping at 0x{ptr:x} overlaps one at 0x{a:x}")
-        cls.mappings[ptr] = (nbytes, handle)
-
-    @classmethod
-    def mem_unmap(cls, ptr: int, nbytes: int) -> None:
-        cls._count("unmap")
-        inside = sorted(a for a in cls.mappings if ptr <= a < ptr + nbytes)
-        covered = sum(cls.mappings[a][0] for a in inside)
-        if not inside or covered != nbytes or inside[0] != ptr:
-            raise EbbInternalError(f"unmap of 0x{ptr:x}+{nbytes} does not cover whole mappings")
-        for a in inside:
-            del cls.mappings[a]
-
-    @classmethod
-    def set_access(cls, index: int, ptr: int, nbytes: int) -> None:
-        cls._count("set_access")
-
-    @classmethod
-    def import_fd(cls, fd: int) -> _FakeHandle:
-        return cls._track(os.dup(fd))
-
-
-def fake_cuda(monkeypatch=None) -> None:
-    import engine_runtime
-
-    FakeCuda.live, FakeCuda.mappings, FakeCuda.calls = {}, {}, {}
-    if monkeypatch is not None:
-        monkeypatch.setattr(engine_runtime, "_cuda", FakeCuda, raising=False)
-        monkeypatch.setitem(sys.modules, "engine_runtime._cuda", FakeCuda)
-    else:
-        engine_runtime._cuda = FakeCuda
-        sys.modules["engine_runtime._cuda"] = FakeCuda
 
 
 @pytest.fixture

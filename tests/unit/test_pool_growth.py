@@ -9,7 +9,7 @@ held for good by the replicas already static; and growth was an absolute resize 
 a capacity read a moment earlier, so two replicas could shrink each other's growth.
 
 Here the owner and the replicas' clients run for real over the shared-memory table,
-with CUDA faked by memfd (``test_lease_table.FakeCuda``): 64 MiB chunks cost nothing.
+with CUDA faked by memfd (``cuda_fake.FakeCuda``): 64 MiB chunks cost nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_lease_table import WAIT_S, FakeCuda, fake_cuda
+from cuda_fake import FakeCuda, fake_cuda
+from test_lease_table import WAIT_S
 
 from engine_runtime.errors import ContextMemoryUnavailable
 from engine_runtime.units import MiB

@@ -25,7 +25,8 @@ from engine_runtime.errors import ContextMemoryUnavailable
 from engine_runtime.memory import ContextMechanism
 from engine_runtime.memory.pool import DEFAULT_CHUNK_BYTES, PoolUnavailableError
 from engine_runtime.pressure import GpuPressure
-from test_lease_table import CHUNK, owner  # noqa: F401 - the memfd-backed owner fixture
+from cuda_fake import CHUNK
+from test_lease_table import owner  # noqa: F401 - the memfd-backed owner fixture
 from engine_runtime.units import MiB, GiB
 
 REAL = "GPU-11111111-2222-3333-4444-555555555555"

@@ -1,7 +1,7 @@
 """Release paths under a failing CUDA call: a block is released only once its release
 succeeded (and may be released again after a failure), and an arena whose unmap
 failed is free for the next call; the range left mapped is retried, never mapped
-over. CUDA is faked (``test_lease_table.FakeCuda``) with one call made to fail.
+over. CUDA is faked (``cuda_fake.FakeCuda``) with one call made to fail.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 
 import pytest
-from test_lease_table import CHUNK, FakeCuda, fake_cuda, owner  # noqa: F401 - the memfd-backed owner fixture
+from cuda_fake import CHUNK, FakeCuda, fake_cuda
+from test_lease_table import owner  # noqa: F401 - the memfd-backed owner fixture
 
 from engine_runtime.errors import EbbInternalError
 from engine_runtime.memory import ContextBlock

@@ -232,11 +232,17 @@ class PoolPhysical:
         try:
             with self._lock:
                 self._drop_retired_locked()
-                stale = [i for i in indices
-                         if i not in self._handles or self._handles[i][0] != table.chunk_generation(i)]
+                handles, size = self._handles, self.chunk_bytes
+                pieces, stale = [], []
+                for i in indices:
+                    held = handles.get(i)
+                    if held is None or held[0] != table.chunk_generation(i):
+                        stale.append(i)
+                    else:
+                        pieces.append((held[1], size))
                 if stale:
                     self._fetch_locked(stale)
-                pieces = [(self._handles[i][1], self.chunk_bytes) for i in indices]
+                    pieces = [(handles[i][1], size) for i in indices]
         except PoolUnavailableError as err:
             # New chunks whose memory the (gone) owner can no longer send: no memory for
             # this call, which is a 503 to its caller, not a bug.
