@@ -182,7 +182,7 @@ class EngineGroup:
         """Run one call of ``name``, bringing its weights onto the GPU first if needed."""
         entry = self._entry(name)
         deadline_s = kw.get("deadline_s")
-        self._acquire(entry, self.deadline_s if deadline_s is None else float(deadline_s))
+        self._acquire(entry, self.deadline_s if deadline_s is None else float(deadline_s), call=True)
         try:
             entry.calls += 1
             return entry.engine.infer(inputs, **kw)
@@ -192,18 +192,20 @@ class EngineGroup:
     def ensure_resident(self, name: str) -> float:
         """Bring ``name``'s weights onto the GPU (making room); seconds spent paging, 0 if resident."""
         entry = self._entry(name)
-        seconds = self._acquire(entry, self.deadline_s)
+        seconds = self._acquire(entry, self.deadline_s, call=False)
         self._release(entry)
         return seconds
 
-    def _acquire(self, entry: _Entry, deadline_s: float) -> float:
-        """Count a call in flight on ``entry`` and make it resident; seconds spent paging it in."""
+    def _acquire(self, entry: _Entry, deadline_s: float, *, call: bool) -> float:
+        """Count a call in flight on ``entry`` and make it resident; seconds spent paging it in.
+        Only a ``call`` counts as a use for the page-out order (a page-in asked for, as when a
+        replica preloads its models, moves recency only)."""
         t0 = time.monotonic()
         end = t0 + max(0.0, deadline_s)
         with self._cond:
             self._check_open()
             entry.in_flight += 1
-            self._touch(entry, new_use=True)
+            self._touch(entry, new_use=call)
             try:
                 victims = self._plan_locked(entry, end, t0)
             except BaseException:

@@ -40,7 +40,7 @@ class UseHistory:
     previous_seq: int = 0
 
     def record_use(self, seq: int) -> None:
-        """A new use (a call starts, or a page-in is asked for)."""
+        """A new use: a call starts (a page-in asked for without a call only refreshes)."""
         self.previous_seq, self.last_seq = self.last_seq, int(seq)
 
     def refresh(self, seq: int) -> None:

@@ -589,3 +589,14 @@ def test_zipf_traffic_never_pages_the_hottest_models_out():
     hot_page_ins = {n: after[n] - before[n] for n in ("m0", "m1", "m2")}
     assert hot_page_ins == {"m0": 0, "m1": 0, "m2": 0}
     assert group.resident_weights_bytes() <= resident * MiB
+
+
+def test_a_page_in_asked_for_is_not_a_use():
+    """ensure_resident (a replica preloading its models) moves recency only: ``a``, called
+    once and then asked onto the GPU, is still a one-call model, older than ``b``."""
+    group, log = make_group({"a": MiB, "b": MiB, "c": MiB}, budget=2 * MiB)
+    group.infer("a", {"x": X})
+    group.ensure_resident("a")
+    group.infer("b", {"x": X})
+    group.infer("c", {"x": X})
+    assert [e for e in log if e[0] == "out"] == [("out", "a")]
