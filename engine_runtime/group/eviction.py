@@ -19,10 +19,11 @@ so a hot model paged out by the coordinator comes back with its history.
 
 Chosen over LFU with decay (a time constant to tune per traffic), ARC and 2Q (lists
 of paged-out "ghosts" and an adaptive split: more state for the same effect here).
-What LRU-2 does not do: protect a model used twice in a burst and then never again
-better than LRU does (it stays until older second uses are gone), a known cost of
-the algorithm that its authors address with a correlation period; not needed here,
-where a call is the unit of use.
+Its known cost: a model called twice in a burst and then no more looks frequently
+used until the other models' second-to-last uses pass its own (LRU-K's "correlated
+references", which its authors handle with a correlation period, one more parameter).
+A call is the unit of use here, and a replica preloading its models does not count as
+one (``EngineGroup.ensure_resident`` moves recency only).
 """
 
 from __future__ import annotations
