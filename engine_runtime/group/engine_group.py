@@ -14,7 +14,9 @@ the room, and each engine moves its weights on its own stream under its own call
 lock: a call to a resident model never waits for another model's page-out or page-in
 (only for the GPU itself, and for the group's context admission while another call
 *runs*). The group's lock only guards the bookkeeping (bytes committed, calls in
-flight, who is moving) and is never held across a copy or a driver call. The victim's
+flight, who is moving) and is never held across a copy or a driver call; nor is the
+GIL (PyTorch releases it in copies and synchronisations, cuda-bindings from 12.9.1 in
+driver calls: hence the floor on cuda-python in pyproject.toml). The victim's
 device memory is released on the same thread, before the page-in maps its own: the
 budget bounds the bytes mapped, not just the bytes counted, so the release cannot be
 deferred past the page-in, and it is on the cold call's path only.
