@@ -186,16 +186,15 @@ class EngineGroup:
         deadline_s = kw.get("deadline_s")
         self._acquire(entry, self.deadline_s if deadline_s is None else float(deadline_s), call=True)
         try:
-            entry.calls += 1
             return entry.engine.infer(inputs, **kw)
         finally:
-            self._release(entry)
+            self._release(entry, call=True)
 
     def ensure_resident(self, name: str) -> float:
         """Bring ``name``'s weights onto the GPU (making room); seconds spent paging, 0 if resident."""
         entry = self._entry(name)
         seconds = self._acquire(entry, self.deadline_s, call=False)
-        self._release(entry)
+        self._release(entry, call=False)
         return seconds
 
     def _acquire(self, entry: _Entry, deadline_s: float, *, call: bool) -> float:
@@ -280,9 +279,11 @@ class EngineGroup:
                                            self._committed_bytes, time.monotonic() - t0, f"group {self.name!r}")
         self._cond.wait(left)
 
-    def _release(self, entry: _Entry) -> None:
+    def _release(self, entry: _Entry, *, call: bool) -> None:
         with self._cond:
             entry.in_flight -= 1
+            if call:
+                entry.calls += 1  # under the lock: concurrent calls to one model each count
             self._touch(entry, new_use=False)
             self._cond.notify_all()
         if entry.context_bytes is None and entry.engine.loaded:
