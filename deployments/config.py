@@ -198,8 +198,9 @@ class GroupConfig(_Strict):
     name: Annotated[str, Field(pattern=_NAME, description="Group name: the name of its Serve deployment "
                                                           "(its options go under `deployments:`).")]
     gpu_weights_budget_bytes: int | None = Field(
-        None, gt=0, description="Bytes of weights a replica keeps on its GPU; past it the least recently used "
-                                "models' weights leave the GPU (host_tier). None: no limit but the card.")
+        None, gt=0, description="Bytes of weights a replica keeps on its GPU; past it idle models' weights "
+                                "leave the GPU (host_tier), least frequently used lately first (LRU-2). "
+                                "None: no limit but the card.")
     host_tier: bool = Field(True, description="Weights leaving the GPU go to pinned host memory (a call brings "
                                               "them back in one copy); false: they are dropped and the engine "
                                               "is built again on its next call.")

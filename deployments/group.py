@@ -16,6 +16,7 @@ and the handler groups by model again (a request's model travels with it).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from deployments.group_report import aggregate_stats, tier_reports
 from deployments.protocol import CheckedInputs, validation_key
 from deployments.replica import (
     log_to_replica_file,
+    gpu_thread,
     run_batch,
     release_in_order,
     setup_cuda_process,
@@ -63,6 +65,9 @@ class GroupDeployment:
     """One ``EngineGroup`` per replica. Call ``infer`` through a handle with
     ``.options(multiplexed_model_id=<model>)``, or over HTTP (the ingress)."""
 
+    #: The replica's one thread for engine work (replica.gpu_thread); None until __init__ made it.
+    _gpu = None
+
     def __init__(self, group: dict, models: list[dict], app: dict) -> None:
         log_to_replica_file()
         self.started_s = time.time()
@@ -73,8 +78,10 @@ class GroupDeployment:
         # that does not build, weights over the budget) rolls back exactly what it got.
         self.client = self.engines = self.pool = self.admission = None
         self._shut_down = False
+        # The replica's engine work, its start included, runs on this one thread (gpu_thread).
+        self._gpu = gpu_thread(self.group.name)
         try:
-            self._start()
+            self._gpu.submit(self._start).result()
         except BaseException:
             self.shutdown()
             raise
@@ -194,7 +201,7 @@ class GroupDeployment:
 
             out = await run_batch([queued[i][1:] for i in indices], call=call, desc=self.descs[name],
                                   admission_deadline_s=self.app.coordinator.admission_deadline_s,
-                                  validate=validate_inputs)
+                                  validate=validate_inputs, executor=self._gpu)
             for i, r in zip(indices, out):
                 results[i] = r
         return results
@@ -396,10 +403,13 @@ class GroupDeployment:
                 "held", getattr(self, "replica_id", "?"), self.group.name, len(engines.names()), held / 2**20)
 
         # The engines before the pool, the admission last (as ModelDeployment.shutdown).
+        gpu = getattr(self, "_gpu", None)
         release_in_order([None if self.client is None else self.client.stop,
                           None if engines is None else close_engines,
                           None if self.pool is None else self.pool.close,
-                          None if self.admission is None else self.admission.close])
+                          None if self.admission is None else self.admission.close,
+                          # Last: nothing of the replica's runs on it any more.
+                          None if gpu is None else functools.partial(gpu.shutdown, wait=False)])
 
     def __del__(self) -> None:
         # Serve's graceful shutdown calls __del__ (its hook for a replica's cleanup): the

@@ -8,6 +8,7 @@ in and the admission budget of its GPU (``deployments.coordinator_client``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from deployments.gpu_identity import current_replica_gpu
 from deployments.protocol import CheckedInputs, validation_key
 from deployments.replica import (
     log_to_replica_file,
+    gpu_thread,
     run_batch,
     release_in_order,
     setup_cuda_process,
@@ -42,6 +44,9 @@ USER_CONFIG_KEYS = ("mode", "max_batch_size", "batch_wait_timeout_s", "pin", "we
 class ModelDeployment:
     """One engine per replica. Call ``infer`` through a handle or over HTTP (the ingress)."""
 
+    #: The replica's one thread for engine work (replica.gpu_thread); None until __init__ made it.
+    _gpu = None
+
     def __init__(self, model: dict, app: dict) -> None:
         log_to_replica_file()
         self.model = ModelConfig.model_validate(model)
@@ -50,8 +55,10 @@ class ModelDeployment:
         # exactly what it got (a joined pool, a loaded engine, a started client).
         self.client = self.engine = self.pool = self.admission = None
         self._shut_down = False
+        # The replica's engine work, its start included, runs on this one thread (gpu_thread).
+        self._gpu = gpu_thread(self.model.name)
         try:
-            self._start()
+            self._gpu.submit(self._start).result()
         except BaseException:
             self.shutdown()
             raise
@@ -135,7 +142,7 @@ class ModelDeployment:
         engine = self.engine
         return await run_batch(
             queued, desc=self.desc, admission_deadline_s=engine.admission_deadline_s, validate=validate_inputs,
-            call=lambda merged, deadline_s, checked: engine.infer(merged, deadline_s=deadline_s,
+            executor=self._gpu, call=lambda merged, deadline_s, checked: engine.infer(merged, deadline_s=deadline_s,
                                                                   finite_checked=checked, inputs_checked=True))
 
     def describe(self) -> EngineDescription:
@@ -264,10 +271,13 @@ class ModelDeployment:
 
         # The engine before the pool (its arena has then unmapped and given back every
         # lease), the admission last (the last replica on the GPU removes the budget's file).
+        gpu = getattr(self, "_gpu", None)
         release_in_order([None if self.client is None else self.client.stop,
                           None if engine is None else close_engine,
                           None if self.pool is None else self.pool.close,
-                          None if self.admission is None else self.admission.close])
+                          None if self.admission is None else self.admission.close,
+                          # Last: nothing of the replica's runs on it any more.
+                          None if gpu is None else functools.partial(gpu.shutdown, wait=False)])
 
     def __del__(self) -> None:
         # Serve's graceful shutdown calls __del__ (its documented hook for a replica's

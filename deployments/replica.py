@@ -10,9 +10,12 @@ its own requests only.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -73,13 +76,30 @@ def group_for_engine(requests: list[dict[str, np.ndarray]], max_batch: int) -> l
     return groups
 
 
+def gpu_thread(name: str) -> ThreadPoolExecutor:
+    """The one thread a replica runs its engine work on: its start (loads, warm-ups,
+    graph capture) and every engine call.
+
+    PyTorch keeps cuBLAS and cuDNN handles, and the device memory behind them, per host
+    thread. Calls on asyncio's default executor land on whichever of its threads is
+    free (up to 32), and every thread that ran an eager warm-up (a model loaded on its
+    first call) kept a set of its own. On one thread there is one set. Nothing runs less
+    concurrently: a replica's ``@serve.batch`` handler runs one batch at a time, and an
+    engine runs one call at a time.
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ebb-gpu-{name}")
+
+
 async def run_batch(queued: list[Queued], *, call: EngineCall, desc: Any, admission_deadline_s: float,
-                    validate: Callable[..., Any]) -> list[dict[str, np.ndarray] | Exception]:
+                    validate: Callable[..., Any], executor: Executor | None = None,
+                    ) -> list[dict[str, np.ndarray] | Exception]:
     """One engine call per group of compatible requests (all of one model). A group's
     failure is handed to its own requests only (as the item, for the caller to raise):
     raised from a ``@serve.batch`` handler, Serve would fail every request of the batch.
     ``validate`` is ``spec.validate_inputs`` (passed in so that callers and their tests
-    choose it)."""
+    choose it). Calls run on ``executor`` (the replica's :func:`gpu_thread`; default:
+    asyncio's), with the caller's context variables, as ``asyncio.to_thread`` runs them."""
+    loop = asyncio.get_running_loop()
     requests = [arrays for arrays, _, _ in queued]
     results: list[dict[str, np.ndarray] | Exception | None] = [None] * len(requests)
     groups = group_for_engine(requests, desc.max_batch)
@@ -96,7 +116,8 @@ async def run_batch(queued: list[Queued], *, call: EngineCall, desc: Any, admiss
         deadline_s = admission_deadline_s - (time.monotonic() - oldest)
         checked = all(queued[i][2] for i in group)
         try:
-            out = await asyncio.to_thread(call, merged, deadline_s, checked)
+            out = await loop.run_in_executor(executor, functools.partial(
+                contextvars.copy_context().run, call, merged, deadline_s, checked))
         except InvalidInputError as err:
             if len(group) == 1:
                 results[group[0]] = err

@@ -23,7 +23,11 @@ A run stopped by SIGTERM (``timeout``) writes the rows it measured before it tea
 ebb-groups is not a count of replicas: one process (as a group replica) holds a group of
 models (``scripts/bench_groups.py``, in-process ``EngineGroup``, not through Serve):
 first as many as fit with every model's weights on the GPU, then ``--group-host-models``
-with the host tier under Zipf-like traffic; its rows say which targets were met.
+with the host tier under Zipf-like traffic; its rows say which targets were met. The
+hot models are the three highest Zipf ranks (named in the target's row); their p99 is
+reported over all their calls and over those that found their model resident, with the
+count of hot calls that paged in, so a miss says whether it came from the hot models'
+own page-ins or from waiting behind other models' paging.
 """
 
 from __future__ import annotations
@@ -210,8 +214,8 @@ def run_groups(args, sampler=None, used_at_start: int | None = None) -> dict:
            "budget_models": args.group_budget_models, "zipf_s": args.group_zipf_s,
            "zipf_rate_per_s": args.group_rate, "stack_limit_bytes": args.stack_limit_bytes}
     if args.quick:
-        cfg.update({"step": 2, "check_s": 1.0, "rate_per_s": 10.0, "zipf_s_duration": 3.0, "alone_s": 2.0,
-                    "page_in_repeats": 3})
+        cfg.update({"step": 2, "check_s": 1.0, "rate_per_s": 10.0, "zipf_warm_s": 1.0, "zipf_s_duration": 3.0,
+                    "alone_s": 2.0, "page_in_repeats": 3})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(benchlib.ROOT), os.environ.get("PYTHONPATH")]))}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_groups.py")), json.dumps(cfg)],
@@ -239,6 +243,14 @@ def groups_rows(g: dict, held: dict) -> tuple[list[list], list[list]]:
     if held.get("plain"):
         rows.append(["ratio ebb-groups (GPU) / plain", f"{g['gpu_models_held'] / held['plain']:.2f}x", ""])
     ratio_p99 = g["hot_p99_ms"] / g["alone_p99_ms"] if g["alone_p99_ms"] else float("inf")
+    hot = g.get("hot_models") or []
+    hot_which = (f" (hot: {', '.join(hot)}, Zipf ranks 1-{len(hot)}, {g['hot_share']:.0%} of calls)"
+                 if "hot_share" in g else "")
+    hot_detail = ""
+    if "hot_resident_p99_ms" in g:  # runs before the split was recorded have only the total
+        ratio_res = g["hot_resident_p99_ms"] / g["alone_p99_ms"] if g["alone_p99_ms"] else float("inf")
+        hot_detail = (f"; {g['hot_calls_paged_in']} of {g['hot_calls']} hot calls paged in; hot calls that "
+                      f"found their model resident {g['hot_resident_p99_ms']:.1f} ms = {ratio_res:.2f}x")
     floor = g["weights_bytes"] / (g["pinned_gbps"] * 1e9)
     ratio_in = g["page_in_s"] / floor
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
@@ -247,8 +259,8 @@ def groups_rows(g: dict, held: dict) -> tuple[list[list], list[list]]:
         [">= 200 models with the host tier, 0 failed calls",
          f"{g['host_models']} models, {g['zipf_failed']} failed",
          met(g["host_models"] >= 200 and g["zipf_failed"] == 0 and not g["zipf_wrong"])],
-        ["hot-model p99 <= 1.25x one model alone",
-         f"{g['hot_p99_ms']:.1f} / {g['alone_p99_ms']:.1f} ms = {ratio_p99:.2f}x", met(ratio_p99 <= 1.25)],
+        [f"hot-model p99 <= 1.25x one model alone{hot_which}",
+         f"{g['hot_p99_ms']:.1f} / {g['alone_p99_ms']:.1f} ms = {ratio_p99:.2f}x{hot_detail}", met(ratio_p99 <= 1.25)],
         ["page-in <= 2x weights / pinned H2D bandwidth",
          f"{g['page_in_s'] * 1e3:.2f} ms vs {floor * 1e3:.2f} ms ({g['weights_bytes'] / 2**20:.0f} MiB at "
          f"{g['pinned_gbps']:.1f} GB/s) = {ratio_in:.2f}x", met(ratio_in <= 2.0)],

@@ -1,13 +1,25 @@
 """Many engines in one process: weights tiered by bytes and last use, one context source.
 
-A group holds an engine per model. Within the group's GPU weights budget the least
-recently used weights go to host memory (or are unloaded, ``host_tier=False``); a call
-to a model whose weights are not on the GPU first makes room (paging out the least
-recently used models that have no call in flight), brings them back (one pinned
+A group holds an engine per model. Within the group's GPU weights budget the weights
+of models used least often lately go to host memory (or are unloaded,
+``host_tier=False``): the order is LRU-2 (``group.eviction``: by second-to-last use,
+so a run of one-off calls to cold models does not push out a frequently used one). A
+call to a model whose weights are not on the GPU first makes room (paging out models
+that have no call in flight, in that order), brings them back (one pinned
 host-to-device copy, at the same device addresses, for the PyTorch backend on a GPU),
-then runs. Residency changes run outside the group's lock, so calls to resident
-models never wait behind another model's page-in; the lock only guards the
-bookkeeping (bytes committed, calls in flight, who is moving).
+then runs.
+
+Residency changes run outside the group's lock, on the thread of the call that needs
+the room, and each engine moves its weights on its own stream under its own call
+lock: a call to a resident model never waits for another model's page-out or page-in
+(only for the GPU itself, and for the group's context admission while another call
+*runs*). The group's lock only guards the bookkeeping (bytes committed, calls in
+flight, who is moving) and is never held across a copy or a driver call; nor is the
+GIL (PyTorch releases it in copies and synchronisations, cuda-bindings from 12.9.1 in
+driver calls: hence the floor on cuda-python in pyproject.toml). The victim's
+device memory is released on the same thread, before the page-in maps its own: the
+budget bounds the bytes mapped, not just the bytes counted, so the release cannot be
+deferred past the page-in, and it is on the cold call's path only.
 
 Context memory: every engine draws it through the group's one ``GroupAdmission`` (one
 call's context at a time, then the replica's admission) and, where a physical source
@@ -20,7 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine_runtime.engine import Engine
@@ -31,6 +43,7 @@ from engine_runtime.errors import (
     WeightsBudgetUnavailable,
 )
 from engine_runtime.group.admission import GroupAdmission
+from engine_runtime.group.eviction import UseHistory, eviction_key
 from engine_runtime.memory import MemoryMode
 from engine_runtime.memory.admission import Admission
 from engine_runtime.units import MiB
@@ -50,8 +63,8 @@ class _Entry:
     #: Device bytes of the weights when resident (known before loading, rounded as mapped).
     weights_bytes: int
     last_used_s: float | None = None
-    #: Monotonic order of last use (ties in time.time() broken by this).
-    last_use_seq: int = 0
+    #: The last two uses in the group's monotonic order (the page-out order, ``eviction``).
+    uses: UseHistory = field(default_factory=UseHistory)
     calls: int = 0
     in_flight: int = 0
     #: A thread is paging this model in or out; others wait for it.
@@ -136,8 +149,8 @@ class EngineGroup:
                 self._cond.notify_all()
 
     def set_budget(self, budget: GroupBudget) -> list[str]:
-        """A new budget from now on; idle models over it are paged out at once (least
-        recently used first), busy ones as later calls make room. Returns those paged out."""
+        """A new budget from now on; idle models over it are paged out at once (in the
+        page-out order), busy ones as later calls make room. Returns those paged out."""
         with self._cond:
             self._check_open()
             self.budget = budget
@@ -171,28 +184,29 @@ class EngineGroup:
         """Run one call of ``name``, bringing its weights onto the GPU first if needed."""
         entry = self._entry(name)
         deadline_s = kw.get("deadline_s")
-        self._acquire(entry, self.deadline_s if deadline_s is None else float(deadline_s))
+        self._acquire(entry, self.deadline_s if deadline_s is None else float(deadline_s), call=True)
         try:
-            entry.calls += 1
             return entry.engine.infer(inputs, **kw)
         finally:
-            self._release(entry)
+            self._release(entry, call=True)
 
     def ensure_resident(self, name: str) -> float:
         """Bring ``name``'s weights onto the GPU (making room); seconds spent paging, 0 if resident."""
         entry = self._entry(name)
-        seconds = self._acquire(entry, self.deadline_s)
-        self._release(entry)
+        seconds = self._acquire(entry, self.deadline_s, call=False)
+        self._release(entry, call=False)
         return seconds
 
-    def _acquire(self, entry: _Entry, deadline_s: float) -> float:
-        """Count a call in flight on ``entry`` and make it resident; seconds spent paging it in."""
+    def _acquire(self, entry: _Entry, deadline_s: float, *, call: bool) -> float:
+        """Count a call in flight on ``entry`` and make it resident; seconds spent paging it in.
+        Only a ``call`` counts as a use for the page-out order (a page-in asked for, as when a
+        replica preloads its models, moves recency only)."""
         t0 = time.monotonic()
         end = t0 + max(0.0, deadline_s)
         with self._cond:
             self._check_open()
             entry.in_flight += 1
-            self._touch(entry)
+            self._touch(entry, new_use=call)
             try:
                 victims = self._plan_locked(entry, end, t0)
             except BaseException:
@@ -241,9 +255,7 @@ class EngineGroup:
             victims: list[_Entry] = []
             if limit is not None:
                 free = limit - self._committed_bytes
-                candidates = sorted((e for e in self._entries.values()
-                                     if e is not entry and e.committed and not e.moving and e.in_flight == 0),
-                                    key=lambda e: e.last_use_seq)
+                candidates = self._eviction_order_locked(exclude=entry)
                 for e in candidates:
                     if free >= entry.weights_bytes:
                         break
@@ -267,18 +279,31 @@ class EngineGroup:
                                            self._committed_bytes, time.monotonic() - t0, f"group {self.name!r}")
         self._cond.wait(left)
 
-    def _release(self, entry: _Entry) -> None:
+    def _release(self, entry: _Entry, *, call: bool) -> None:
         with self._cond:
             entry.in_flight -= 1
-            self._touch(entry)
+            if call:
+                entry.calls += 1  # under the lock: concurrent calls to one model each count
+            self._touch(entry, new_use=False)
             self._cond.notify_all()
         if entry.context_bytes is None and entry.engine.loaded:
             entry.context_bytes = _max_context_bytes(entry.engine)
 
-    def _touch(self, entry: _Entry) -> None:
+    def _touch(self, entry: _Entry, *, new_use: bool) -> None:
+        """A call to ``entry`` starts (``new_use``) or ends (recency only)."""
         self._seq += 1
-        entry.last_use_seq = self._seq
+        if new_use:
+            entry.uses.record_use(self._seq)
+        else:
+            entry.uses.refresh(self._seq)
         entry.last_used_s = self._clock()
+
+    def _eviction_order_locked(self, exclude: _Entry | None = None) -> list[_Entry]:
+        """Resident models that may be paged out now (no call in flight, not moving), the
+        first to go first (LRU-2: ``eviction.eviction_key``)."""
+        return sorted((e for e in self._entries.values()
+                       if e is not exclude and e.committed and not e.moving and e.in_flight == 0),
+                      key=lambda e: eviction_key(e.uses))
 
     def _sync_committed_locked(self, entry: _Entry) -> None:
         """Count ``entry`` against the budget exactly when its weights are on the GPU."""
@@ -318,19 +343,18 @@ class EngineGroup:
         return self._page_out_now(entry)
 
     def page_out_cold(self, bytes_wanted: int) -> list[str]:
-        """Page out idle resident models, least recently used first, until ``bytes_wanted``
-        device bytes are freed (the coordinator's request under pressure); their names."""
+        """Page out idle resident models, in the group's page-out order (LRU-2), until
+        ``bytes_wanted`` device bytes are freed (a smaller budget); their names."""
         with self._cond:
             self._check_open()
             chosen: list[_Entry] = []
             total = 0
-            for e in sorted(self._entries.values(), key=lambda e: e.last_use_seq):
+            for e in self._eviction_order_locked():
                 if total >= bytes_wanted:
                     break
-                if e.committed and not e.moving and e.in_flight == 0:
-                    e.moving = True
-                    chosen.append(e)
-                    total += e.weights_bytes
+                e.moving = True
+                chosen.append(e)
+                total += e.weights_bytes
         names = []
         for e in chosen:
             if self._page_out_now(e):

@@ -1,7 +1,13 @@
 """Memory-aware autoscaling in a running app: scale up under load, never past memory.
 
-BERT-tiny behind ``MemoryAwarePolicy`` with ``target_ongoing_requests: 1`` and client
-threads keeping several calls in flight. On a logical GPU sized so that a second
+BERT-tiny behind ``MemoryAwarePolicy`` with client threads keeping calls going and
+``target_ongoing_requests`` low enough that *any* sustained load asks for a second
+replica. The load generator is this process's threads: on a loaded two-core machine
+they are starved, and the ongoing requests Serve counts (at the handle, averaged over
+a one-second look-back) read 0 for most of a run although the replica answered ~27
+calls/s throughout (2026-12-07, with and without the replica's one GPU thread). With
+a target of 1 the policy then mostly saw no reason to scale at all, and the tests
+passed or timed out by luck; with 0.1 any load seen asks for two replicas. On a logical GPU sized so that a second
 replica cannot fit, the policy holds at one replica and says why (``no_room``,
 counted on Ray's metrics endpoint); on a roomy one, the same load adds a replica.
 Replicas report their figures every half second (Serve's default is ten).
@@ -58,7 +64,7 @@ def deploy(serve_instance, *, virtual_gpu_memory_bytes: int, namespace: str) -> 
         "max_ongoing_requests": 4,
         "ray_actor_options": {"num_gpus": 0.25, "num_cpus": 0.25},
         "autoscaling_config": {
-            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.1,
             "upscale_delay_s": 0, "downscale_delay_s": 600, "look_back_period_s": 1,
             "policy": {"policy_function": "deployments.autoscaling:MemoryAwarePolicy",
                        "policy_kwargs": {"namespace": namespace}},

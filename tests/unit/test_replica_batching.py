@@ -171,3 +171,25 @@ def test_where_the_engine_checks_on_the_host_the_replica_checks_and_says_so():
     got = call_all(obj, [rows(1.0), rows(float("inf")), rows(2.0)])
     assert isinstance(got[1], InputValueError)  # refused on the way in, alone
     assert [b for b, _ in engine.calls] == [2] and engine.finite_checked == [True]
+
+
+def test_every_call_runs_on_the_replica_s_one_gpu_thread():
+    """Before: asyncio's default executor ran each call on whichever of its threads was
+    free; every thread that ran eager work kept its own cuBLAS/cuDNN handles."""
+    from deployments.replica import gpu_thread
+
+    names: list[str] = []
+
+    class Recording(StandInEngine):
+        def infer(self, inputs, **kwargs):
+            names.append(threading.current_thread().name)
+            return super().infer(inputs, **kwargs)
+
+    obj = replica(Recording(call_s=0.01))
+    obj._gpu = gpu_thread("stand-in")
+    try:
+        got = call_all(obj, [rows(float(i), width=3 + i % 2) for i in range(8)])
+        assert not any(isinstance(g, BaseException) for g in got), got
+    finally:
+        obj._gpu.shutdown()
+    assert len(names) >= 2 and set(names) == {names[0]} and names[0].startswith("ebb-gpu-stand-in"), names

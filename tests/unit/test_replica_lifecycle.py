@@ -191,3 +191,25 @@ def test_a_broken_engine_fails_its_group_replica_s_health_check():
     with pytest.raises(RuntimeError, match=r"group 'zoo': engine\(s\) broken: b: AcceleratorError: CUDA error"):
         obj.check_health()
     assert not obj.ready()
+
+
+
+def test_the_start_runs_on_the_replica_s_gpu_thread_and_shutdown_ends_it(replica_env, monkeypatch):
+    """Loads and warm-ups (eager cuBLAS/cuDNN: per-thread handles) run on the thread the
+    calls will run on (tests/unit/test_replica_batching.py checks the calls)."""
+    import threading
+
+    started_on: list[str] = []
+    real_setup = model_mod.setup_cuda_process
+
+    def setup(*args, **kwargs):
+        started_on.append(threading.current_thread().name)
+        return real_setup(*args, **kwargs)
+
+    monkeypatch.setattr(model_mod, "setup_cuda_process", setup)
+    replica = make_replica()
+    try:
+        assert len(started_on) == 1 and started_on[0].startswith("ebb-gpu-r18"), started_on
+    finally:
+        replica.shutdown()
+    assert replica._gpu._shutdown
