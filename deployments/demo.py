@@ -20,8 +20,20 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+
 from engine_runtime.units import MiB
 
+
+def _port_in_use(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _gpu_count() -> int:
@@ -90,9 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     app_name, route_prefix, app, http_options = from_serve_config(args.config)
     host = http_options.get("host", "127.0.0.1")
     port = args.port or int(http_options.get("port", 8000))
+    if _port_in_use(host, port):
+        # Checked before Ray starts: Serve's proxy would otherwise fail to bind in the
+        # background and the demo would only time out waiting for it.
+        print(f"demo: {host}:{port} is in use (another Serve application, say one started with "
+              f"`ray start` and `serve run`); stop it (`serve shutdown`) or pass --port N", file=sys.stderr)
+        return 2
     gpus = _gpu_count()
     print(f"Starting Ray with {gpus or 1} {'GPU(s)' if gpus else 'logical GPU (no GPU on this host)'} ...")
-    ray.init(num_gpus=None if gpus else 1, num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+    # address="local": a cluster of the demo's own, also where `ray start` runs one here
+    # (ray.init() would join that one and refuse num_gpus; the demo must not touch it).
+    ray.init(address="local", num_gpus=None if gpus else 1, num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
              logging_level=logging.WARNING, log_to_driver=False)
     stop = {"now": False}
     try:

@@ -276,7 +276,7 @@ def _measure_in_serve(case: ModelCase, args: argparse.Namespace) -> dict:
         def measure(self, case: ModelCase, kwargs: dict) -> dict:
             return measure(case, "plain", **kwargs)
 
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "scripts")])}},
+    ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "scripts")])}},
              include_dashboard=False)
     try:
         handle = serve.run(PlainReplica.bind(), name="bench-modes-plain", route_prefix=None)

@@ -110,7 +110,7 @@ def start_app(config: dict[str, Any], timeout_s: float = 600.0) -> None:
         gpus = torch.cuda.device_count()
     except Exception:  # noqa: BLE001
         gpus = 0
-    ray.init(num_gpus=None if gpus else 1, num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False,
+    ray.init(address="local", num_gpus=None if gpus else 1, num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False,
              logging_level=logging.ERROR, log_to_driver=False)
     client = serve_private_api.serve_start(http_options=config["http_options"], grpc_options=config["grpc_options"])
     client.deploy_apps(ServeDeploySchema.model_validate(config))

@@ -224,7 +224,7 @@ def start_ray(num_gpus_if_none: int = 1) -> None:
         gpus = torch.cuda.device_count()
     except Exception:  # noqa: BLE001
         gpus = 0
-    ray.init(num_gpus=None if gpus else num_gpus_if_none, num_cpus=max(8, os.cpu_count() or 1),
+    ray.init(address="local", num_gpus=None if gpus else num_gpus_if_none, num_cpus=max(8, os.cpu_count() or 1),
              include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
 

@@ -430,7 +430,7 @@ def start_cluster(cfg: ScenarioConfig) -> None:
     os.environ.update(NO_MULTICAST_ENV)
     env_vars = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
                 **NO_MULTICAST_ENV}
-    ray.init(num_cpus=4 if cfg.logical else max(8, min(16, os.cpu_count() or 8)), num_gpus=2,
+    ray.init(address="local", num_cpus=4 if cfg.logical else max(8, min(16, os.cpu_count() or 8)), num_gpus=2,
              include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              runtime_env={"env_vars": env_vars})
 

@@ -27,7 +27,7 @@ def app():
     from deployments.app import bind
     from deployments.config import parse_app_config
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     cfg = parse_app_config({
         "models": [{"name": "r50", "source": {"architecture": "resnet50"},

@@ -35,7 +35,7 @@ def app():
     from deployments.app import bind
     from deployments.config import parse_app_config
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     model = {"source": {"architecture": "resnet50"}, "input": {"min_batch": 1, "opt_batch": 8, "max_batch": 8},
              "backend": "pytorch"}

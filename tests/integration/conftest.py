@@ -37,7 +37,9 @@ def ray_cluster(request):
     saved = {k: os.environ.get(k) for k in env}
     # Ray's processes inherit the environment of the process that starts them.
     os.environ.update(env)
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING,
+    # address="local": a cluster of its own even where `ray start` runs one on this machine
+    # (ray.init() would join that one, and refuse num_gpus there).
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False, **getattr(request.module, "RAY_INIT_OPTIONS", {}))
     node_id = ray.get_runtime_context().get_node_id()
     try:

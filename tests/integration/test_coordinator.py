@@ -143,7 +143,7 @@ def ebb():
 
     from deployments.coordinator import get_existing
 
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     node_id = ray.get_runtime_context().get_node_id()
     try:
         port = free_port(HTTP_PORTS)
