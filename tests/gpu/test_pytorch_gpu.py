@@ -213,8 +213,9 @@ def test_dynamic_memory_switching_and_close_in_a_fresh_process(case, capsys):
     assert not r["switch_errors"] and r["switch_mismatches"] == 0
     assert r["switch_calls"] >= r["switches"]
     assert r["acquisitions"] >= r["dynamic_calls"]
-    # Sanity only (the floors are 40-400 µs): catches an acquisition path gone badly wrong.
-    assert r["acquisition_p50_s"] < 5e-3
+    # The acquisition time is printed in the report above, not bounded here: its target
+    # is a row of bench_pool / bench_modes with its card (a bound loose enough never to
+    # fail on a slow host says nothing).
     back = r["after_close_bytes"] - r["baseline_bytes"]
     assert back <= IDLE_ALLOWANCE_BYTES, f"close() left {back / MiB:.0f} MiB above the baseline"
 
