@@ -5,7 +5,7 @@ with mode, bytes held, request rate, last decision and its process's measured fl
 under a group replica, each of its models with weights tier, bytes, last use and
 page-ins; ``--watch`` refreshes,
 ``--json`` prints the raw view for scripts. It reads the ingress's ``/ebb/status``
-(the same JSON over HTTP), or the coordinator actor directly with ``--ray``.
+(the same JSON over HTTP), or the coordinator actor directly with ``--ray-address``.
 ``ebb build`` turns an ONNX file or an architecture into a cached engine.
 """
 
@@ -17,8 +17,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from engine_runtime.units import MiB
 
+from engine_runtime.units import MiB
 
 
 def fetch_status(url: str | None, ray_address: str | None, namespace: str) -> dict:
@@ -95,7 +95,11 @@ def _status(args: argparse.Namespace) -> int:
         try:
             status = fetch_status(args.url, args.ray_address, args.namespace)
         except (urllib.error.URLError, OSError, ValueError) as err:
-            print(f"ebb status: cannot read the status ({err})", file=sys.stderr)
+            where = (f"the coordinator through Ray at {args.ray_address}" if args.ray_address is not None
+                     else f"{args.url.rstrip('/')}/ebb/status")
+            print(f"ebb status: cannot read the status from {where} ({err}); is the application running "
+                  f"there? --url names its HTTP address, --ray-address auto reads the coordinator instead",
+                  file=sys.stderr)
             return 2
         if args.json:
             print(json.dumps(status, indent=2, default=str))

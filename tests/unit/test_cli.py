@@ -63,7 +63,8 @@ def test_status_command_prints_table_and_json(server, capsys):
 
 def test_status_command_says_why_when_unreachable(capsys):
     assert cli.main(["status", "--url", "http://127.0.0.1:9"]) == 2
-    assert "cannot read the status" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot read the status from http://127.0.0.1:9/ebb/status" in err and "--url" in err
 
 
 def test_render_lists_a_group_replica_s_models_with_tier_bytes_last_use_and_page_ins():
