@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -90,3 +91,12 @@ def test_render_lists_a_group_replica_s_models_with_tier_bytes_last_use_and_page
     assert rows["resnet-a"][:3] == ["resnet-a", "gpu", "98.0"] and rows["resnet-a"][-3:] == ["3", "2.00", "40"]
     assert rows["resnet-b"][1] == "gpu*" and rows["resnet-c"][1] == "host" and "never" in rows["resnet-c"]
     assert "g1 page out resnet-b:" in text
+
+
+def test_render_says_where_a_configured_pool_is_unavailable():
+    status = copy.deepcopy(STATUS)
+    replica = status["gpus"][0]["replicas"][0]
+    replica["pool"] = "unavailable: this replica has no CUDA device"
+    assert "context pool: unavailable: this replica has no CUDA device" in cli.render(status)
+    replica["pool"] = "not used"
+    assert "context pool" not in cli.render(status)
