@@ -44,7 +44,7 @@ def _replica_details(r: dict, now_s: float) -> list[str]:
     if r.get("floor_bytes") is not None:
         lines.append(f"    process floor {r['floor_bytes'] / MiB:,.0f} MiB")
     pool = r.get("pool")
-    if pool and pool != "not used":
+    if pool and not pool.startswith("not used"):
         # Shown where asked for: a pool that was configured but is unavailable here (no
         # CUDA, no VMM) is otherwise visible only as the mechanism the replica fell back to.
         lines.append(f"    context pool: {pool}")

@@ -98,5 +98,7 @@ def test_render_says_where_a_configured_pool_is_unavailable():
     replica = status["gpus"][0]["replicas"][0]
     replica["pool"] = "unavailable: this replica has no CUDA device"
     assert "context pool: unavailable: this replica has no CUDA device" in cli.render(status)
-    replica["pool"] = "not used"
+    replica["pool"] = "not used: disabled in the config (context_pool.enabled)"
     assert "context pool" not in cli.render(status)
+    replica["pool"] = "in use"
+    assert "context pool: in use" in cli.render(status)
