@@ -101,6 +101,11 @@ class ModelConfig(_Strict):
             raise ValueError("backend 'tensorrt' needs a plan or onnx source; use 'ebb build' to make a plan")
         if isinstance(self.source, PlanSource) and self.backend == "pytorch":
             raise ValueError("a TensorRT plan cannot run on the pytorch backend")
+        if isinstance(self.source, OnnxSource) and self.backend == "pytorch":
+            # Refused here, at deploy, rather than by every replica's start (Serve retried
+            # three times and reported the error inside a traceback).
+            raise ValueError("an ONNX source is built into a TensorRT engine: set backend 'tensorrt' or "
+                             "'auto' (the pytorch backend serves architectures only)")
         return self
 
 
