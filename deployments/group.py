@@ -16,11 +16,13 @@ and the handler groups by model again (a request's model travels with it).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -67,6 +69,9 @@ class GroupDeployment:
 
     #: The replica's one thread for engine work (replica.gpu_thread); None until __init__ made it.
     _gpu = None
+    #: The thread that brings a called model's weights back from host memory before its
+    #: request joins the batch queue (``_page_in_first``); None: asyncio's default executor.
+    _paging = None
 
     def __init__(self, group: dict, models: list[dict], app: dict) -> None:
         log_to_replica_file()
@@ -80,6 +85,7 @@ class GroupDeployment:
         self._shut_down = False
         # The replica's engine work, its start included, runs on this one thread (gpu_thread).
         self._gpu = gpu_thread(self.group.name)
+        self._paging = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ebb-paging-{self.group.name}")
         try:
             self._gpu.submit(self._start).result()
         except BaseException:
@@ -181,10 +187,29 @@ class GroupDeployment:
         else:
             arrays = to_numpy_inputs(inputs.arrays if isinstance(inputs, CheckedInputs) else inputs)
             validate_inputs(desc, arrays, reject_non_finite=host_finite)
+        await self._page_in_first(name, arrived)
         result = await self._batched((name, arrays, arrived, host_finite))
         if isinstance(result, BaseException):
             raise result  # this request's group of the batch failed; the others did not
         return result
+
+    async def _page_in_first(self, name: str, arrived: float) -> None:
+        """Weights in host memory come back before the request joins the batch queue.
+
+        Serve runs one batch at a time: a model paged in by its own engine call (a victim's
+        page-out, then the copy in) held every other model's requests behind it, the hot
+        ones too. Here the copy runs on the paging thread while the batch queue goes on;
+        the call then finds the weights resident (or, evicted again meanwhile, pages them in
+        itself, as before). Only the host tier: a model not loaded at all is built, with
+        warm-up and capture, on the GPU thread, which holds the replica's cuBLAS/cuDNN
+        handles (``replica.gpu_thread``). A failure is the request's, as it would be in the
+        call (``WeightsBudgetUnavailable`` 503, ``WeightsPageError``).
+        """
+        if self.engines.tier(name) is not WeightsTier.HOST:
+            return
+        deadline_s = self.app.coordinator.admission_deadline_s - (time.monotonic() - arrived)
+        await asyncio.get_running_loop().run_in_executor(
+            self._paging, functools.partial(self.engines.ensure_resident, name, deadline_s=max(0.0, deadline_s)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _batched(self, queued: list[tuple[str, dict[str, np.ndarray], float, bool]]
@@ -403,13 +428,14 @@ class GroupDeployment:
                 "held", getattr(self, "replica_id", "?"), self.group.name, len(engines.names()), held / 2**20)
 
         # The engines before the pool, the admission last (as ModelDeployment.shutdown).
-        gpu = getattr(self, "_gpu", None)
+        gpu, paging = getattr(self, "_gpu", None), getattr(self, "_paging", None)
         release_in_order([None if self.client is None else self.client.stop,
                           None if engines is None else close_engines,
                           None if self.pool is None else self.pool.close,
                           None if self.admission is None else self.admission.close,
-                          # Last: nothing of the replica's runs on it any more.
-                          None if gpu is None else functools.partial(gpu.shutdown, wait=False)])
+                          # Last: nothing of the replica's runs on them any more.
+                          None if gpu is None else functools.partial(gpu.shutdown, wait=False),
+                          None if paging is None else functools.partial(paging.shutdown, wait=False)])
 
     def __del__(self) -> None:
         # Serve's graceful shutdown calls __del__ (its hook for a replica's cleanup): the

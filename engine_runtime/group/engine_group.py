@@ -165,6 +165,10 @@ class EngineGroup:
     def engine(self, name: str) -> Engine:
         return self._entry(name).engine
 
+    def tier(self, name: str) -> WeightsTier:
+        """Where ``name``'s weights are now (a read without the lock: it may change at once)."""
+        return self._entry(name).engine.weights_tier
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
@@ -190,10 +194,11 @@ class EngineGroup:
         finally:
             self._release(entry, call=True)
 
-    def ensure_resident(self, name: str) -> float:
-        """Bring ``name``'s weights onto the GPU (making room); seconds spent paging, 0 if resident."""
+    def ensure_resident(self, name: str, deadline_s: float | None = None) -> float:
+        """Bring ``name``'s weights onto the GPU (making room) within ``deadline_s`` (the
+        group's deadline when None); seconds spent paging, 0 if resident."""
         entry = self._entry(name)
-        seconds = self._acquire(entry, self.deadline_s, call=False)
+        seconds = self._acquire(entry, self.deadline_s if deadline_s is None else float(deadline_s), call=False)
         self._release(entry, call=False)
         return seconds
 

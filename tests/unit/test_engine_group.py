@@ -8,6 +8,7 @@ that outputs are bit-identical after its weights went to host memory and came ba
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -247,6 +248,35 @@ def test_no_room_while_every_resident_model_is_busy_is_a_503_kind_of_error():
         release.set()
         t.join()
     assert group.infer("b", {"x": X})["y"][0, 0] == 2  # room once a is idle
+
+
+def test_ensure_resident_waits_no_longer_than_its_deadline_and_tier_says_where_weights_are():
+    """A replica brings weights back before a request's call (GroupDeployment._page_in_first),
+    within what is left of that request's deadline, not the group's whole deadline."""
+    release, started = threading.Event(), threading.Event()
+
+    def hold(engine):
+        if engine.name == "a":
+            started.set()
+            release.wait(5)
+
+    group, _ = make_group({"a": 6 * MiB, "b": 6 * MiB}, budget=8 * MiB, on_call=hold)
+    assert group.tier("a") is WeightsTier.UNLOADED
+    group.infer("b", {"x": X})
+    t = threading.Thread(target=group.infer, args=("a", {"x": X}))
+    t.start()
+    assert started.wait(5)
+    try:
+        assert (group.tier("a"), group.tier("b")) == (WeightsTier.GPU, WeightsTier.HOST)
+        t0 = time.monotonic()
+        with pytest.raises(WeightsBudgetUnavailable):
+            group.ensure_resident("b", deadline_s=0.2)
+        assert time.monotonic() - t0 < 5  # the group's own deadline is 30 s
+    finally:
+        release.set()
+        t.join()
+    group.ensure_resident("b", deadline_s=1.0)
+    assert (group.tier("a"), group.tier("b")) == (WeightsTier.HOST, WeightsTier.GPU)
 
 
 def test_page_out_cold_frees_least_recently_used_idle_models():

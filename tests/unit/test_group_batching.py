@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from deployments.group import GroupDeployment
-from engine_runtime import ContextMemoryUnavailable, UnknownModelError
+from engine_runtime import ContextMemoryUnavailable, UnknownModelError, WeightsTier
 
 MODEL_ID: contextvars.ContextVar[str] = contextvars.ContextVar("model_id", default="")
 
@@ -42,6 +42,9 @@ class StandInGroup:
 
     def engine(self, name):
         return SimpleNamespace(checks_finite_on_device=False)
+
+    def tier(self, name):
+        return WeightsTier.GPU
 
     def names(self) -> list[str]:  # the replica's __del__ closes its group and counts what is held
         return []
@@ -184,3 +187,61 @@ def test_user_config_sets_every_engine_s_mode_and_the_batch_queue_and_refuses_we
     assert (obj.pin, obj.mode) == ("dynamic", MemoryMode.DYNAMIC)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['weights'\].*single-model deployments"):
         obj.reconfigure({"weights": {"seed": 3}})
+
+
+class PagingGroup(StandInGroup):
+    """``cold`` starts in host memory; bringing it back blocks until ``copied`` is set,
+    as a slow copy would. Its engine call brings it back itself if nobody did first."""
+
+    def __init__(self, factors: dict[str, float]) -> None:
+        super().__init__(factors)
+        self.tiers = {n: WeightsTier.GPU for n in factors} | {"cold": WeightsTier.HOST}
+        self.copied = threading.Event()
+        self.paged_in_by: list[str] = []
+
+    def tier(self, name):
+        return self.tiers[name]
+
+    def ensure_resident(self, name, deadline_s=None):
+        return self._page_in(name, "ensure_resident")
+
+    def _page_in(self, name, by):
+        if self.tiers[name] is WeightsTier.HOST:
+            assert self.copied.wait(10), "the test never let the copy finish"
+            self.tiers[name] = WeightsTier.GPU
+            self.paged_in_by.append(by)
+        return 0.0
+
+    def infer(self, name, inputs, *, deadline_s=None, finite_checked=False):
+        self._page_in(name, "the call")
+        return super().infer(name, inputs, deadline_s=deadline_s, finite_checked=finite_checked)
+
+
+def test_a_resident_model_is_answered_while_another_model_s_weights_come_back_from_host_memory():
+    """Serve runs one batch at a time: a page-in inside the cold model's engine call held
+    the hot model's requests behind the copy. Paged in before the batch queue, it does not."""
+    group = PagingGroup({"hot": 2.0, "cold": 3.0})
+    obj = replica(group)
+    obj._batched.set_max_batch_size(8)
+    obj._batched.set_batch_wait_timeout_s(0.01)
+
+    async def one(model, inputs):
+        MODEL_ID.set(model)
+        return await obj.infer(inputs)
+
+    async def scenario():
+        cold = asyncio.create_task(one("cold", rows(1.0)), context=contextvars.copy_context())
+        await asyncio.sleep(0.05)  # the cold request is in line first
+        hot = asyncio.create_task(one("hot", rows(1.0)), context=contextvars.copy_context())
+        try:
+            done, _ = await asyncio.wait({hot}, timeout=3.0)
+            hot_first = hot in done and not cold.done()
+        finally:
+            group.copied.set()
+        return hot_first, await hot, await cold
+
+    hot_first, hot_out, cold_out = LOOP.run_until_complete(scenario())
+    assert hot_first, "the hot model's request waited for the cold model's page-in"
+    np.testing.assert_array_equal(hot_out["y"], rows(2.0)["x"])
+    np.testing.assert_array_equal(cold_out["y"], rows(3.0)["x"])
+    assert group.paged_in_by == ["ensure_resident"]
