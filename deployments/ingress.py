@@ -20,6 +20,7 @@ request slots.
 # do not resolve, turning the request into a required query parameter (HTTP 422).
 import asyncio
 import functools
+import gc
 import logging
 import multiprocessing
 import time
@@ -181,10 +182,18 @@ class EbbIngress:
                                                                 parse, body)
 
     def __del__(self) -> None:
-        # Serve's graceful shutdown calls __del__: stop the workers, do not wait for them.
-        for pool in (getattr(self, "_processes", None), getattr(self, "_parser", None)):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        # Serve's graceful shutdown calls __del__, then kills the process. The worker
+        # pool's queues hold named POSIX semaphores (/dev/shm/sem.mp-*, five per pool),
+        # unlinked only when those objects are collected: the pool is shut down, dropped
+        # and collected here, while the process lives (a killed one left all five behind).
+        processes, self._processes = getattr(self, "_processes", None), None
+        if processes is not None:
+            processes.shutdown(wait=True, cancel_futures=True)
+            del processes
+            gc.collect()
+        parser = getattr(self, "_parser", None)
+        if parser is not None:
+            parser.shutdown(wait=False, cancel_futures=True)
 
     def _trim_after(self, nbytes: int) -> None:
         """After a large body: trim the heap once the request is gone (its body, Serve's
