@@ -25,14 +25,13 @@ table's own:
   has about 2,200 chunks). Each held chunk records how many chunks its lease has, so
   a give-back checks the lease's own chunks only. Every change to or from FREE goes
   through ``_mark_free`` / ``_mark_taken``, which keep both figures exact.
-* **The per-call fast path.** A replica that kept its chunks mapped asks for the same
-  ones again (``prefer``). A lease of up to ``_WORDWISE_MAX`` chunks with a preference
-  checks and marks those slots word by word, through one flat ``memoryview`` of the
-  file (a numpy call costs about a microsecond each, a word about 30 ns), scanning for
-  the lowest free chunks only for positions whose preferred chunk was taken; such a
-  lease is given back the same way. Larger leases, and leases without a preference,
-  take the vectorised path. Both paths take the same lock, wait in the same queue (no
-  lease jumps a waiter) and keep the same figures; the fast one only skips work.
+* **The per-call fast path** (``_lease_words``). A replica that kept its chunks mapped
+  asks for the same ones again (``prefer``). A lease of up to ``WORDWISE_MAX`` chunks
+  with a preference is taken, and such a lease given back, word by word through one
+  flat view of the file, scanning for the lowest free chunks only for positions whose
+  preferred chunk was taken. Larger leases, and leases without a preference, take the
+  vectorised path. Both paths take the same lock, wait in the same queue (no lease
+  jumps a waiter) and keep the same figures; the fast one only skips work.
 
 The file's layout, the chunk states and the frozen results are in ``_table_layout``.
 """
@@ -61,6 +60,7 @@ from engine_runtime.memory._shm import (
     wait_in_line,
     write_new,
 )
+from engine_runtime.memory.pool._lease_words import WORDWISE_MAX, ChunkWords
 from engine_runtime.memory.pool._table_layout import (  # the layout the operations below share
     _ABSENT, _CHUNK_FIELDS, _CREATING, _DRAINING, _FREE, _H_CAPACITY, _H_CHUNK, _H_FREE_LOW, _H_GENERATION,
     _H_LAST_TICKET, _H_LEASES, _H_MAGIC, _H_MAX, _H_NEXT_LEASE, _H_NFREE, _H_OWNER_PID, _H_OWNER_START,
@@ -76,11 +76,6 @@ logger = logging.getLogger(__name__)
 
 #: Chunks looked at per step when looking for the lowest free ones.
 _SCAN_BLOCK = 256
-#: Leases of up to this many chunks are taken (when preferred) and given back word by
-#: word; larger ones with numpy. Per chunk a word-by-word lease and give-back cost about
-#: 0.6 µs, numpy about 9 µs a lease whatever its size (CPU, scripts/bench_pool.py
-#: --cpu-path): they cross near 16 chunks, 1 GiB of the default 64 MiB chunks.
-_WORDWISE_MAX = 16
 #: Waiting: 0.1 ms doubling to 2 ms; dead holders and waiters looked for every 50 ms.
 _BACKOFF = Backoff(first_s=0.0001, max_s=0.002, reap_every_s=0.05)
 
@@ -151,11 +146,9 @@ class LeaseTable:
         ticket, pid, start, nchunks = (int64_column(mm, qbase + 8 * k * q, q) for k in range(_QUEUE_FIELDS))
         self._queue = TicketQueue(header, _H_LAST_TICKET, _H_WAITING, ticket=ticket, pid=pid, start=start,
                                   wanted=nchunks)
-        # The same file as one flat array of int64 words, for the per-call fast path: word
-        # ``_H_*`` is a header field, ``self._at_state + i`` chunk ``i``'s state, and so on.
-        self._words = memoryview(mm).cast("q")
-        self._at_state, self._at_pid, self._at_start, self._at_lease, self._at_gen, self._at_count = (
-            (_HEADER_BYTES + 8 * k * n) // 8 for k in range(_CHUNK_FIELDS))
+        # The same file as one flat array of int64 words: header fields read without numpy,
+        # and the per-call fast path (``_lease_words``).
+        self._words = ChunkWords(mm, n)
         self._me = this_process()
 
     _VIEWS = ("_header", "_state", "_pid_of", "_start_of", "_lease_of", "_gen_of", "_count_of", "_queue")
@@ -186,11 +179,11 @@ class LeaseTable:
 
     @property
     def generation(self) -> int:
-        return self._words[_H_GENERATION]
+        return self._words.w[_H_GENERATION]
 
     @property
     def capacity(self) -> int:
-        return self._words[_H_CAPACITY]
+        return self._words.w[_H_CAPACITY]
 
     def chunk_state(self, index: int) -> ChunkState:
         return ChunkState(int(self._state[index]))
@@ -198,7 +191,7 @@ class LeaseTable:
     def chunk_generation(self, index: int) -> int:
         if not 0 <= index < self.max_chunks:
             raise IndexError(f"chunk {index} outside 0..{self.max_chunks - 1}")
-        return self._words[self._at_gen + index]
+        return self._words.w[self._words.at_gen + index]
 
     def chunk_holder(self, index: int) -> int:
         return int(self._pid_of[index])
@@ -246,10 +239,10 @@ class LeaseTable:
         return np.concatenate(found)[:count] if found else np.empty(0, np.int64)
 
     def _take(self, nchunks: int, prefer: Sequence[int] = ()) -> list[int] | None:
-        if self._words[_H_NFREE] < nchunks:
+        if self._words.w[_H_NFREE] < nchunks:
             return None
-        if nchunks <= _WORDWISE_MAX and len(prefer):
-            got = self._take_preferred_wordwise(nchunks, prefer)
+        if nchunks <= WORDWISE_MAX and len(prefer):
+            got = self._words.take_preferred(nchunks, prefer, self._me, self._lowest_free, self.path)
             if got is not None:
                 return got
         picked = self._pick_preferred(nchunks, prefer) if prefer else self._lowest_free(nchunks)
@@ -268,56 +261,6 @@ class LeaseTable:
         self._lease_of[picked] = lease_id
         self._count_of[picked] = nchunks
         return picked.tolist()
-
-    def _take_preferred_wordwise(self, nchunks: int, prefer: Sequence[int]) -> list[int] | None:
-        """A small lease with a preference, word by word (the lock held, at least
-        ``nchunks`` chunks free): position ``k`` is ``prefer[k]`` wherever that chunk is
-        free, the others are the lowest free chunks, as ``_pick_preferred`` gives. A
-        replica whose chunks nobody took since its last call reads and writes a few words:
-        no numpy, no sets. None, with nothing changed, on a repeated index (the vectorised
-        path then ignores the preference)."""
-        w, at, n = self._words, self._at_state, self.max_chunks
-        picked = [-1] * nchunks
-        kept: list[int] = []
-        for k in range(min(nchunks, len(prefer))):
-            i = int(prefer[k])
-            if not 0 <= i < n:
-                continue
-            state = w[at + i]
-            if state == _FREE:
-                w[at + i] = _LEASED
-                picked[k] = i
-                kept.append(i)
-            elif state == _LEASED and i in kept:  # marked a moment ago: a repeated index
-                for j in kept:
-                    w[at + j] = _FREE
-                return None
-        if len(kept) < nchunks:
-            # The kept chunks are marked already, so the scan passes over them.
-            others = self._lowest_free(nchunks - len(kept)).tolist()
-            if len(others) < nchunks - len(kept):
-                for j in kept:
-                    w[at + j] = _FREE
-                w[_H_FREE_LOW] = min([w[_H_FREE_LOW], *kept])  # the scan may have passed them
-                raise EbbInternalError(f"lease table {self.path}: {w[_H_NFREE]} chunks counted free, "
-                                       f"{len(kept) + len(others)} found")
-            fill = iter(others)
-            for k in range(nchunks):
-                if picked[k] < 0:
-                    picked[k] = i = next(fill)
-                    w[at + i] = _LEASED
-        w[_H_NFREE] -= nchunks  # as _mark_taken; the low-water mark stays a lower bound
-        lease_id = w[_H_NEXT_LEASE]
-        w[_H_NEXT_LEASE] = lease_id + 1
-        w[_H_LEASES] += 1
-        pid, start = self._me
-        at_pid, at_start, at_lease, at_count = self._at_pid, self._at_start, self._at_lease, self._at_count
-        for i in picked:
-            w[at_pid + i] = pid
-            w[at_start + i] = start
-            w[at_lease + i] = lease_id
-            w[at_count + i] = nchunks
-        return picked
 
     def _pick_preferred(self, nchunks: int, prefer: Sequence[int]) -> np.ndarray:
         """``nchunks`` free chunks, position ``k`` holding ``prefer[k]`` wherever that one is
@@ -350,7 +293,7 @@ class LeaseTable:
         start = time.monotonic()
         self._shm.lock()
         try:
-            w = self._words
+            w = self._words.w
             if w[_H_CAPACITY] < nchunks:
                 raise self._unavailable(nchunks, 0.0)
             if w[_H_WAITING] == 0:
@@ -396,8 +339,8 @@ class LeaseTable:
             return
         self._shm.lock()
         try:
-            if len(indices) <= _WORDWISE_MAX:
-                self._give_back_wordwise(indices)
+            if len(indices) <= WORDWISE_MAX:
+                self._words.give_back(indices, self._me)
                 return
             first = indices[0]
             held = np.array(sorted(indices), dtype=np.int64)
@@ -417,49 +360,6 @@ class LeaseTable:
             self._release_rows(held)
         finally:
             self._shm.unlock()
-
-    def _give_back_wordwise(self, indices: list[int]) -> None:
-        """``give_back`` of a small lease (the lock held): the same checks and the same
-        changes as the vectorised path (``_release_rows``), word by word."""
-        w, n, count = self._words, self.max_chunks, len(indices)
-        at_state, at_pid, at_start, at_lease, at_count = (
-            self._at_state, self._at_pid, self._at_start, self._at_lease, self._at_count)
-        first = indices[0]
-        lease_id = w[at_lease + first] if 0 <= first < n else 0
-        pid, start = self._me
-        # As the vectorised check: distinct indices that all carry the lease's id, as many
-        # as the lease has, held by this process, are exactly the lease.
-        whole = (lease_id and w[at_count + first] == count and w[at_pid + first] == pid
-                 and w[at_start + first] == start and len(set(indices)) == count)
-        if whole:
-            for i in indices:
-                if not (0 <= i < n and w[at_lease + i] == lease_id):
-                    whole = False
-                    break
-        if not whole:
-            in_range = 0 <= first < n
-            raise EbbInternalError(
-                f"process {pid} gave back chunks {indices[:16]} that are not one whole lease of its own "
-                f"(lease {lease_id} has {w[at_count + first] if in_range else 0} chunks, "
-                f"holder {w[at_pid + first] if in_range else None})")
-        low, freed, retired = w[_H_FREE_LOW], 0, False
-        for i in indices:
-            if w[at_state + i] == _DRAINING:
-                w[at_state + i] = _RETIRED
-                retired = True
-            else:
-                w[at_state + i] = _FREE
-                freed += 1
-                if i < low:
-                    low = i
-            w[at_pid + i] = 0
-            w[at_start + i] = 0
-            w[at_lease + i] = 0
-            w[at_count + i] = 0
-        if retired:
-            w[_H_GENERATION] += 1
-        w[_H_NFREE] += freed  # as _mark_free
-        w[_H_FREE_LOW] = low
 
     def _release_rows(self, idx: np.ndarray) -> None:
         """Held chunks ``idx`` (ascending) are given back: free, or retired if draining."""
