@@ -30,6 +30,7 @@ from engine_runtime.errors import (
     is_out_of_memory,
     sticky_cuda_error,
 )
+from engine_runtime._dynamic_call import DynamicCall
 from engine_runtime.memory import ContextBlock, ContextMechanism, MemoryMode
 from engine_runtime.memory.admission import Admission, UnboundedAdmission
 from engine_runtime.spec import EngineDescription, check_finite, validate_inputs
@@ -40,11 +41,6 @@ from engine_runtime.weights_tier import TieredWeights, WeightsTier
 logger = logging.getLogger(__name__)
 
 Tensors = Mapping[str, Any]
-
-#: An admission that took longer than this counts as a wait (the uncontended path
-#: of a shared budget is a lock and a few words: microseconds).
-ADMISSION_WAIT_S = 1e-3
-
 
 @runtime_checkable
 class Engine(Protocol):
@@ -118,56 +114,6 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-class _DynamicCall:
-    """``BaseEngine.dynamic_context``: the admission entered, then the memory allocated;
-    on exit the memory released, then the admission left, each whatever the other did.
-
-    A class rather than a ``contextlib.contextmanager`` generator: it is entered on every
-    dynamic call, and the generator's machinery cost microseconds of the per-call
-    budget (``scripts/bench_pool.py --cpu-path``)."""
-
-    __slots__ = ("_engine", "_nbytes", "_allocate", "_admitted", "_block")
-
-    def __init__(self, engine: BaseEngine, nbytes: int, allocate) -> None:
-        self._engine, self._nbytes, self._allocate = engine, nbytes, allocate
-        self._admitted: contextlib.AbstractContextManager[None] | None = None
-        self._block: ContextBlock | None = None
-
-    def __enter__(self) -> ContextBlock:
-        engine, nbytes = self._engine, self._nbytes
-        t_admit = time.perf_counter()
-        admitted = engine.admission.reserve(nbytes, engine.call_deadline_s)
-        admitted.__enter__()
-        try:
-            t0 = time.perf_counter()
-            if t0 - t_admit > ADMISSION_WAIT_S:
-                engine._stats.admission_waited()
-            block = self._allocate(nbytes)
-            engine._stats.acquired(block.nbytes, time.perf_counter() - t0)
-        except BaseException as err:
-            admitted.__exit__(type(err), err, err.__traceback__)
-            raise
-        self._admitted, self._block = admitted, block
-        return block
-
-    def __exit__(self, *exc) -> bool | None:
-        admitted, block = self._admitted, self._block
-        self._admitted = self._block = None
-        if admitted is None or block is None:
-            raise EbbInternalError("dynamic_context exited without having been entered")
-        try:
-            try:
-                block.release()
-            finally:
-                # Counted as given back even when the release raised: the arena has
-                # dropped the mapping from its books (a failed unmap is retried there).
-                self._engine._stats.released(block.nbytes)
-        except BaseException as err:
-            admitted.__exit__(type(err), err, err.__traceback__)
-            raise
-        return admitted.__exit__(*exc)
 
 
 class BaseEngine(TieredWeights, ABC):
@@ -435,7 +381,7 @@ class BaseEngine(TieredWeights, ABC):
         measured slower back to back on an H200 (ResNet-152 b100: +4.9 ms per call
         instead of +2.5 ms), the helper contending for the GIL with the next call.
         """
-        return _DynamicCall(self, nbytes, allocate)
+        return DynamicCall(self.admission, self._stats, nbytes, self.call_deadline_s, allocate)
 
     def _enter_static(self) -> None:
         """Hold static context memory (idempotent; cheap when already held)."""
