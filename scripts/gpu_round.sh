@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One GPU session's runs (docs/benchmarks.md §11), so that each `run` of the device tool
+# is one short command and the order and limits are written down, not retyped.
+#
+#   scripts/gpu_round.sh STEP [STEP ...]
+#
+# Steps (each with its own time limit, so one that hangs or fails leaves the next to run;
+# each writes its log and results under $OUT/<step>/, which the device tool brings back):
+#   stage1    copy .devstage/part1's wheels to /root/wh (carry .devstage/part1)
+#   stage2    copy .devstage/part2's, install Ray Serve, tritonclient, orjson and
+#             perf_analyzer (carry .devstage/part2 and .whl)
+#   modes     bench_modes, ResNet-18 b4 and ResNet-50 b32 (issue 14: pool <= static + 2%)
+#   enginetests   the GPU tests that need no Ray (engine, pool, groups' paging)
+#   serving   bench_serving: perf_analyzer HTTP/gRPC vs the in-process ceiling (issue 14)
+#   servetests    the GPU tests through Serve (groups' replica memory, mechanism)
+#   groups    bench_density --system ebb-groups --group-serve on a 6 GiB card (issue 13)
+#   plain / ebb   bench_density for one system on the same 6 GiB card (issue 13)
+set -u
+: "${OUT:=./out}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+step() {  # step NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    mkdir -p "$OUT/$name"
+    echo "== $name: $* (start $(date -u +%T))"
+    timeout --signal=TERM --kill-after=15 "$limit" "$@" >"$OUT/$name/log.txt" 2>&1
+    local rc=$?
+    echo "== $name: rc=$rc (end $(date -u +%T))"
+    tail -n "${TAIL_LINES:-25}" "$OUT/$name/log.txt"
+}
+
+for s in "$@"; do
+    case "$s" in
+    stage1)
+        mkdir -p /root/wh && cp .devstage/part1/*.whl /root/wh/ && echo "stage1: $(ls /root/wh | wc -l) wheels"
+        nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv ;;
+    stage2)
+        mkdir -p /root/wh && cp .devstage/part2/*.whl /root/wh/ &&
+            python3 -m pip install -q --no-index --find-links /root/wh "ray[serve]==2.60.0" \
+                "tritonclient[http,grpc]==2.73.0" "orjson==3.13.0" &&
+            python3 -m pip install -q --no-deps .whl/perf_analyzer-*.whl &&
+            ray get-auth-token --generate >/dev/null 2>&1
+        python3 -c "import ray, tritonclient.grpc, orjson; print('ray', ray.__version__)" ;;
+    modes)
+        step modes 300 python3 scripts/bench_modes.py --models resnet18-b4 resnet50-b32 --out-dir "$OUT/modes" ;;
+    enginetests)
+        step enginetests 300 python3 -m pytest -m gpu -s -p no:cacheprovider tests/gpu/test_pool_engine_gpu.py \
+            tests/gpu/test_pytorch_gpu.py tests/gpu/test_groups_gpu.py tests/gpu/test_pool_gpu.py \
+            tests/gpu/test_pressure_errors_gpu.py ;;
+    serving)
+        step serving 330 python3 scripts/bench_serving.py --concurrency 1,16,64 --measurement-ms 1500 \
+            --small-calls 150 --out-dir "$OUT/serving" ;;
+    servetests)
+        step servetests 240 python3 -m pytest -m gpu -s -p no:cacheprovider tests/gpu/test_serve_groups_gpu.py \
+            tests/gpu/test_mechanism_gpu.py ;;
+    groups)
+        step groups 420 python3 scripts/bench_density.py --system ebb-groups --group-serve --card-gib 6 \
+            --out-dir "$OUT/groups" ;;
+    plain)
+        step plain "${DENSITY_LIMIT_S:-560}" python3 scripts/bench_density.py --system plain --card-gib 6 \
+            --max-replicas "${PLAIN_MAX:-5}" --measure-s 5 --out-dir "$OUT/plain" ;;
+    ebb)
+        step ebb "${DENSITY_LIMIT_S:-560}" python3 scripts/bench_density.py --system ebb --card-gib 6 \
+            --max-replicas "${EBB_MAX:-8}" --measure-s 5 --out-dir "$OUT/ebb" ;;
+    *) echo "unknown step: $s" >&2; exit 2 ;;
+    esac
+done
