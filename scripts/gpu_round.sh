@@ -10,7 +10,8 @@
 #   stage2    copy .devstage/part2's, install Ray Serve, tritonclient, orjson and
 #             perf_analyzer (carry .devstage/part2 and .whl)
 #   modes     bench_modes, ResNet-18 b4 and ResNet-50 b32 (issue 14: pool <= static + 2%)
-#   enginetests   the GPU tests that need no Ray (engine, pool, groups' paging)
+#   enginetests   the GPU tests of the issues' targets that need no Ray (pool engine,
+#             PyTorch engine, groups' paging; ENGINE_TESTS_MORE adds more files)
 #   serving   bench_serving: perf_analyzer HTTP/gRPC vs the in-process ceiling (issue 14)
 #   servetests    the GPU tests through Serve (groups' replica memory, mechanism)
 #   groups    bench_density --system ebb-groups --group-serve on a 6 GiB card (issue 13)
@@ -46,8 +47,7 @@ for s in "$@"; do
         step modes 300 python3 scripts/bench_modes.py --models resnet18-b4 resnet50-b32 --out-dir "$OUT/modes" ;;
     enginetests)
         step enginetests 300 python3 -m pytest -m gpu -s -p no:cacheprovider tests/gpu/test_pool_engine_gpu.py \
-            tests/gpu/test_pytorch_gpu.py tests/gpu/test_groups_gpu.py tests/gpu/test_pool_gpu.py \
-            tests/gpu/test_pressure_errors_gpu.py ;;
+            tests/gpu/test_pytorch_gpu.py tests/gpu/test_groups_gpu.py ${ENGINE_TESTS_MORE:-} ;;
     serving)
         step serving 330 python3 scripts/bench_serving.py --concurrency 1,16,64 --measurement-ms 1500 \
             --small-calls 150 --out-dir "$OUT/serving" ;;
