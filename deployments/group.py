@@ -29,18 +29,10 @@ import numpy as np
 from ray import serve
 
 from deployments.config import AppConfig, GroupConfig, ModelConfig
-from deployments.engine_factory import make_engine, plan_replica_context
-from deployments.gpu_identity import current_replica_gpu
+from deployments.engine_factory import make_engine
 from deployments.group_report import aggregate_stats, tier_reports
-from deployments.protocol import CheckedInputs, validation_key
-from deployments.replica import (
-    log_to_replica_file,
-    gpu_thread,
-    run_batch,
-    release_in_order,
-    setup_cuda_process,
-    to_numpy_inputs,
-)
+from deployments.protocol import validation_key
+from deployments.replica import ReplicaBase, checked_arrays, log_to_replica_file, parse_pin, run_batch
 from engine_runtime import (
     ContextMechanism,
     EngineDescription,
@@ -54,7 +46,7 @@ from engine_runtime import (
     process_memory_breakdown,
 )
 from engine_runtime.device import check_reachable
-from engine_runtime.spec import check_finite, validate_inputs
+from engine_runtime.spec import validate_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +55,10 @@ GROUP_USER_CONFIG_KEYS = ("mode", "pin", "max_batch_size", "batch_wait_timeout_s
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
-class GroupDeployment:
+class GroupDeployment(ReplicaBase):
     """One ``EngineGroup`` per replica. Call ``infer`` through a handle with
     ``.options(multiplexed_model_id=<model>)``, or over HTTP (the ingress)."""
 
-    #: The replica's one thread for engine work (replica.gpu_thread); None until __init__ made it.
-    _gpu = None
     #: The thread that brings a called model's weights back from host memory before its
     #: request joins the batch queue (``_page_in_first``); None: asyncio's default executor.
     _paging = None
@@ -79,37 +69,19 @@ class GroupDeployment:
         self.group = GroupConfig.model_validate(group)
         self.app = AppConfig.model_validate(app)
         self.models = {m["name"]: ModelConfig.model_validate(m) for m in models}
-        # What shutdown() gives back; set as each is acquired, so a failing start (a model
-        # that does not build, weights over the budget) rolls back exactly what it got.
-        self.client = self.engines = self.pool = self.admission = None
-        self._shut_down = False
-        # The replica's engine work, its start included, runs on this one thread (gpu_thread).
-        self._gpu = gpu_thread(self.group.name)
+        self.engines = None
         self._paging = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ebb-paging-{self.group.name}")
-        try:
-            self._gpu.submit(self._start).result()
-        except BaseException:
-            self.shutdown()
-            raise
+        # The start (the engines' loads, warm-ups, captures) and every engine call run on
+        # the replica's one GPU thread (replica.gpu_thread).
+        self._open(self.group.name, self._start)
 
     def _start(self) -> None:
-        self.gpu = current_replica_gpu()
-        # Before any engine exists: the stack limit cannot change under captured graphs.
-        self.process = setup_cuda_process(self.app.cuda, self.gpu.cuda_index)
-        ctx = serve.get_replica_context()
-        self.replica_id = ctx.replica_id.unique_id if ctx else f"local-{os.getpid()}"
-        from deployments.coordinator_client import (
-            CoordinatorClient,
-            ReplicaPorts,
-            admission_for,
-        )
+        from deployments.coordinator_client import CoordinatorClient, ReplicaPorts
         from deployments.reporting import ReplicaIdentity
 
-        self.admission = admission_for(self.gpu)
         # One pool client for the process; the group hands it to every engine, each of
         # which plans its own mechanism from its device's facts when it loads.
-        self.pool, plan = plan_replica_context(next(iter(self.models.values())), self.app, self.gpu.cuda_index)
-        self.pool_status = plan.pool_status
+        self._open_process(next(iter(self.models.values())), self.app)
         self.engines = EngineGroup(
             GroupBudget(self.group.gpu_weights_budget_bytes, self.group.host_tier),
             # With the pool the lease is the admission (as for a single model, engine_factory).
@@ -126,6 +98,8 @@ class GroupDeployment:
             self.engines.add(m.name, lambda model=model: make_engine(model, self.app, cuda_index=self.gpu.cuda_index),
                              lazy=model.lazy)
         self.descs: dict[str, EngineDescription] = {n: self.engines.engine(n).describe() for n in self.models}
+        # What inputs the ingress checked are matched against, once per model, not per call.
+        self.validation_keys = {n: validation_key(d) for n, d in self.descs.items()}
         self._configure_batching(self.group.batching.max_batch_size, self.group.batching.batch_wait_timeout_s)
 
         #: Model ids Serve's multiplexing has registered on this replica (for the status view).
@@ -179,14 +153,7 @@ class GroupDeployment:
         desc = self.descs[name]
         host_finite = (self.models[name].reject_non_finite
                        and not self.engines.engine(name).checks_finite_on_device)
-        if isinstance(inputs, CheckedInputs) and inputs.validated_against == validation_key(desc):
-            # The ingress checked these against this model's description (deployments.model).
-            arrays = inputs.arrays
-            if host_finite and not inputs.finite_checked:
-                check_finite(desc, arrays)
-        else:
-            arrays = to_numpy_inputs(inputs.arrays if isinstance(inputs, CheckedInputs) else inputs)
-            validate_inputs(desc, arrays, reject_non_finite=host_finite)
+        arrays = checked_arrays(inputs, desc, self.validation_keys[name], host_finite, validate_inputs)
         await self._page_in_first(name, arrived)
         result = await self._batched((name, arrays, arrived, host_finite))
         if isinstance(result, BaseException):
@@ -386,12 +353,9 @@ class GroupDeployment:
             raise ValueError(f"user_config of group {self.group.name!r}: unknown key(s) {unknown}; "
                              f"allowed: {list(GROUP_USER_CONFIG_KEYS)}{hint}")
         if "pin" in user_config:
-            pin = str(user_config["pin"]).lower()
-            if pin not in ("auto", "static", "dynamic"):
-                raise ValueError(f"user_config.pin must be auto, static or dynamic, got {pin!r}")
-            self.pin = pin
-            if pin != "auto":
-                self.apply_mode(MemoryMode.parse(pin))
+            self.pin = parse_pin(user_config["pin"])
+            if self.pin != "auto":
+                self.apply_mode(MemoryMode.parse(self.pin))
         if "mode" in user_config:
             self.apply_mode(MemoryMode.parse(user_config["mode"]))
         batching = self.group.batching
@@ -413,12 +377,9 @@ class GroupDeployment:
 
     def shutdown(self) -> None:
         """Give back every byte this replica holds: the coordinator client, every engine,
-        the pool, then the admission budget. Idempotent; each step runs even when an
-        earlier one raised."""
-        if getattr(self, "_shut_down", True):
-            return
-        self._shut_down = True
-        engines = self.engines
+        the pool, then the admission budget, then its threads (``ReplicaBase._release``).
+        Idempotent."""
+        engines = self.engines if hasattr(self, "engines") else None
 
         def close_engines() -> None:
             engines.close()
@@ -427,15 +388,7 @@ class GroupDeployment:
             log("replica %s of group %s shut down: %d engines closed, %.1f MiB of context memory still "
                 "held", getattr(self, "replica_id", "?"), self.group.name, len(engines.names()), held / 2**20)
 
-        # The engines before the pool, the admission last (as ModelDeployment.shutdown).
-        gpu, paging = getattr(self, "_gpu", None), getattr(self, "_paging", None)
-        release_in_order([None if self.client is None else self.client.stop,
-                          None if engines is None else close_engines,
-                          None if self.pool is None else self.pool.close,
-                          None if self.admission is None else self.admission.close,
-                          # Last: nothing of the replica's runs on them any more.
-                          None if gpu is None else functools.partial(gpu.shutdown, wait=False),
-                          None if paging is None else functools.partial(paging.shutdown, wait=False)])
+        self._release(None if engines is None else close_engines, getattr(self, "_paging", None))
 
     def __del__(self) -> None:
         # Serve's graceful shutdown calls __del__ (its hook for a replica's cleanup): the

@@ -8,7 +8,6 @@ in and the admission budget of its GPU (``deployments.coordinator_client``).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -19,20 +18,12 @@ import numpy as np
 from ray import serve
 
 from deployments.config import AppConfig, ModelConfig
-from deployments.engine_factory import make_engine, plan_replica_context
-from deployments.gpu_identity import current_replica_gpu
-from deployments.protocol import CheckedInputs, validation_key
-from deployments.replica import (
-    log_to_replica_file,
-    gpu_thread,
-    run_batch,
-    release_in_order,
-    setup_cuda_process,
-    to_numpy_inputs,
-)
+from deployments.engine_factory import make_engine
+from deployments.protocol import validation_key
+from deployments.replica import ReplicaBase, checked_arrays, log_to_replica_file, parse_pin, run_batch
 from engine_runtime.device import check_reachable
 from engine_runtime.memory import MemoryMode
-from engine_runtime.spec import EngineDescription, check_finite, validate_inputs
+from engine_runtime.spec import EngineDescription, validate_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -41,44 +32,23 @@ USER_CONFIG_KEYS = ("mode", "max_batch_size", "batch_wait_timeout_s", "pin", "we
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
-class ModelDeployment:
+class ModelDeployment(ReplicaBase):
     """One engine per replica. Call ``infer`` through a handle or over HTTP (the ingress)."""
-
-    #: The replica's one thread for engine work (replica.gpu_thread); None until __init__ made it.
-    _gpu = None
 
     def __init__(self, model: dict, app: dict) -> None:
         log_to_replica_file()
         self.model = ModelConfig.model_validate(model)
         self.app = AppConfig.model_validate(app)
-        # What shutdown() gives back; set as each is acquired, so a failing start rolls back
-        # exactly what it got (a joined pool, a loaded engine, a started client).
-        self.client = self.engine = self.pool = self.admission = None
-        self._shut_down = False
-        # The replica's engine work, its start included, runs on this one thread (gpu_thread).
-        self._gpu = gpu_thread(self.model.name)
-        try:
-            self._gpu.submit(self._start).result()
-        except BaseException:
-            self.shutdown()
-            raise
+        self.engine = None
+        # The start (loads, warm-up, capture) and every engine call run on the replica's
+        # one GPU thread (replica.gpu_thread).
+        self._open(self.model.name, self._start)
 
     def _start(self) -> None:
-        self.gpu = current_replica_gpu()
-        # Before any engine exists: the stack limit cannot change under captured graphs.
-        self.process = setup_cuda_process(self.app.cuda, self.gpu.cuda_index)
-        ctx = serve.get_replica_context()
-        self.replica_id = ctx.replica_id.unique_id if ctx else f"local-{os.getpid()}"
-        from deployments.coordinator_client import (
-            CoordinatorClient,
-            ReplicaPorts,
-            admission_for,
-        )
+        from deployments.coordinator_client import CoordinatorClient, ReplicaPorts
         from deployments.reporting import ReplicaIdentity
 
-        self.admission = admission_for(self.gpu)
-        self.pool, plan = plan_replica_context(self.model, self.app, self.gpu.cuda_index)
-        self.pool_status = plan.pool_status
+        plan = self._open_process(self.model, self.app)
         self.engine = make_engine(self.model, self.app, admission=self.admission, cuda_index=self.gpu.cuda_index,
                                   physical_source=self.pool, context_plan=plan)
         self.desc = self.engine.describe()
@@ -117,17 +87,7 @@ class ModelDeployment:
         # over the values is skipped here (~10 ms for a 60 MB batch) and done only for a
         # batch that failed it.
         host_finite = self.model.reject_non_finite and not self.engine.checks_finite_on_device
-        if isinstance(inputs, CheckedInputs) and inputs.validated_against == self._validation_key:
-            # The ingress checked these against this model's description: only the
-            # model's NaN/inf rule is left, where the ingress did not apply it.
-            arrays = inputs.arrays
-            if host_finite and not inputs.finite_checked:
-                check_finite(self.desc, arrays)
-        else:
-            # Handle callers (and an ingress holding another description): checked here,
-            # once, alone before batching, so one bad request fails alone.
-            arrays = to_numpy_inputs(inputs.arrays if isinstance(inputs, CheckedInputs) else inputs)
-            validate_inputs(self.desc, arrays, reject_non_finite=host_finite)
+        arrays = checked_arrays(inputs, self.desc, self._validation_key, host_finite, validate_inputs)
         result = await self._batched((arrays, arrived, host_finite))
         if isinstance(result, BaseException):
             raise result  # this request's group failed; the batch's other groups did not
@@ -219,12 +179,9 @@ class ModelDeployment:
             # First: a refused update raises before anything else changed.
             self._update_weights(user_config["weights"])
         if "pin" in user_config:
-            pin = str(user_config["pin"]).lower()
-            if pin not in ("auto", "static", "dynamic"):
-                raise ValueError(f"user_config.pin must be auto, static or dynamic, got {pin!r}")
-            self.pin = pin
-            if pin != "auto":
-                self.engine.set_mode(pin)
+            self.pin = parse_pin(user_config["pin"])
+            if self.pin != "auto":
+                self.engine.set_mode(self.pin)
         if "mode" in user_config:
             self.engine.set_mode(MemoryMode.parse(user_config["mode"]))
         batching = self.model.batching
@@ -255,12 +212,8 @@ class ModelDeployment:
 
     def shutdown(self) -> None:
         """Give back every byte this replica holds: the coordinator client, the engine,
-        the pool, then the admission budget. Idempotent; each step runs even when an
-        earlier one raised (a failing engine close must not keep the pool's chunks imported)."""
-        if getattr(self, "_shut_down", True):
-            return
-        self._shut_down = True
-        engine = self.engine
+        the pool, then the admission budget (``ReplicaBase._release``). Idempotent."""
+        engine = self.engine if hasattr(self, "engine") else None
 
         def close_engine() -> None:
             engine.close()
@@ -269,15 +222,7 @@ class ModelDeployment:
             log("replica %s of %s shut down: engine closed, %.1f MiB (%d bytes) of context memory "
                 "still held", getattr(self, "replica_id", "?"), self.model.name, held / 2**20, held)
 
-        # The engine before the pool (its arena has then unmapped and given back every
-        # lease), the admission last (the last replica on the GPU removes the budget's file).
-        gpu = getattr(self, "_gpu", None)
-        release_in_order([None if self.client is None else self.client.stop,
-                          None if engine is None else close_engine,
-                          None if self.pool is None else self.pool.close,
-                          None if self.admission is None else self.admission.close,
-                          # Last: nothing of the replica's runs on it any more.
-                          None if gpu is None else functools.partial(gpu.shutdown, wait=False)])
+        self._release(None if engine is None else close_engine)
 
     def __del__(self) -> None:
         # Serve's graceful shutdown calls __del__ (its documented hook for a replica's

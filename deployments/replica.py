@@ -1,7 +1,9 @@
-"""What every replica process does, grouped or not: the process's CUDA setup before any
-engine, numpy in and out, logging to the replica's file, and the batch runner that
-merges compatible requests into one engine call and hands each group's failure to
-its own requests only.
+"""What every replica process does, grouped or not: what it holds beside its engines
+(``ReplicaBase``: its GPU thread, the process's CUDA setup before any engine, the GPU's
+admission budget and context pool, got in one order and given back in the other),
+numpy in and out, inputs checked once, logging to the replica's file, and the batch
+runner that merges compatible requests into one engine call and hands each group's
+failure to its own requests only.
 
 ``deployments.model`` (one engine per replica) and ``deployments.group`` (an
 ``EngineGroup`` per replica) both build on it.
@@ -13,6 +15,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -21,8 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from deployments.config import CudaConfig
+from deployments.config import AppConfig, CudaConfig, ModelConfig
+from deployments.engine_factory import plan_replica_context
+from deployments.gpu_identity import current_replica_gpu
+from deployments.protocol import CheckedInputs
 from engine_runtime import ContextMemoryUnavailable, InvalidInputError
+from engine_runtime.spec import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +60,35 @@ def to_numpy_inputs(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
             raise InvalidInputError(f"input {name!r}: expected a numpy array or torch tensor, "
                                     f"got {type(value).__name__}")
     return out
+
+
+def checked_arrays(inputs: Any, desc: Any, key: Any, host_finite: bool,
+                   validate: Callable[..., Any]) -> dict[str, np.ndarray]:
+    """A request's arrays, checked once against its model's description ``desc``.
+
+    Inputs the ingress already checked against this description (``CheckedInputs`` with
+    ``key``, the description's ``validation_key``) are taken as they are: only the
+    model's NaN/inf rule is left, where the ingress did not apply it. Anything else (a
+    handle caller's dict, or an ingress holding another description) is converted and
+    checked here, alone before batching, so one bad request fails alone. ``validate`` is
+    ``spec.validate_inputs`` (passed in, as for :func:`run_batch`); ``host_finite``:
+    whether NaN/inf are refused on the host (where the engine cannot check them on the
+    device)."""
+    if isinstance(inputs, CheckedInputs) and inputs.validated_against == key:
+        if host_finite and not inputs.finite_checked:
+            check_finite(desc, inputs.arrays)
+        return inputs.arrays
+    arrays = to_numpy_inputs(inputs.arrays if isinstance(inputs, CheckedInputs) else inputs)
+    validate(desc, arrays, reject_non_finite=host_finite)
+    return arrays
+
+
+def parse_pin(raw: Any) -> str:
+    """``user_config.pin``: ``auto`` (the coordinator decides), ``static`` or ``dynamic``."""
+    pin = str(raw).lower()
+    if pin not in ("auto", "static", "dynamic"):
+        raise ValueError(f"user_config.pin must be auto, static or dynamic, got {pin!r}")
+    return pin
 
 
 def group_for_engine(requests: list[dict[str, np.ndarray]], max_batch: int) -> list[list[int]]:
@@ -244,3 +280,68 @@ def release_in_order(steps: list[Callable[[], None] | None]) -> None:
                 logger.error("release step %s also failed: %r", getattr(step, "__qualname__", step), err)
     if first is not None:
         raise first
+
+
+class ReplicaBase:
+    """What a replica deployment (``ModelDeployment``, ``GroupDeployment``) holds beside
+    its engines, and the order it gets and gives them back in.
+
+    A subclass's ``__init__`` calls :meth:`_open` with its start, which calls
+    :meth:`_open_process` before building any engine; its ``shutdown`` calls
+    :meth:`_release` with what closes its engines.
+    """
+
+    #: The replica's one thread for engine work (:func:`gpu_thread`); None until _open made it.
+    _gpu = None
+
+    def _open(self, name: str, start: Callable[[], None]) -> None:
+        """Run ``start`` on the replica's new GPU thread. A start that fails gives back
+        exactly what it got (a joined pool, the engines built so far, the budget's slot)
+        and raises."""
+        # What _release() gives back; each is set as it is acquired.
+        self.client = self.pool = self.admission = None
+        self._shut_down = False
+        self._gpu = gpu_thread(name)
+        try:
+            self._gpu.submit(start).result()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def _open_process(self, first_model: ModelConfig, app: AppConfig) -> Any:
+        """The process's part of a start, before any engine: which GPU, CUDA's stack limit
+        and the floor it leaves, the replica's id, the GPU's admission budget, and the
+        context pool (joined where the config asks). Returns the context plan
+        (``engine_factory.plan_replica_context``) every engine of the replica follows."""
+        from ray import serve
+
+        from deployments.coordinator_client import admission_for
+
+        self.gpu = current_replica_gpu()
+        # Before any engine exists: the stack limit cannot change under captured graphs.
+        self.process = setup_cuda_process(app.cuda, self.gpu.cuda_index)
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id if ctx else f"local-{os.getpid()}"
+        self.admission = admission_for(self.gpu)
+        self.pool, plan = plan_replica_context(first_model, app, self.gpu.cuda_index)
+        self.pool_status = plan.pool_status
+        return plan
+
+    def _release(self, close_engines: Callable[[], None] | None, *threads: Executor | None) -> None:
+        """Give back every byte the replica holds, in order: the coordinator client, the
+        engines (their arenas unmap and return every lease), the pool, the admission
+        budget (the last replica on the GPU removes the budget's file), then the GPU
+        thread and ``threads``, on which nothing runs any more. Idempotent; each step runs
+        even when an earlier one raised (:func:`release_in_order`)."""
+        if getattr(self, "_shut_down", True):
+            return  # shut down already, or __init__ never got as far as _open
+        self._shut_down = True
+        executors = [getattr(self, "_gpu", None), *threads]
+        release_in_order([None if self.client is None else self.client.stop,
+                          close_engines,
+                          None if self.pool is None else self.pool.close,
+                          None if self.admission is None else self.admission.close,
+                          *(functools.partial(e.shutdown, wait=False) for e in executors if e is not None)])

@@ -58,6 +58,7 @@ def replica(group: StandInGroup):
     obj.engines = group
     obj.models = {n: SimpleNamespace(reject_non_finite=True) for n in group.factors}
     obj.descs = {n: SimpleNamespace(max_batch=8) for n in group.factors}
+    obj.validation_keys = {n: ("stand-in", n) for n in group.factors}
     obj.group = SimpleNamespace(name="zoo")
     obj.app = SimpleNamespace(coordinator=SimpleNamespace(admission_deadline_s=1.0))
     obj.loads: list[str] = []
@@ -148,13 +149,13 @@ def test_an_unknown_model_is_refused_before_serve_s_loader_runs():
 def test_a_group_that_cannot_start_gives_back_what_it_took(monkeypatch):
     """A model whose weights exceed the whole budget fails the replica's start; the
     engines built so far, the admission budget and nothing else are given back."""
-    from deployments import coordinator_client, group
+    from deployments import coordinator_client, group, replica
     from deployments.config import parse_app_config
     from deployments.gpu_identity import GpuIdentity
     from engine_runtime import GroupConfigError
 
     closed = []
-    monkeypatch.setattr(group, "current_replica_gpu", lambda: GpuIdentity("vgpu-test-0", None, True, "node"))
+    monkeypatch.setattr(replica, "current_replica_gpu", lambda: GpuIdentity("vgpu-test-0", None, True, "node"))
     monkeypatch.setattr(group.serve, "get_replica_context", lambda: None)
     monkeypatch.setattr(coordinator_client, "admission_for", lambda gpu: SimpleNamespace(
         close=lambda: closed.append("admission")))

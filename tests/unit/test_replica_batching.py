@@ -64,6 +64,7 @@ def replica(engine: StandInEngine, max_batch: int = 4):
     obj = object.__new__(ModelDeployment.func_or_class)
     obj.engine = engine
     obj.desc = SimpleNamespace(max_batch=max_batch)
+    obj._validation_key = ("stand-in",)
     obj.model = SimpleNamespace(reject_non_finite=True, name="stand-in")
     return obj
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from deployments import model as model_mod
+from deployments import replica as replica_mod
 from deployments.config import parse_app_config
 from deployments.gpu_identity import GpuIdentity
 from engine_runtime.memory.admission import UnboundedAdmission
@@ -59,15 +60,15 @@ def replica_env(monkeypatch):
 
     rec = Recorder()
     opts = SimpleNamespace(fail_start=False, fail_make_engine=False)
-    monkeypatch.setattr(model_mod, "current_replica_gpu", lambda: GpuIdentity("cpu-node0", None, True, "node0"))
+    monkeypatch.setattr(replica_mod, "current_replica_gpu", lambda: GpuIdentity("cpu-node0", None, True, "node0"))
     monkeypatch.setattr(model_mod.serve, "get_replica_context", lambda: None)
-    real_plan = model_mod.plan_replica_context
+    real_plan = replica_mod.plan_replica_context
 
     def plan_with_pool(m, a, i):
         _, plan = real_plan(m, a, i)  # the CPU's own plan, with a pool "joined" beside it
         return FakePool(rec), plan
 
-    monkeypatch.setattr(model_mod, "plan_replica_context", plan_with_pool)
+    monkeypatch.setattr(replica_mod, "plan_replica_context", plan_with_pool)
     real_make = model_mod.make_engine
 
     def make_engine(*args, **kwargs):
@@ -200,13 +201,13 @@ def test_the_start_runs_on_the_replica_s_gpu_thread_and_shutdown_ends_it(replica
     import threading
 
     started_on: list[str] = []
-    real_setup = model_mod.setup_cuda_process
+    real_setup = replica_mod.setup_cuda_process
 
     def setup(*args, **kwargs):
         started_on.append(threading.current_thread().name)
         return real_setup(*args, **kwargs)
 
-    monkeypatch.setattr(model_mod, "setup_cuda_process", setup)
+    monkeypatch.setattr(replica_mod, "setup_cuda_process", setup)
     replica = make_replica()
     try:
         assert len(started_on) == 1 and started_on[0].startswith("ebb-gpu-r18"), started_on
