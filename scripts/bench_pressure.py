@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
-from benchlib import GiB, MiB  # noqa: E402
+from benchlib import GiB, MiB, StatusPoller  # noqa: E402
 
 
 def app_config(args) -> dict:
@@ -39,39 +39,6 @@ def app_config(args) -> dict:
                         "high_watermark": 0.90, "low_watermark": 0.75, "target": 0.85,
                         "admission_deadline_s": 10.0, "virtual_gpu_memory_bytes": args.virtual_gpu_bytes},
     }
-
-
-class StatusPoller:
-    def __init__(self, coordinator, t0: float, period_s: float = 0.05) -> None:
-        self.coordinator, self.t0, self.period_s = coordinator, t0, period_s
-        self.rows: list[dict] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> StatusPoller:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        import ray
-
-        while not self._stop.is_set():
-            try:
-                st = ray.get(self.coordinator.status.remote(), timeout=5)
-                t = time.perf_counter() - self.t0
-                for gpu in st["gpus"]:
-                    for r in gpu["replicas"]:
-                        self.rows.append({"t": t, "gpu": gpu["gpu"], "used": gpu["used_bytes"],
-                                          "total": gpu["total_bytes"], "replica": r["replica_id"],
-                                          "mode": r["mode"], "desired": r["desired_mode"]})
-            except Exception:  # noqa: BLE001 - a restarting coordinator is not a benchmark failure
-                pass
-            self._stop.wait(self.period_s)
-
-    def stop(self) -> list[dict]:
-        self._stop.set()
-        self._thread.join()
-        return self.rows
 
 
 def first_time_all(rows: list[dict], after_s: float, mode: str, replicas: set[str]) -> float | None:

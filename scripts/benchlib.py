@@ -262,3 +262,40 @@ class Timeline:
         t = time.perf_counter() - t0
         self.events.append((t, what))
         return t
+
+
+class StatusPoller:
+    """Polls the coordinator's status from a thread every ``period_s``: one row per
+    replica and poll (time since ``t0``, the GPU's used and total bytes, the replica's
+    mode and the mode asked of it), for the pressure benchmarks' timelines."""
+
+    def __init__(self, coordinator, t0: float, period_s: float = 0.05) -> None:
+        self.coordinator, self.t0, self.period_s = coordinator, t0, period_s
+        self.rows: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> StatusPoller:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import ray
+
+        while not self._stop.is_set():
+            try:
+                st = ray.get(self.coordinator.status.remote(), timeout=5)
+                t = time.perf_counter() - self.t0
+                for gpu in st["gpus"]:
+                    for r in gpu["replicas"]:
+                        self.rows.append({"t": t, "gpu": gpu["gpu"], "used": gpu["used_bytes"],
+                                          "total": gpu["total_bytes"], "replica": r["replica_id"],
+                                          "mode": r["mode"], "desired": r["desired_mode"]})
+            except Exception:  # noqa: BLE001 - a restarting coordinator is not a benchmark failure
+                pass
+            self._stop.wait(self.period_s)
+
+    def stop(self) -> list[dict]:
+        self._stop.set()
+        self._thread.join()
+        return self.rows

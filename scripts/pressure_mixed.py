@@ -39,8 +39,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
-from bench_pressure import StatusPoller
-from benchlib import GiB, MiB
+from benchlib import GiB, MiB, StatusPoller
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: The ramp: card shares to reach, and how long to stay at each (uneven on purpose).
