@@ -246,6 +246,28 @@ class EbbIngress:
         except Exception:  # noqa: BLE001 - any failure to answer means "not ready"
             return False
 
+    # -- Triton's model repository extension: the index (deployments.protocol.repository) --
+
+    @api.post("/v2/repository/index")
+    async def repository_index(self, request: Request) -> Response:
+        """Every served model and its state (``{"ready": true}``: the ready ones only)."""
+        try:
+            ready_only = protocol.parse_index_request(await request.body())
+            return JSONResponse(await self._index(ready_only))
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            return _error(exc, self.http.retry_after_s)
+
+    async def _index(self, ready_only: bool) -> list[dict]:
+        names = sorted(self.handles)
+        ready = await asyncio.gather(*(self._model_ready(n) for n in names))
+        return protocol.repository_index(dict(zip(names, ready)), MODEL_VERSION, ready_only)
+
+    @api.post("/v2/repository/models/{name}/load")
+    @api.post("/v2/repository/models/{name}/unload")
+    async def model_control(self, name: str, request: Request) -> Response:
+        action = request.url.path.rsplit("/", 1)[-1]
+        return _error(protocol.model_control_refused(name, action), self.http.retry_after_s)
+
     # Before /v2/models/{name}: "stats" here is the route, not a model.
     @api.get("/v2/models/stats")
     @api.get("/v2/models/{name}/stats", responses=METADATA_RESPONSES)
@@ -413,6 +435,19 @@ class EbbIngress:
         except Exception as exc:  # noqa: BLE001 - mapped to a code
             return _grpc_error(grpc_context, exc, self.http.retry_after_s,
                                grpc_service.pb.ModelStatisticsResponse())
+
+    async def RepositoryIndex(self, request: Any, grpc_context: Any = None) -> Any:
+        entries = await self._index(bool(request.ready))
+        return grpc_service.pb.RepositoryIndexResponse(
+            models=[grpc_service.pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries])
+
+    async def RepositoryModelLoad(self, request: Any, grpc_context: Any = None) -> Any:
+        return _grpc_error(grpc_context, protocol.model_control_refused(request.model_name, "load"),
+                           self.http.retry_after_s, grpc_service.pb.RepositoryModelLoadResponse())
+
+    async def RepositoryModelUnload(self, request: Any, grpc_context: Any = None) -> Any:
+        return _grpc_error(grpc_context, protocol.model_control_refused(request.model_name, "unload"),
+                           self.http.retry_after_s, grpc_service.pb.RepositoryModelUnloadResponse())
 
     async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:
         name, size = request.model_name, 0

@@ -18,6 +18,7 @@ from deployments.protocol.request import (
     parse_infer_request,
     validation_key,
 )
+from deployments.protocol.repository import model_control_refused, parse_index_request, repository_index
 from deployments.protocol.response import (
     encode_infer_response,
     model_metadata,
@@ -50,8 +51,11 @@ __all__ = [
     "http_status_for",
     "model_config",
     "model_metadata",
+    "model_control_refused",
     "model_statistics",
     "parse_infer_object",
+    "parse_index_request",
     "parse_infer_request",
+    "repository_index",
     "validation_key",
 ]

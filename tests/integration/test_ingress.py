@@ -81,6 +81,25 @@ def test_model_config_through_tritonclient(app: ServeApp):
         == {inference["success"].get("count", 0)}
 
 
+def test_repository_index_through_tritonclient(app: ServeApp):
+    """Triton's clients ask a server what it has with the repository index."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{app.http_port}")
+    index = client.get_model_repository_index()
+    assert [(m["name"], m["version"], m["state"]) for m in index] == [
+        ("encoder", "1", "READY"), ("resnet18", "1", "READY")]
+    ready = requests.post(f"{app.url}/v2/repository/index", json={"ready": True}, timeout=10)
+    assert ready.status_code == 200 and [m["name"] for m in ready.json()] == ["encoder", "resnet18"]
+    bad = requests.post(f"{app.url}/v2/repository/index", json={"ready": "yes"}, timeout=10)
+    assert bad.status_code == 400 and "'ready'" in bad.json()["error"]
+    with pytest.raises(InferenceServerException) as err:
+        client.unload_model("resnet18")
+    assert err.value.status() == "400" and "cluster.yaml" in err.value.message()
+    assert client.is_model_ready("resnet18")  # refused, and nothing was unloaded
+
+
 def test_nan_over_http_where_the_model_allows_it(app: ServeApp):
     """Before: the protocol layer refused NaN for every model, whatever its reject_non_finite."""
     body = _image_body()

@@ -234,3 +234,14 @@ def test_grpc_errors_carry_the_http_status_as_a_code(serve_run: ServeRun):
     assert status == str(grpc.StatusCode.INVALID_ARGUMENT) and "maximum 8" in message, message
     status, _ = code_of(lambda: client.infer("nope", [too_big]))
     assert status == str(grpc.StatusCode.NOT_FOUND)
+    status, message = code_of(lambda: client.load_model("resnet18"))
+    assert status == str(grpc.StatusCode.INVALID_ARGUMENT) and "cluster.yaml" in message, message
+
+
+def test_grpc_repository_index_through_tritonclient(serve_run: ServeRun):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(serve_run.grpc_address)
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert {m["name"]: (m["version"], m["state"]) for m in index} == {
+        "resnet18": ("1", "READY"), "encoder": ("1", "READY")}
