@@ -99,7 +99,7 @@ class GroupDeployment(ReplicaBase):
                              lazy=model.lazy)
         self.descs: dict[str, EngineDescription] = {n: self.engines.engine(n).describe() for n in self.models}
         # What inputs the ingress checked are matched against, once per model, not per call.
-        self.validation_keys = {n: validation_key(d) for n, d in self.descs.items()}
+        self._validation_keys = {n: validation_key(d) for n, d in self.descs.items()}
         self._configure_batching(self.group.batching.max_batch_size, self.group.batching.batch_wait_timeout_s)
 
         #: Model ids Serve's multiplexing has registered on this replica (for the status view).
@@ -153,7 +153,7 @@ class GroupDeployment(ReplicaBase):
         desc = self.descs[name]
         host_finite = (self.models[name].reject_non_finite
                        and not self.engines.engine(name).checks_finite_on_device)
-        arrays = checked_arrays(inputs, desc, self.validation_keys[name], host_finite, validate_inputs)
+        arrays = checked_arrays(inputs, desc, self._validation_keys[name], host_finite, validate_inputs)
         await self._page_in_first(name, arrived)
         result = await self._batched((name, arrays, arrived, host_finite))
         if isinstance(result, BaseException):
@@ -379,7 +379,7 @@ class GroupDeployment(ReplicaBase):
         """Give back every byte this replica holds: the coordinator client, every engine,
         the pool, then the admission budget, then its threads (``ReplicaBase._release``).
         Idempotent."""
-        engines = self.engines if hasattr(self, "engines") else None
+        engines = getattr(self, "engines", None)  # None: __init__ stopped before the start
 
         def close_engines() -> None:
             engines.close()
@@ -388,7 +388,7 @@ class GroupDeployment(ReplicaBase):
             log("replica %s of group %s shut down: %d engines closed, %.1f MiB of context memory still "
                 "held", getattr(self, "replica_id", "?"), self.group.name, len(engines.names()), held / 2**20)
 
-        self._release(None if engines is None else close_engines, getattr(self, "_paging", None))
+        self._release(None if engines is None else close_engines, self._paging)
 
     def __del__(self) -> None:
         # Serve's graceful shutdown calls __del__ (its hook for a replica's cleanup): the

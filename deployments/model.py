@@ -213,7 +213,7 @@ class ModelDeployment(ReplicaBase):
     def shutdown(self) -> None:
         """Give back every byte this replica holds: the coordinator client, the engine,
         the pool, then the admission budget (``ReplicaBase._release``). Idempotent."""
-        engine = self.engine if hasattr(self, "engine") else None
+        engine = getattr(self, "engine", None)  # None: __init__ stopped before the start
 
         def close_engine() -> None:
             engine.close()

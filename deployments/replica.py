@@ -339,7 +339,7 @@ class ReplicaBase:
         if getattr(self, "_shut_down", True):
             return  # shut down already, or __init__ never got as far as _open
         self._shut_down = True
-        executors = [getattr(self, "_gpu", None), *threads]
+        executors = [self._gpu, *threads]
         release_in_order([None if self.client is None else self.client.stop,
                           close_engines,
                           None if self.pool is None else self.pool.close,

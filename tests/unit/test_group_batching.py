@@ -58,7 +58,7 @@ def replica(group: StandInGroup):
     obj.engines = group
     obj.models = {n: SimpleNamespace(reject_non_finite=True) for n in group.factors}
     obj.descs = {n: SimpleNamespace(max_batch=8) for n in group.factors}
-    obj.validation_keys = {n: ("stand-in", n) for n in group.factors}
+    obj._validation_keys = {n: ("stand-in", n) for n in group.factors}
     obj.group = SimpleNamespace(name="zoo")
     obj.app = SimpleNamespace(coordinator=SimpleNamespace(admission_deadline_s=1.0))
     obj.loads: list[str] = []
