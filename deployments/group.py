@@ -155,7 +155,10 @@ class GroupDeployment(ReplicaBase):
                        and not self.engines.engine(name).checks_finite_on_device)
         arrays = checked_arrays(inputs, desc, self._validation_keys[name], host_finite, validate_inputs)
         await self._page_in_first(name, arrived)
-        result = await self._batched((name, arrays, arrived, host_finite))
+        try:
+            result = await self._batched((name, arrays, arrived, host_finite))
+        finally:
+            self.call_path.record("replica", time.monotonic() - arrived)
         if isinstance(result, BaseException):
             raise result  # this request's group of the batch failed; the others did not
         return result
@@ -193,7 +196,7 @@ class GroupDeployment(ReplicaBase):
 
             out = await run_batch([queued[i][1:] for i in indices], call=call, desc=self.descs[name],
                                   admission_deadline_s=self.app.coordinator.admission_deadline_s,
-                                  validate=validate_inputs, executor=self._gpu)
+                                  validate=validate_inputs, executor=self._gpu, path=self.call_path)
             for i, r in zip(indices, out):
                 results[i] = r
         return results
@@ -316,6 +319,7 @@ class GroupDeployment(ReplicaBase):
             "multiplexed_model_ids": list(self.multiplexed_model_ids),
             "batching": dict(self._batching),
             "stats": stats.to_dict(),
+            "call_path": self.call_path.summary(),
             "process": self.process.to_dict(),
             # NVML now and PyTorch's caching allocator: where memory beyond floor + weights sits.
             "memory": (process_memory_breakdown(self.gpu.cuda_index) if self.gpu.cuda_index is not None else None),

@@ -88,7 +88,10 @@ class ModelDeployment(ReplicaBase):
         # batch that failed it.
         host_finite = self.model.reject_non_finite and not self.engine.checks_finite_on_device
         arrays = checked_arrays(inputs, self.desc, self._validation_key, host_finite, validate_inputs)
-        result = await self._batched((arrays, arrived, host_finite))
+        try:
+            result = await self._batched((arrays, arrived, host_finite))
+        finally:
+            self.call_path.record("replica", time.monotonic() - arrived)
         if isinstance(result, BaseException):
             raise result  # this request's group failed; the batch's other groups did not
         return result
@@ -102,7 +105,7 @@ class ModelDeployment(ReplicaBase):
         engine = self.engine
         return await run_batch(
             queued, desc=self.desc, admission_deadline_s=engine.admission_deadline_s, validate=validate_inputs,
-            executor=self._gpu, call=lambda merged, deadline_s, checked: engine.infer(merged, deadline_s=deadline_s,
+            executor=self._gpu, path=self.call_path, call=lambda merged, deadline_s, checked: engine.infer(merged, deadline_s=deadline_s,
                                                                   finite_checked=checked, inputs_checked=True))
 
     def describe(self) -> EngineDescription:
@@ -142,6 +145,8 @@ class ModelDeployment(ReplicaBase):
             "closed": self.engine.closed,
             "batching": dict(self._batching),
             "stats": self.engine.stats().to_dict(),
+            # Where a call's time goes inside this replica (deployments.call_path).
+            "call_path": self.call_path.summary(),
             "weights_version": self.weights_version,
             "process": self.process.to_dict(),
             "coordinator": self.client.last_contact(),

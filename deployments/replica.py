@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from deployments.call_path import CallPath
 from deployments.config import AppConfig, CudaConfig, ModelConfig
 from deployments.engine_factory import plan_replica_context
 from deployments.gpu_identity import current_replica_gpu
@@ -128,14 +129,16 @@ def gpu_thread(name: str) -> ThreadPoolExecutor:
 
 async def run_batch(queued: list[Queued], *, call: EngineCall, desc: Any, admission_deadline_s: float,
                     validate: Callable[..., Any], executor: Executor | None = None,
-                    ) -> list[dict[str, np.ndarray] | Exception]:
+                    path: CallPath | None = None) -> list[dict[str, np.ndarray] | Exception]:
     """One engine call per group of compatible requests (all of one model). A group's
     failure is handed to its own requests only (as the item, for the caller to raise):
     raised from a ``@serve.batch`` handler, Serve would fail every request of the batch.
     ``validate`` is ``spec.validate_inputs`` (passed in so that callers and their tests
     choose it). Calls run on ``executor`` (the replica's :func:`gpu_thread`; default:
-    asyncio's), with the caller's context variables, as ``asyncio.to_thread`` runs them."""
+    asyncio's), with the caller's context variables, as ``asyncio.to_thread`` runs them.
+    ``path``: where the stages' times are recorded (``deployments.call_path``)."""
     loop = asyncio.get_running_loop()
+    timed = _timed_call(call, path)
     requests = [arrays for arrays, _, _ in queued]
     results: list[dict[str, np.ndarray] | Exception | None] = [None] * len(requests)
     groups = group_for_engine(requests, desc.max_batch)
@@ -151,9 +154,15 @@ async def run_batch(queued: list[Queued], *, call: EngineCall, desc: Any, admiss
         oldest = min(queued[i][1] for i in group)
         deadline_s = admission_deadline_s - (time.monotonic() - oldest)
         checked = all(queued[i][2] for i in group)
+        handed = time.monotonic()
+        if path is not None:
+            for i in group:
+                path.record("queued", handed - queued[i][1])
         try:
-            out = await loop.run_in_executor(executor, functools.partial(
-                contextvars.copy_context().run, call, merged, deadline_s, checked))
+            out, ended = await loop.run_in_executor(executor, functools.partial(
+                contextvars.copy_context().run, timed, merged, deadline_s, checked, handed))
+            if path is not None:
+                path.record("from_thread", time.monotonic() - ended)
         except InvalidInputError as err:
             if len(group) == 1:
                 results[group[0]] = err
@@ -194,6 +203,23 @@ async def run_batch(queued: list[Queued], *, call: EngineCall, desc: Any, admiss
             results[i] = {k: v[start:start + b] for k, v in out.items()}
             start += b
     return results  # type: ignore[return-value]
+
+
+def _timed_call(call: EngineCall, path: CallPath | None) -> Callable[..., tuple[dict[str, np.ndarray], float]]:
+    """``call`` run on the GPU thread, returning its outputs and the time it ended, with
+    the wait to start and its own duration recorded in ``path``."""
+
+    def timed(merged: dict[str, np.ndarray], deadline_s: float, checked: bool, handed: float
+              ) -> tuple[dict[str, np.ndarray], float]:
+        began = time.monotonic()
+        try:
+            return call(merged, deadline_s, checked), time.monotonic()
+        finally:
+            if path is not None:
+                path.record("to_thread", began - handed)
+                path.record("engine", time.monotonic() - began)
+
+    return timed
 
 
 def log_to_replica_file() -> None:
@@ -293,6 +319,8 @@ class ReplicaBase:
 
     #: The replica's one thread for engine work (:func:`gpu_thread`); None until _open made it.
     _gpu = None
+    #: Where calls spend their time in this replica (``status()["call_path"]``).
+    call_path: CallPath
 
     def _open(self, name: str, start: Callable[[], None]) -> None:
         """Run ``start`` on the replica's new GPU thread. A start that fails gives back
@@ -301,6 +329,7 @@ class ReplicaBase:
         # What _release() gives back; each is set as it is acquired.
         self.client = self.pool = self.admission = None
         self._shut_down = False
+        self.call_path = CallPath()
         self._gpu = gpu_thread(name)
         try:
             self._gpu.submit(start).result()
@@ -310,6 +339,14 @@ class ReplicaBase:
 
     def shutdown(self) -> None:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
+
+    def timings(self, reset: bool = False) -> dict[str, dict[str, float | int]]:
+        """Where this replica's calls spent their time (``deployments.call_path``), over
+        the samples since the last reset; ``reset`` starts a new window after reading."""
+        summary = self.call_path.summary()
+        if reset:
+            self.call_path.reset()
+        return summary
 
     def _open_process(self, first_model: ModelConfig, app: AppConfig) -> Any:
         """The process's part of a start, before any engine: which GPU, CUDA's stack limit

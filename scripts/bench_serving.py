@@ -469,13 +469,27 @@ def tables(results: dict[str, Any]) -> str:
     out = [(f"Driver: {results['driver']}; model {results['model']} batch {results['batch']}; in-process engine "
             f"(ceiling) {ceiling:.1f} requests/s, p50 {results['ceiling']['p50_ms']:.2f} ms"),
            markdown_table(["protocol", "concurrency", "requests/s", "p50 ms", "p99 ms", "of ceiling", "note"], rows)]
+    stage_rows = [[protocol, c, stage, f"{v['p50_ms']:.3f}", f"{v['p99_ms']:.3f}"]
+                  for protocol, by_c in results["protocols"].items() for c, r in by_c.items()
+                  for stage, v in (r.get("replica_path") or {}).items() if isinstance(v, dict)]
+    if stage_rows:
+        out.append("In the model replica, per row (deployments.call_path):\n" + markdown_table(
+            ["protocol", "concurrency", "stage", "p50 ms", "p99 ms"], stage_rows))
+    if results.get("call_path"):
+        import serving_path
+
+        out.append("One caller straight to the model deployment (no ingress, no proxy):\n" + markdown_table(
+            ["call", "p50 ms", "p99 ms"], serving_path.table_rows(results["call_path"])))
     s = results["small_behind_large"]
-    out.append(markdown_table(
-        ["small request (JSON)", "p50 ms", "p99 ms"],
-        [["alone", f"{s['alone_p50_ms']:.1f}", f"{s['alone_p99_ms']:.1f}"],
-         [f"with {s['large_senders']} client processes sending {s['large_body_mib']} MiB JSON "
-          f"({s['large_bodies_sent']} answered{_sender_trouble(s)})",
-          f"{s['loaded_p50_ms']:.1f}", f"{s['loaded_p99_ms']:.1f}"]]))
+    if s is not None:
+        out.append(markdown_table(
+            ["small request (JSON)", "p50 ms", "p99 ms"],
+            [["alone", f"{s['alone_p50_ms']:.1f}", f"{s['alone_p99_ms']:.1f}"],
+             [f"with {s['large_senders']} client processes sending {s['large_body_mib']} MiB JSON "
+              f"({s['large_bodies_sent']} answered{_sender_trouble(s)})",
+              f"{s['loaded_p50_ms']:.1f}", f"{s['loaded_p99_ms']:.1f}"]]))
+    if results.get("serve_env"):
+        out.append(f"Cluster environment: {results['serve_env']}")
     out.append(markdown_table(["target", "figure", "met"], target_rows(results)))
     if not results["claims"]:
         out.append("smoke run only (no perf_analyzer, CPU): no claims")
@@ -496,6 +510,8 @@ def target_rows(results: dict[str, Any]) -> list[list[str]]:
                      "n/a" if share is None else f"{share:.0%}",
                      "n/a" if share is None else verdict(share >= TARGET_SHARE)])
     s = results["small_behind_large"]
+    if s is None:
+        return rows
     ratio = s["loaded_p99_ms"] / s["alone_p99_ms"]
     trouble = _sender_trouble(s)
     rows.append([f"small p99 with large bodies <= {TARGET_P99_RATIO:g}x alone", f"{ratio:.2f}x{trouble}",
@@ -555,8 +571,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-senders", type=int, default=4, help="clients sending large JSON bodies")
     parser.add_argument("--large-batch", type=int, default=8, help="images per large JSON body")
     parser.add_argument("--quick", action="store_true", help="CPU smoke: seconds per protocol, two concurrencies")
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated, of " + ", ".join(PROTOCOLS))
+    parser.add_argument("--no-small", action="store_true", help="skip the small-behind-large measurement")
+    parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for the cluster this script starts (Ray Serve's RAY_SERVE_* "
+                             "settings reach every process: proxy, controller, replicas); repeatable")
     parser.add_argument("--out-dir", default=str(ROOT / "docs" / "results"))
     args = parser.parse_args(argv)
+    protocols_asked = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    unknown = sorted(set(protocols_asked) - set(PROTOCOLS))
+    if unknown:
+        parser.error(f"--protocols: unknown {unknown}; choose from {list(PROTOCOLS)}")
+    serve_env = {}
+    for item in args.serve_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("RAY_"):
+            parser.error(f"--serve-env {item!r}: expected RAY_...=VALUE")
+        serve_env[key] = value
+    if serve_env and args.url is not None:
+        parser.error("--serve-env applies to the cluster this script starts; it cannot change --url's")
+    os.environ.update(serve_env)  # before ray.init: the local cluster's processes inherit it
 
     try:
         import torch
@@ -581,8 +615,14 @@ def main(argv: list[str] | None = None) -> int:
 
     preflight = check_endpoints(http_url, grpc_url, args.model)
     print(f"endpoints perf_analyzer reads: {preflight}", flush=True)
+    path = None
+    if args.url is None:
+        import serving_path
+
+        print("the call path, one caller straight to the model deployment ...", flush=True)
+        path = serving_path.probe(args.model, _image(args.batch, gpu), calls=50 if args.quick else 300)
     protocols: dict[str, dict[str, Any]] = {}
-    for protocol in PROTOCOLS:
+    for protocol in protocols_asked:
         protocols[protocol] = {}
         for c in concurrencies:
             print(f"{protocol} concurrency {c} ...", flush=True)
@@ -592,14 +632,19 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 r = run_tritonclient(protocol, http_url, grpc_url, args.model, _image(args.batch, gpu), c,
                                      duration_s=2.0 if args.quick else 10.0)
+            if args.url is None:
+                r["replica_path"] = serving_path.replica_timings(args.model)
             protocols[protocol][str(c)] = r
-    print("small requests alone, then behind large JSON bodies ...", flush=True)
-    small = small_behind_large(http_url, gpu, args.small_calls, args.large_senders, args.large_batch)
+    small = None
+    if not args.no_small:
+        print("small requests alone, then behind large JSON bodies ...", flush=True)
+        small = small_behind_large(http_url, gpu, args.small_calls, args.large_senders, args.large_batch)
 
     results = {"driver": "perf_analyzer" if claims else "tritonclient (smoke)", "claims": claims,
                "preflight": preflight,
                "gpu": gpu, "model": args.model, "batch": args.batch, "ceiling": ceiling,
-               "protocols": protocols, "small_behind_large": small, "perf_analyzer": binary}
+               "protocols": protocols, "small_behind_large": small, "perf_analyzer": binary,
+               "serve_env": serve_env, "call_path": path}
     results["targets"] = target_rows(results)
     out_dir = Path(args.out_dir)
     name = "bench_serving" if claims else "bench_serving_smoke"

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from deployments.call_path import CallPath
 from deployments.group import GroupDeployment
 from engine_runtime import ContextMemoryUnavailable, UnknownModelError, WeightsTier
 
@@ -62,6 +63,7 @@ def replica(group: StandInGroup):
     obj.group = SimpleNamespace(name="zoo")
     obj.app = SimpleNamespace(coordinator=SimpleNamespace(admission_deadline_s=1.0))
     obj.loads: list[str] = []
+    obj.call_path = CallPath()
 
     async def load(model_id: str) -> str:
         obj.loads.append(model_id)

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from deployments.call_path import CallPath
 from deployments.model import ModelDeployment
 from engine_runtime.errors import ContextMemoryUnavailable, InputValueError
 
@@ -66,6 +67,7 @@ def replica(engine: StandInEngine, max_batch: int = 4):
     obj.desc = SimpleNamespace(max_batch=max_batch)
     obj._validation_key = ("stand-in",)
     obj.model = SimpleNamespace(reject_non_finite=True, name="stand-in")
+    obj.call_path = CallPath()
     return obj
 
 
@@ -194,3 +196,27 @@ def test_every_call_runs_on_the_replica_s_one_gpu_thread():
     finally:
         obj._gpu.shutdown()
     assert len(names) >= 2 and set(names) == {names[0]} and names[0].startswith("ebb-gpu-stand-in"), names
+
+
+def test_the_call_path_splits_each_call_into_its_stages():
+    """status()["call_path"]: a request's wait for its batch, the engine call, and the
+    replica's whole share; the engine stage is the engine's own time, not the wait."""
+    from deployments.replica import gpu_thread
+
+    obj = replica(StandInEngine(call_s=0.02))
+    obj._batched.set_max_batch_size(1)
+    obj._batched.set_batch_wait_timeout_s(0.0)
+    obj._gpu = gpu_thread("stand-in")
+    try:
+        got = call_all(obj, [rows(1.0), rows(2.0), rows(3.0)])
+        assert not any(isinstance(g, BaseException) for g in got), got
+    finally:
+        obj._gpu.shutdown()
+    path = obj.timings(reset=True)
+    assert {s: path[s]["count"] for s in path} == {s: 3 for s in
+                                                     ("queued", "to_thread", "engine", "from_thread", "replica")}
+    assert 18 <= path["engine"]["p50_ms"] < 60, path["engine"]
+    # One call at a time: the third request waited behind the two before it.
+    assert path["queued"]["p99_ms"] >= 35, path["queued"]
+    assert path["replica"]["p99_ms"] >= path["queued"]["p99_ms"] + 18, path
+    assert obj.timings() == {}  # reset: the next window starts empty
