@@ -36,15 +36,20 @@ class CallResult:
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
-    text = f"{type(exc).__name__}: {exc}"
-    low = text.lower()
+    """``(kind, message)``. The message is the replica's own exception where Ray wrapped
+    it (``RayTaskError.cause``): Ray's wrapper text starts with the actor's repr, and a
+    cut at 200 characters once kept only that, losing the numbers Ebb's errors carry."""
+    inner = getattr(exc, "cause", None)
+    inner = inner if isinstance(inner, BaseException) else exc
+    text = f"{type(inner).__name__}: {inner}"[:600]
+    low = f"{type(exc).__name__}: {exc} {text}".lower()
     if "contextmemoryunavailable" in low or "context memory unavailable" in low:
-        return "unavailable", text[:200]
+        return "unavailable", text
     if "out of memory" in low or "cuda_error_out_of_memory" in low or "outofmemory" in low:
-        return "oom", text[:200]
+        return "oom", text
     if "actordied" in low or "actorunavailable" in low or "rayactorerror" in low:
-        return "died", text[:200]
-    return "error", text[:200]
+        return "died", text
+    return "error", text
 
 
 def percentile(values: list[float], q: float) -> float:
