@@ -49,7 +49,8 @@ TARGET_P99_RATIO = 2.0
 # -- the application --------------------------------------------------------------------
 
 
-def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int) -> dict[str, Any]:
+def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int, ingress_replicas: int | None = None,
+               model_replicas: int = 1) -> dict[str, Any]:
     """A Serve config like cluster.yaml: the image model and a small encoder."""
     if gpu:
         image = {"name": "r50", "source": {"architecture": "resnet50", "seed": 0},
@@ -75,7 +76,9 @@ def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int) -> dic
             "coordinator": {"poll_interval_s": 0.5, "admission_deadline_s": 5.0,
                             "virtual_gpu_memory_bytes": 4 << 30},
             "models": [image, encoder]}
-    model_opts = {"num_replicas": 1, "max_ongoing_requests": 128,
+    # Replicas of one model share the card (num_gpus each, at most 1 in all).
+    gpus = min(gpus, round(0.9 / (2 * model_replicas), 3))
+    model_opts = {"num_replicas": model_replicas, "max_ongoing_requests": 128,
                   "ray_actor_options": {"num_gpus": gpus, "num_cpus": 0.25}}
     return {
         "proxy_location": "EveryNode",
@@ -86,7 +89,8 @@ def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int) -> dic
         "applications": [{
             "name": "ebb", "route_prefix": "/", "import_path": "deployments.app:build_app", "args": args,
             "deployments": [{"name": "r50", **model_opts}, {"name": "bert", **model_opts},
-                            {"name": "EbbIngress", "num_replicas": 2 if gpu else 1,
+                            {"name": "EbbIngress",
+                             "num_replicas": ingress_replicas or (2 if gpu else 1),
                              "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.5}}],
         }],
     }
@@ -572,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-batch", type=int, default=8, help="images per large JSON body")
     parser.add_argument("--quick", action="store_true", help="CPU smoke: seconds per protocol, two concurrencies")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated, of " + ", ".join(PROTOCOLS))
+    parser.add_argument("--ingress-replicas", type=int, default=None, help="EbbIngress replicas (default 2 on a GPU)")
+    parser.add_argument("--model-replicas", type=int, default=1, help="replicas of each model (they share the card)")
     parser.add_argument("--no-small", action="store_true", help="skip the small-behind-large measurement")
     parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for the cluster this script starts (Ray Serve's RAY_SERVE_* "
@@ -609,7 +615,10 @@ def main(argv: list[str] | None = None) -> int:
     http_url, grpc_url = args.url, args.grpc_url
     if http_url is None:
         http_port, grpc_port = _free_port(), _free_port()
-        start_app(app_config(gpu, http_port, grpc_port, batch_max=max(32, args.batch)))
+        if args.model_replicas < 1 or (args.ingress_replicas is not None and args.ingress_replicas < 1):
+            parser.error("--model-replicas and --ingress-replicas must be at least 1")
+        start_app(app_config(gpu, http_port, grpc_port, batch_max=max(32, args.batch),
+                             ingress_replicas=args.ingress_replicas, model_replicas=args.model_replicas))
         http_url, grpc_url = f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
     grpc_url = grpc_url or http_url.rsplit(":", 1)[0] + ":9000"
 
@@ -644,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
                "preflight": preflight,
                "gpu": gpu, "model": args.model, "batch": args.batch, "ceiling": ceiling,
                "protocols": protocols, "small_behind_large": small, "perf_analyzer": binary,
-               "serve_env": serve_env, "call_path": path}
+               "serve_env": serve_env, "call_path": path,
+               "replicas": {"ingress": args.ingress_replicas or (2 if gpu else 1), "model": args.model_replicas}}
     results["targets"] = target_rows(results)
     out_dir = Path(args.out_dir)
     name = "bench_serving" if claims else "bench_serving_smoke"

@@ -14,7 +14,8 @@
 #             PyTorch engine, groups' paging; ENGINE_TESTS_MORE adds more files)
 #   serving   bench_serving: perf_analyzer HTTP/gRPC vs the in-process ceiling (issue 14)
 #   paths     bench_serving's call path (replica stages, handle transport), Serve's defaults
-#             and Serve's replica gRPC transport (issue 14: where the per-call time goes)
+#             and Serve's replica gRPC transport, then 4 ingress and 2 model replicas
+#             (issue 14: where the per-call time goes, and what more processes buy)
 #   servetests    the GPU tests through Serve (groups' replica memory, mechanism)
 #   groups    bench_density --system ebb-groups --group-serve on a 6 GiB card (issue 13)
 #   plain / ebb   bench_density for one system on the same 6 GiB card (issue 13)
@@ -53,6 +54,10 @@ for s in "$@"; do
     serving)
         step serving 330 python3 scripts/bench_serving.py --concurrency 1,16,64 --measurement-ms 1500 \
             --small-calls 150 --out-dir "$OUT/serving" ;;
+    path1)
+        # paths' first half alone, for a short window.
+        step paths-default 200 python3 scripts/bench_serving.py --protocols grpc,http-binary --concurrency 1,16 \
+            --measurement-ms 1500 --no-small --out-dir "$OUT/paths-default" ;;
     paths)
         # The serving path's pieces (replica stages, handle transport) with Serve's
         # defaults, then with its replica gRPC transport (by value) for handles and the proxy.
@@ -60,7 +65,9 @@ for s in "$@"; do
             --measurement-ms 1500 --no-small --out-dir "$OUT/paths-default"
         step paths-grpc 240 python3 scripts/bench_serving.py --protocols http-binary,grpc --concurrency 1,16 \
             --measurement-ms 1500 --no-small --serve-env RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
-            --serve-env RAY_SERVE_PROXY_USE_GRPC=1 --out-dir "$OUT/paths-grpc" ;;
+            --serve-env RAY_SERVE_PROXY_USE_GRPC=1 --out-dir "$OUT/paths-grpc"
+        step paths-wide 240 python3 scripts/bench_serving.py --protocols http-binary,grpc --concurrency 1,16 \
+            --measurement-ms 1500 --no-small --ingress-replicas 4 --model-replicas 2 --out-dir "$OUT/paths-wide" ;;
     servetests)
         step servetests 240 python3 -m pytest -m gpu -s -p no:cacheprovider tests/gpu/test_serve_groups_gpu.py \
             tests/gpu/test_mechanism_gpu.py ;;

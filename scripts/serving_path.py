@@ -3,6 +3,9 @@
 beside it (a handle round trip that does no work, and the same infer through a handle
 by reference, i.e. Ray's object store, and by value over Serve's replica gRPC).
 
+With several replicas of the model, the stages are one replica's (the one Serve's
+router picks for the ``timings`` call).
+
 Needs a running app (``bench_serving.start_app``) and this process connected to it.
 """
 
