@@ -154,6 +154,11 @@ class HttpConfig(_Strict):
                                                                      "hide from the event loop.")
     parse_processes: int = Field(2, ge=0, description="Worker processes per ingress replica for large JSON bodies "
                                                       "(started on the first one); 0: threads only.")
+    by_value_max_bytes: int = Field(1 * 2**20, ge=0, description="Requests whose tensors total at most this many "
+                                                                 "bytes go from the ingress to the model replica by "
+                                                                 "value, over Serve's replica gRPC, instead of "
+                                                                 "through Ray's object store; 0: always by "
+                                                                 "reference.")
 
 
 #: CUDA VMM's allocation granularity on current NVIDIA GPUs; chunks must be multiples of it.
