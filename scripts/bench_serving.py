@@ -96,8 +96,10 @@ def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int, ingres
     }
 
 
-def start_app(config: dict[str, Any], timeout_s: float = 600.0) -> None:
-    """Ray, Serve (HTTP and gRPC proxies) and the application, in this process's cluster."""
+def start_app(config: dict[str, Any], timeout_s: float = 600.0, wait_ready: bool = True) -> None:
+    """Ray, Serve (HTTP and gRPC proxies) and the application, in this process's cluster;
+    ``wait_ready``: until the proxy's port answers ready (not with direct ingress, where
+    the ingress replica listens on a port of its own: ``serving_path.direct_ports``)."""
     import logging
 
     import ray
@@ -118,6 +120,8 @@ def start_app(config: dict[str, Any], timeout_s: float = 600.0) -> None:
              logging_level=logging.ERROR, log_to_driver=False)
     client = serve_private_api.serve_start(http_options=config["http_options"], grpc_options=config["grpc_options"])
     client.deploy_apps(ServeDeploySchema.model_validate(config))
+    if not wait_ready:
+        return
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -578,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated, of " + ", ".join(PROTOCOLS))
     parser.add_argument("--ingress-replicas", type=int, default=None, help="EbbIngress replicas (default 2 on a GPU)")
     parser.add_argument("--model-replicas", type=int, default=1, help="replicas of each model (they share the card)")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS): no proxy; one ingress replica "
+                             "listening on ports of its own, which the script finds")
     parser.add_argument("--no-small", action="store_true", help="skip the small-behind-large measurement")
     parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for the cluster this script starts (Ray Serve's RAY_SERVE_* "
@@ -594,8 +601,18 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not key.startswith("RAY_"):
             parser.error(f"--serve-env {item!r}: expected RAY_...=VALUE")
         serve_env[key] = value
-    if serve_env and args.url is not None:
-        parser.error("--serve-env applies to the cluster this script starts; it cannot change --url's")
+    if (serve_env or args.direct_ingress) and args.url is not None:
+        parser.error("--serve-env and --direct-ingress apply to the cluster this script starts, not --url's")
+    direct = None
+    if args.direct_ingress:
+        import serving_path
+
+        if args.ingress_replicas not in (None, 1):
+            parser.error("--direct-ingress: one ingress replica (perf_analyzer reaches one port; Serve's "
+                         "load balancer for several is HAProxy, not on these machines)")
+        args.ingress_replicas = 1
+        direct = (_free_port(), _free_port())
+        serve_env.update(serving_path.direct_ingress_env(*direct))
     os.environ.update(serve_env)  # before ray.init: the local cluster's processes inherit it
 
     try:
@@ -618,7 +635,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.model_replicas < 1 or (args.ingress_replicas is not None and args.ingress_replicas < 1):
             parser.error("--model-replicas and --ingress-replicas must be at least 1")
         start_app(app_config(gpu, http_port, grpc_port, batch_max=max(32, args.batch),
-                             ingress_replicas=args.ingress_replicas, model_replicas=args.model_replicas))
+                             ingress_replicas=args.ingress_replicas, model_replicas=args.model_replicas),
+                  wait_ready=direct is None)
+        if direct is not None:
+            http_port, grpc_port = serving_path.direct_ports(*direct)
+            print(f"direct ingress: HTTP on {http_port}, gRPC on {grpc_port}", flush=True)
         http_url, grpc_url = f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
     grpc_url = grpc_url or http_url.rsplit(":", 1)[0] + ":9000"
 
@@ -653,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
                "preflight": preflight,
                "gpu": gpu, "model": args.model, "batch": args.batch, "ceiling": ceiling,
                "protocols": protocols, "small_behind_large": small, "perf_analyzer": binary,
-               "serve_env": serve_env, "call_path": path,
+               "serve_env": serve_env, "call_path": path, "direct_ingress": direct is not None,
                "replicas": {"ingress": args.ingress_replicas or (2 if gpu else 1), "model": args.model_replicas}}
     results["targets"] = target_rows(results)
     out_dir = Path(args.out_dir)

@@ -14,8 +14,10 @@
 #             PyTorch engine, groups' paging; ENGINE_TESTS_MORE adds more files)
 #   serving   bench_serving: perf_analyzer HTTP/gRPC vs the in-process ceiling (issue 14)
 #   paths     bench_serving's call path (replica stages, handle transport), Serve's defaults
-#             and Serve's replica gRPC transport, then 4 ingress and 2 model replicas
-#             (issue 14: where the per-call time goes, and what more processes buy)
+#             and Serve's replica gRPC transport (issue 14: where the per-call time goes)
+#   path1     paths' first run alone, for a short window
+#   paths2    the same with Serve's direct ingress (no proxy), then 4 ingress and 2 model
+#             replicas (what more processes buy)
 #   servetests    the GPU tests through Serve (groups' replica memory, mechanism)
 #   groups    bench_density --system ebb-groups --group-serve on a 6 GiB card (issue 13)
 #   plain / ebb   bench_density for one system on the same 6 GiB card (issue 13)
@@ -65,7 +67,11 @@ for s in "$@"; do
             --measurement-ms 1500 --no-small --out-dir "$OUT/paths-default"
         step paths-grpc 240 python3 scripts/bench_serving.py --protocols http-binary,grpc --concurrency 1,16 \
             --measurement-ms 1500 --no-small --serve-env RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
-            --serve-env RAY_SERVE_PROXY_USE_GRPC=1 --out-dir "$OUT/paths-grpc"
+            --serve-env RAY_SERVE_PROXY_USE_GRPC=1 --out-dir "$OUT/paths-grpc" ;;
+    paths2)
+        # No proxy (Serve's direct ingress, one ingress replica), then more processes.
+        step paths-direct 240 python3 scripts/bench_serving.py --protocols http-binary,grpc --concurrency 1,16 \
+            --measurement-ms 1500 --no-small --direct-ingress --out-dir "$OUT/paths-direct"
         step paths-wide 240 python3 scripts/bench_serving.py --protocols http-binary,grpc --concurrency 1,16 \
             --measurement-ms 1500 --no-small --ingress-replicas 4 --model-replicas 2 --out-dir "$OUT/paths-wide" ;;
     servetests)

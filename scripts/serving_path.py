@@ -19,6 +19,51 @@ import numpy as np
 from benchlib import percentile
 
 
+#: Ports tried above each direct-ingress base (Serve allocates the replica's from there).
+DIRECT_PORT_SPAN = 16
+
+
+def direct_ingress_env(http_base: int, grpc_base: int) -> dict[str, str]:
+    """Ray Serve's direct ingress: no proxy; each ingress replica serves HTTP and gRPC on
+    ports Serve allocates from these bases (``ray/serve/_private/constants.py``)."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_base),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_base + DIRECT_PORT_SPAN),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_base),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_base + DIRECT_PORT_SPAN)}
+
+
+def direct_ports(http_base: int, grpc_base: int, timeout_s: float = 600.0) -> tuple[int, int]:
+    """The ingress replica's HTTP and gRPC ports under direct ingress, once it answers ready."""
+    import requests
+    import tritonclient.grpc as grpcclient
+
+    deadline = time.monotonic() + timeout_s
+    http_port = grpc_port = None
+    while time.monotonic() < deadline and (http_port is None or grpc_port is None):
+        for port in range(http_base, http_base + DIRECT_PORT_SPAN):
+            try:
+                if http_port is None and requests.get(f"http://127.0.0.1:{port}/v2/health/ready",
+                                                      timeout=2).status_code == 200:
+                    http_port = port
+            except requests.RequestException:
+                pass
+        for port in range(grpc_base, grpc_base + DIRECT_PORT_SPAN):
+            if grpc_port is not None:
+                break
+            try:
+                if grpcclient.InferenceServerClient(f"127.0.0.1:{port}").is_server_live(client_timeout=2):
+                    grpc_port = port
+            except Exception:  # noqa: BLE001 - nothing there (yet)
+                pass
+        time.sleep(0.5)
+    if http_port is None or grpc_port is None:
+        raise TimeoutError(f"direct ingress: no ingress replica answered on HTTP {http_base}-"
+                           f"{http_base + DIRECT_PORT_SPAN} (found {http_port}) or gRPC {grpc_base}-"
+                           f"{grpc_base + DIRECT_PORT_SPAN} (found {grpc_port}) within {timeout_s:.0f} s")
+    return http_port, grpc_port
+
+
 def _timed(fn, calls: int, warmup: int = 20) -> dict[str, float]:
     for _ in range(warmup):
         fn()
