@@ -50,27 +50,27 @@ TARGET_P99_RATIO = 2.0
 
 
 def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int, ingress_replicas: int | None = None,
-               model_replicas: int = 1) -> dict[str, Any]:
+               model_replicas: int = 1, batch_wait_s: float = 0.002) -> dict[str, Any]:
     """A Serve config like cluster.yaml: the image model and a small encoder."""
     if gpu:
         image = {"name": "r50", "source": {"architecture": "resnet50", "seed": 0},
                  "input": {"min_batch": 1, "opt_batch": 8, "max_batch": batch_max, "image_size": 224},
                  "precision": "fp32", "backend": "pytorch", "mode": "static", "pin": "static", "lazy": False,
-                 "batching": {"max_batch_size": batch_max, "batch_wait_timeout_s": 0.002}}
+                 "batching": {"max_batch_size": batch_max, "batch_wait_timeout_s": batch_wait_s}}
         encoder = {"name": "bert", "source": {"architecture": "bert-base", "seed": 0},
                    "input": {"min_batch": 1, "opt_batch": 2, "max_batch": 6, "seq_len": 96},
                    "backend": "pytorch", "mode": "static", "pin": "static", "lazy": False,
-                   "batching": {"max_batch_size": 6, "batch_wait_timeout_s": 0.002}}
+                   "batching": {"max_batch_size": 6, "batch_wait_timeout_s": batch_wait_s}}
         gpus = 0.4
     else:
         image = {"name": "r50", "source": {"architecture": "resnet18", "seed": 0},
                  "input": {"min_batch": 1, "opt_batch": 2, "max_batch": 4, "image_size": 32},
                  "backend": "pytorch", "mode": "static", "pin": "auto", "lazy": False,
-                 "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.002}}
+                 "batching": {"max_batch_size": 4, "batch_wait_timeout_s": batch_wait_s}}
         encoder = {"name": "bert", "source": {"architecture": "bert-tiny", "seed": 0},
                    "input": {"min_batch": 1, "opt_batch": 2, "max_batch": 4, "seq_len": 16},
                    "backend": "pytorch", "mode": "static", "pin": "auto", "lazy": False,
-                   "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.002}}
+                   "batching": {"max_batch_size": 4, "batch_wait_timeout_s": batch_wait_s}}
         gpus = 0.25
     args = {"model_dirs": ["."], "http": {"max_body_bytes": 256 << 20, "retry_after_s": 1},
             "coordinator": {"poll_interval_s": 0.5, "admission_deadline_s": 5.0,
@@ -582,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated, of " + ", ".join(PROTOCOLS))
     parser.add_argument("--ingress-replicas", type=int, default=None, help="EbbIngress replicas (default 2 on a GPU)")
     parser.add_argument("--model-replicas", type=int, default=1, help="replicas of each model (they share the card)")
+    parser.add_argument("--batch-wait-s", type=float, default=0.002,
+                        help="the models' batch_wait_timeout_s (0: take what is queued, wait for nothing)")
     parser.add_argument("--direct-ingress", action="store_true",
                         help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS): no proxy; one ingress replica "
                              "listening on ports of its own, which the script finds")
@@ -635,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.model_replicas < 1 or (args.ingress_replicas is not None and args.ingress_replicas < 1):
             parser.error("--model-replicas and --ingress-replicas must be at least 1")
         start_app(app_config(gpu, http_port, grpc_port, batch_max=max(32, args.batch),
-                             ingress_replicas=args.ingress_replicas, model_replicas=args.model_replicas),
+                             ingress_replicas=args.ingress_replicas, model_replicas=args.model_replicas,
+                             batch_wait_s=args.batch_wait_s),
                   wait_ready=direct is None)
         if direct is not None:
             http_port, grpc_port = serving_path.direct_ports(*direct)
@@ -675,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
                "gpu": gpu, "model": args.model, "batch": args.batch, "ceiling": ceiling,
                "protocols": protocols, "small_behind_large": small, "perf_analyzer": binary,
                "serve_env": serve_env, "call_path": path, "direct_ingress": direct is not None,
-               "replicas": {"ingress": args.ingress_replicas or (2 if gpu else 1), "model": args.model_replicas}}
+               "replicas": {"ingress": args.ingress_replicas or (2 if gpu else 1), "model": args.model_replicas},
+               "batch_wait_s": args.batch_wait_s}
     results["targets"] = target_rows(results)
     out_dir = Path(args.out_dir)
     name = "bench_serving" if claims else "bench_serving_smoke"
