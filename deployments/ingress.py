@@ -138,6 +138,18 @@ def _by_value_handles(handles: dict[str, Any]) -> dict[str, Any]:
         return {}
 
 
+def _payload_bytes(arrays: dict[str, Any]) -> int:
+    """What a request's tensors weigh on the wire: ``nbytes``, except for object arrays
+    (BYTES tensors), whose ``nbytes`` counts pointers, not the strings they hold."""
+    total = 0
+    for a in arrays.values():
+        if a.dtype == object:
+            total += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in a.ravel())
+        else:
+            total += a.nbytes
+    return total
+
+
 @dataclass
 class _ModelCounters:
     """Per model, at this ingress replica: Triton's statistics extension reads these."""
@@ -231,7 +243,7 @@ class EbbIngress:
     async def _call(self, name: str, desc: EngineDescription, parsed: protocol.InferRequest) -> dict:
         counters = self._counters[name]
         started = time.perf_counter_ns()
-        nbytes = sum(a.nbytes for a in parsed.inputs.values())
+        nbytes = _payload_bytes(parsed.inputs)
         handle = self._by_value.get(name) if nbytes <= self.http.by_value_max_bytes else None
         try:
             outputs = await (handle or self.handles[name]).infer.remote(parsed.checked(desc))

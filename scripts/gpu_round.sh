@@ -25,14 +25,38 @@ set -u
 : "${OUT:=./out}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
+quiet_card() {  # wait (at most 60 s) until no process of an earlier step holds the card
+    local i
+    for i in $(seq 120); do
+        [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)" ] && return 0
+        sleep 0.5
+    done
+    echo "== still on the card after 60 s: $(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader | tr '\n' ' ')"
+}
+
+serve_tail() {  # one file with the end of each Serve replica log, where a step failed
+    local out=$1 f
+    for f in /tmp/ray/session_latest/logs/serve/replica_*.log; do
+        [ -f "$f" ] || continue
+        echo "==== $f"
+        grep -n -A12 -E "Traceback|Error|error" "$f" | tail -n 80
+    done >"$out" 2>/dev/null
+}
+
 step() {  # step NAME LIMIT_S COMMAND...
     local name=$1 limit=$2
     shift 2
     mkdir -p "$OUT/$name"
+    # A step that starts while the last one's replicas are still leaving measures them
+    # too (the first groups run of 2026-12-07 began 7 s after a cluster went down).
+    quiet_card
     echo "== $name: $* (start $(date -u +%T))"
     timeout --signal=TERM --kill-after=15 "$limit" "$@" >"$OUT/$name/log.txt" 2>&1
     local rc=$?
     echo "== $name: rc=$rc (end $(date -u +%T))"
+    if [ "$rc" -ne 0 ] || grep -q -E "failed: |Traceback" "$OUT/$name/log.txt"; then
+        serve_tail "$OUT/$name/serve-errors.txt"
+    fi
     tail -n "${TAIL_LINES:-25}" "$OUT/$name/log.txt"
 }
 

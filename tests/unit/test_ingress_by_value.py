@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from deployments.config import HttpConfig
-from deployments.ingress import EbbIngress, _ModelCounters, _by_value_handles
+from deployments.ingress import EbbIngress, _ModelCounters, _by_value_handles, _payload_bytes
 
 
 class Handle:
@@ -66,3 +66,9 @@ def test_the_transport_follows_the_request_s_tensor_bytes(limit, sizes, expected
 def test_by_value_max_bytes_must_not_be_negative():
     with pytest.raises(ValueError, match="by_value_max_bytes"):
         HttpConfig(by_value_max_bytes=-1)
+
+
+def test_a_bytes_tensor_weighs_its_strings_not_its_pointers():
+    strings = np.array([b"x" * 1000, b"y" * 3000], dtype=object)
+    assert strings.nbytes == 16  # what a plain nbytes sum would have counted
+    assert _payload_bytes({"text": strings, "ids": np.zeros(4, np.int64)}) == 4000 + 32
