@@ -16,7 +16,7 @@
 #   paths     bench_serving's call path (replica stages, handle transport), Serve's defaults
 #             and Serve's replica gRPC transport (issue 14: where the per-call time goes)
 #   path1     paths' first run alone, for a short window
-#   paths2    the same with Serve's direct ingress (no proxy), then 4 ingress and 2 model
+#   paths2    the same with Serve's direct ingress (past the proxy), then 4 ingress and 2 model
 #             replicas (what more processes buy)
 #   servetests    the GPU tests through Serve (groups' replica memory, mechanism)
 #   groups    bench_density --system ebb-groups --group-serve on a 6 GiB card (issue 13)
@@ -93,7 +93,7 @@ for s in "$@"; do
             --measurement-ms 1500 --no-small --serve-env RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
             --serve-env RAY_SERVE_PROXY_USE_GRPC=1 --out-dir "$OUT/paths-grpc" ;;
     paths2)
-        # No proxy (Serve's direct ingress, one ingress replica), then more processes.
+        # Past the proxy (Serve's direct ingress, one ingress replica), then more processes.
         step paths-direct 240 python3 scripts/bench_serving.py --protocols http-binary,grpc --concurrency 1,16 \
             --measurement-ms 1500 --no-small --direct-ingress --out-dir "$OUT/paths-direct"
         step paths-wide 240 python3 scripts/bench_serving.py --protocols http-binary,grpc --concurrency 1,16 \

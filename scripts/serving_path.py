@@ -24,8 +24,8 @@ DIRECT_PORT_SPAN = 16
 
 
 def direct_ingress_env(http_base: int, grpc_base: int) -> dict[str, str]:
-    """Ray Serve's direct ingress: no proxy; each ingress replica serves HTTP and gRPC on
-    ports Serve allocates from these bases (``ray/serve/_private/constants.py``)."""
+    """Ray Serve's direct ingress: each ingress replica also serves HTTP and gRPC, past
+    the proxy, on ports Serve allocates from these bases (``ray/serve/_private/constants.py``)."""
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_base),
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_base + DIRECT_PORT_SPAN),

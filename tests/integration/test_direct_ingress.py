@@ -1,6 +1,7 @@
 """``cluster.yaml`` under Ray Serve's direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``):
-no proxy; the ingress replica serves HTTP and gRPC on ports of its own, which Serve
-allocates from the ``RAY_SERVE_DIRECT_INGRESS_MIN_*_PORT`` ranges.
+the ingress replica also serves HTTP and gRPC on ports of its own, which Serve allocates
+from the ``RAY_SERVE_DIRECT_INGRESS_MIN_*_PORT`` ranges; clients there skip the proxy,
+which still runs on the head node.
 
 Why it is tested: docs/serving.md offers it for latency (the proxy hop was the largest
 piece of a call on the CPU machine, docs/benchmarks.md §12), and Ebb's gRPC service must
