@@ -478,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-wait-s", type=float, default=0.002,
                         help="the models' batch_wait_timeout_s (0: take what is queued, wait for nothing)")
     parser.add_argument("--direct-ingress", action="store_true",
-                        help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS): clients skip the proxy; one ingress replica "
-                             "listening on ports of its own, which the script finds")
+                        help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS): clients skip the proxy; "
+                             "one ingress replica listening on ports of its own, which the script finds")
     parser.add_argument("--no-small", action="store_true", help="skip the small-behind-large measurement")
     parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for the cluster this script starts (Ray Serve's RAY_SERVE_* "
