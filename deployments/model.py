@@ -105,7 +105,8 @@ class ModelDeployment(ReplicaBase):
         engine = self.engine
         return await run_batch(
             queued, desc=self.desc, admission_deadline_s=engine.admission_deadline_s, validate=validate_inputs,
-            executor=self._gpu, path=self.call_path, call=lambda merged, deadline_s, checked: engine.infer(merged, deadline_s=deadline_s,
+            executor=self._gpu, path=self.call_path,
+            call=lambda merged, deadline_s, checked: engine.infer(merged, deadline_s=deadline_s,
                                                                   finite_checked=checked, inputs_checked=True))
 
     def describe(self) -> EngineDescription:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serving_path
 from benchlib import ROOT, percentile, write_json
 from serving_report import plot, tables, target_rows
 
@@ -500,8 +501,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--serve-env and --direct-ingress apply to the cluster this script starts, not --url's")
     direct = None
     if args.direct_ingress:
-        import serving_path
-
         if args.ingress_replicas not in (None, 1):
             parser.error("--direct-ingress: one ingress replica (perf_analyzer reaches one port; Serve's "
                          "load balancer for several is HAProxy, not on these machines)")
@@ -543,8 +542,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"endpoints perf_analyzer reads: {preflight}", flush=True)
     path = None
     if args.url is None:
-        import serving_path
-
         print("the call path, one caller straight to the model deployment ...", flush=True)
         path = serving_path.probe(args.model, _image(args.batch, gpu), calls=50 if args.quick else 300)
     protocols: dict[str, dict[str, Any]] = {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import serving_path
 from benchlib import markdown_table
 
 #: The issue's targets: perf_analyzer over HTTP binary and gRPC at this concurrency
@@ -40,8 +41,6 @@ def tables(results: dict[str, Any]) -> str:
         out.append("In the model replica, per row (deployments.call_path):\n" + markdown_table(
             ["protocol", "concurrency", "stage", "p50 ms", "p99 ms"], stage_rows))
     if results.get("call_path"):
-        import serving_path
-
         out.append("One caller straight to the model deployment (no ingress, no proxy):\n" + markdown_table(
             ["call", "p50 ms", "p99 ms"], serving_path.table_rows(results["call_path"])))
     s = results["small_behind_large"]
