@@ -22,13 +22,11 @@ from __future__ import annotations
 import threading
 from collections import deque
 
+from engine_runtime.stats import percentile
+
 __all__ = ["STAGES", "CallPath"]
 
 STAGES = ("queued", "to_thread", "engine", "from_thread", "replica")
-
-
-def _percentile(sorted_ms: list[float], q: float) -> float:
-    return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
 
 
 class CallPath:
@@ -59,8 +57,8 @@ class CallPath:
         """``{stage: {"count", "p50_ms", "p99_ms", "mean_ms"}}`` over the window (stages
         with no sample are left out); ``count`` is every sample since the start."""
         with self._lock:
-            snap = {stage: sorted(s) for stage, s in self._samples.items() if s}
+            snap = {stage: list(s) for stage, s in self._samples.items() if s}
             counts = dict(self._counts)
-        return {stage: {"count": counts[stage], "p50_ms": round(_percentile(ms, 0.5), 4),
-                        "p99_ms": round(_percentile(ms, 0.99), 4), "mean_ms": round(sum(ms) / len(ms), 4)}
+        return {stage: {"count": counts[stage], "p50_ms": round(percentile(ms, 0.5), 4),
+                        "p99_ms": round(percentile(ms, 0.99), 4), "mean_ms": round(sum(ms) / len(ms), 4)}
                 for stage, ms in snap.items()}

@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, field
 from engine_runtime.memory import MemoryMode
 
 
-__all__ = ["CallTimes", "EngineStats", "StatsSnapshot", "time_calls"]
+__all__ = ["CallTimes", "EngineStats", "StatsSnapshot", "percentile", "time_calls"]
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank below; 0.0 for none)."""
     if not values:
         return 0.0
     ordered = sorted(values)
@@ -59,7 +60,7 @@ def time_calls(call: Callable[[], object], calls: int = 100, warmup: int = 10) -
         t0 = clock()
         call()
         samples.append(clock() - t0)
-    return CallTimes(calls, warmup, statistics.median(samples), _percentile(samples, 0.99),
+    return CallTimes(calls, warmup, statistics.median(samples), percentile(samples, 0.99),
                      statistics.fmean(samples), tuple(samples))
 
 
@@ -161,16 +162,16 @@ class EngineStats:
                 peak_context_bytes=self.peak_context_bytes,
                 last_context_bytes=self.last_context_bytes,
                 acquisitions=self.acquisitions,
-                acquisition_p50_s=_percentile(acq, 0.5),
-                acquisition_p99_s=_percentile(acq, 0.99),
+                acquisition_p50_s=percentile(acq, 0.5),
+                acquisition_p99_s=percentile(acq, 0.99),
                 acquisition_total_s=self._acq_total,
                 calls_ok=self.calls["ok"],
                 calls_invalid=self.calls["invalid"],
                 calls_unavailable=self.calls["unavailable"],
                 calls_failed=self.calls["failed"],
                 calls_in_flight=self.in_flight,
-                latency_p50_s={m: _percentile(v, 0.5) for m, v in lat.items() if v},
-                latency_p99_s={m: _percentile(v, 0.99) for m, v in lat.items() if v},
+                latency_p50_s={m: percentile(v, 0.5) for m, v in lat.items() if v},
+                latency_p99_s={m: percentile(v, 0.99) for m, v in lat.items() if v},
                 request_rate_per_s=rate,
                 admission_waits=self.admission_waits,
             )

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from benchlib import percentile
 
 
 #: Ports tried above each direct-ingress base (Serve allocates the replica's from there).
@@ -65,14 +64,11 @@ def direct_ports(http_base: int, grpc_base: int, timeout_s: float = 600.0) -> tu
 
 
 def _timed(fn, calls: int, warmup: int = 20) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    lat = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        lat.append(time.perf_counter() - t)
-    return {"p50_ms": percentile(lat, 0.5) * 1e3, "p99_ms": percentile(lat, 0.99) * 1e3, "calls": calls}
+    """Ebb's one timing method (``engine_runtime.stats.time_calls``), as milliseconds."""
+    from engine_runtime.stats import time_calls
+
+    t = time_calls(fn, calls=calls, warmup=warmup)
+    return {"p50_ms": t.p50_s * 1e3, "p99_ms": t.p99_s * 1e3, "calls": calls}
 
 
 def replica_timings(model: str, app: str = "ebb", reset: bool = True) -> dict[str, Any]:
