@@ -16,6 +16,7 @@
 #   paths     bench_serving's call path (replica stages, handle transport), Serve's defaults
 #             and Serve's replica gRPC transport (issue 14: where the per-call time goes)
 #   path1     paths' first run alone, for a short window
+#   pathsd    paths-default, then paths-direct (Serve's defaults; past the proxy)
 #   paths2    the same with Serve's direct ingress (past the proxy), then 4 ingress and 2 model
 #             replicas (what more processes buy)
 #   servetests    the GPU tests through Serve (groups' replica memory, mechanism)
@@ -51,13 +52,18 @@ step() {  # step NAME LIMIT_S COMMAND...
     # too (the first groups run of 2026-12-07 began 7 s after a cluster went down).
     quiet_card
     echo "== $name: $* (start $(date -u +%T))"
+    # Which process is busy while the client's rate flattens (the rate setter).
+    python3 scripts/cpu_sampler.py --out "$OUT/$name/cpu.json" >"$OUT/$name/cpu.txt" 2>&1 &
+    local sampler=$!
     timeout --signal=TERM --kill-after=15 "$limit" "$@" >"$OUT/$name/log.txt" 2>&1
     local rc=$?
+    kill -TERM "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
     echo "== $name: rc=$rc (end $(date -u +%T))"
     if [ "$rc" -ne 0 ] || grep -q -E "failed: |Traceback" "$OUT/$name/log.txt"; then
         serve_tail "$OUT/$name/serve-errors.txt"
     fi
     tail -n "${TAIL_LINES:-25}" "$OUT/$name/log.txt"
+    head -n 12 "$OUT/$name/cpu.txt"
 }
 
 for s in "$@"; do
@@ -92,6 +98,12 @@ for s in "$@"; do
         step paths-grpc 240 python3 scripts/bench_serving.py --protocols http-binary,grpc --concurrency 1,16 \
             --measurement-ms 1500 --no-small --serve-env RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
             --serve-env RAY_SERVE_PROXY_USE_GRPC=1 --out-dir "$OUT/paths-grpc" ;;
+    pathsd)
+        # Serve's defaults, then past the proxy (direct ingress): one window's worth.
+        step paths-default 240 python3 scripts/bench_serving.py --protocols http-binary,grpc --concurrency 1,16 \
+            --measurement-ms 1500 --no-small --out-dir "$OUT/paths-default"
+        step paths-direct 240 python3 scripts/bench_serving.py --protocols http-binary,grpc --concurrency 1,16 \
+            --measurement-ms 1500 --no-small --direct-ingress --out-dir "$OUT/paths-direct" ;;
     paths2)
         # Past the proxy (Serve's direct ingress, one ingress replica), then more processes.
         step paths-direct 240 python3 scripts/bench_serving.py --protocols http-binary,grpc --concurrency 1,16 \
