@@ -13,7 +13,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from deployments.config import AppConfig, parse_app_config
+from deployments.config import AppConfig, ConfigError, parse_app_config
 from deployments.group import GroupDeployment
 from deployments.ingress import EbbIngress
 from deployments.model import ModelDeployment
@@ -30,17 +30,27 @@ def bind(cfg: AppConfig, deployment_options: dict[str, dict[str, Any]] | None = 
     callers that deploy in-process (the demo, tests) rather than through ``serve run``."""
     opts = deployment_options or {}
     app_dump = cfg.dump_for_replicas()
-    handles = {
-        m.name: ModelDeployment.options(**{**opts.get(m.name, {}), "name": m.name})
-        .bind(m.model_dump(mode="json"), app_dump)
-        for m in cfg.models if m.group is None
-    }
+    specs: dict[str, tuple[Any, tuple]] = {
+        m.name: (ModelDeployment, (m.model_dump(mode="json"), app_dump)) for m in cfg.models if m.group is None}
     for g in cfg.groups:
-        handles[g.name] = GroupDeployment.options(**{**opts.get(g.name, {}), "name": g.name}).bind(
-            g.model_dump(mode="json"), [m.model_dump(mode="json") for m in cfg.group_models(g.name)], app_dump)
+        specs[g.name] = (GroupDeployment, (g.model_dump(mode="json"),
+                                           [m.model_dump(mode="json") for m in cfg.group_models(g.name)], app_dump))
+    embedded = None
+    if cfg.embed is not None:
+        # Built by each ingress replica in its own process (deployments.local_handle):
+        # no deployment of its own, so Serve's options for it belong to EbbIngress.
+        if cfg.embed in opts:
+            raise ConfigError(f"deployments: {cfg.embed!r} runs inside EbbIngress (args.embed), so it has no "
+                              f"deployment of its own; move its options (GPUs, replicas, user_config) to "
+                              f"EbbIngress's entry")
+        kind, init_args = specs.pop(cfg.embed)
+        models = [m.model_dump(mode="json") for m in cfg.models if cfg.embed in (m.name, m.group)]
+        embedded = {"name": cfg.embed, "cls": kind.func_or_class, "args": init_args, "models": models}
+    handles = {name: kind.options(**{**opts.get(name, {}), "name": name}).bind(*init_args)
+               for name, (kind, init_args) in specs.items()}
     model_groups = {m.name: m.group for m in cfg.models if m.group is not None}
     ingress = EbbIngress.options(**opts["EbbIngress"]) if "EbbIngress" in opts else EbbIngress
-    return ingress.bind(handles, cfg.http.model_dump(), cfg.coordinator.namespace, model_groups)
+    return ingress.bind(handles, cfg.http.model_dump(), cfg.coordinator.namespace, model_groups, embedded)
 
 
 def from_serve_config(path: str, app_name: str | None = None) -> tuple[str, str, Application, dict]:

@@ -253,6 +253,11 @@ class AppConfig(_Strict):
     model_dirs: list[str] = Field(default_factory=lambda: ["."],
                                   description="Plan/ONNX paths must resolve inside one of these folders.")
     engine_cache_dir: str = Field(".engine_cache", description="Where engines built from ONNX are cached.")
+    embed: str | None = Field(
+        None, description="A model (without a group) or a group that runs inside each ingress replica instead "
+                          "of in replicas of its own: no hop between the protocol and the engine "
+                          "(deployments.local_handle). Its GPU share, replicas and user_config are then "
+                          "EbbIngress's in the deployments list; other models keep their deployments.")
 
     @model_validator(mode="after")
     def _unique(self) -> AppConfig:
@@ -263,6 +268,11 @@ class AppConfig(_Strict):
         if "EbbIngress" in names:
             raise ValueError("'EbbIngress' is reserved for the HTTP ingress deployment")
         problems = _group_problems(self)
+        if self.embed is not None and self.embed not in self.deployment_names():
+            grouped = next((m for m in self.models if m.name == self.embed), None)
+            hint = (f"model {self.embed!r} is in group {grouped.group!r}: embed the group" if grouped is not None
+                    else f"embeddable: {self.deployment_names()}")
+            problems.append(f"embed: {self.embed!r} is neither a model without a group nor a group ({hint})")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -281,7 +291,8 @@ class AppConfig(_Strict):
         return [m for m in self.models if m.group == name]
 
     def deployment_names(self) -> list[str]:
-        """Serve deployments the application binds: ungrouped models, then groups (the ingress aside)."""
+        """Ungrouped models, then groups: each a Serve deployment of its own unless it is ``embed``
+        (the ingress aside)."""
         return [m.name for m in self.models if m.group is None] + [g.name for g in self.groups]
 
 

@@ -31,6 +31,7 @@ from ray import serve
 from deployments.config import AppConfig, GroupConfig, ModelConfig
 from deployments.engine_factory import make_engine
 from deployments.group_report import aggregate_stats, tier_reports
+from deployments.local_handle import local_model_id
 from deployments.protocol import validation_key
 from deployments.replica import ReplicaBase, checked_arrays, log_to_replica_file, parse_pin, run_batch
 from engine_runtime import (
@@ -131,8 +132,9 @@ class GroupDeployment(ReplicaBase):
     # -- calls ------------------------------------------------------------------
 
     def _model_id(self) -> str:
-        """The request's model (its multiplexed model id), refused unless the group has it."""
-        name = serve.get_multiplexed_model_id()
+        """The request's model (its multiplexed model id, or the local handle's where the
+        group is embedded in the ingress), refused unless the group has it."""
+        name = local_model_id() or serve.get_multiplexed_model_id()
         if not name:
             raise UnknownModelError("", list(self.models), f"group {self.group.name!r} (call it with "
                                     f"handle.options(multiplexed_model_id=<model>))")
@@ -149,7 +151,10 @@ class GroupDeployment(ReplicaBase):
         """
         arrived = time.monotonic()
         name = self._model_id()
-        await self._load_model(name)
+        if local_model_id() is None:
+            # Serve's routing record of the models this replica serves (an embedded group
+            # is routed by its ingress, not by Serve).
+            await self._load_model(name)
         desc = self.descs[name]
         host_finite = (self.models[name].reject_non_finite
                        and not self.engines.engine(name).checks_finite_on_device)

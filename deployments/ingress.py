@@ -165,10 +165,17 @@ class _ModelCounters:
 @serve.ingress(api)
 class EbbIngress:
     def __init__(self, handles: dict[str, Any], http: dict, coordinator_namespace: str = "ebb",
-                 model_groups: dict[str, str] | None = None) -> None:
+                 model_groups: dict[str, str] | None = None, embedded: dict | None = None) -> None:
         from deployments.replica import log_to_replica_file
 
         log_to_replica_file()
+        #: ``args.embed``'s replica, built in this process (deployments.local_handle); None without.
+        self._embedded = None
+        if embedded is not None:
+            from deployments.local_handle import build_embedded
+
+            self._embedded = build_embedded(embedded)
+            handles = {**handles, embedded["name"]: self._embedded}
         groups = model_groups or {}
         group_names = set(groups.values())
         #: Model name -> the handle that serves it (a group's, routed by the model id).
@@ -212,7 +219,39 @@ class EbbIngress:
         return await asyncio.get_running_loop().run_in_executor(self._processes, parse_worker.parse_and_trim,
                                                                 parse, body)
 
+    # -- Serve's replica hooks, for the embedded replica (args.embed) ---------------
+
+    def reconfigure(self, user_config: dict) -> None:
+        """EbbIngress's ``user_config`` is its embedded model's or group's (``mode``, ``pin``,
+        batching, ``weights``); without one there is nothing it could apply."""
+        if self._embedded is not None:
+            self._embedded.target.reconfigure(user_config)
+        elif user_config:
+            raise ValueError(f"user_config of EbbIngress: {sorted(user_config)} apply to a model, and this "
+                             f"ingress embeds none (args.embed); set them on the model's deployment")
+
+    def check_health(self) -> None:
+        if self._embedded is not None:
+            self._embedded.target.check_health()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """The embedded replica's figures for Ebb's memory-aware policy (none without one)."""
+        if self._embedded is None:
+            return {}
+        return await self._embedded.target.record_autoscaling_stats()
+
+    def timings(self, reset: bool = False) -> dict[str, dict[str, float | int]]:
+        """The embedded replica's call path (``deployments.call_path``), as a model
+        replica's ``timings`` gives it."""
+        if self._embedded is None:
+            raise ValueError("this ingress embeds no model (args.embed): ask the model's deployment")
+        return self._embedded.target.timings(reset)
+
     def __del__(self) -> None:
+        embedded, self._embedded = getattr(self, "_embedded", None), None
+        if embedded is not None:
+            # Its engines, pool lease and admission budget go back before the process does.
+            embedded.target.shutdown()
         # Serve's graceful shutdown calls __del__, then kills the process. The worker
         # pool's queues hold named POSIX semaphores (/dev/shm/sem.mp-*, five per pool),
         # unlinked only when those objects are collected: the pool is shut down, dropped

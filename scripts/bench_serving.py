@@ -46,8 +46,10 @@ PROTOCOLS = ("http-json", "http-binary", "grpc")
 
 
 def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int, ingress_replicas: int | None = None,
-               model_replicas: int = 1, batch_wait_s: float = 0.002) -> dict[str, Any]:
-    """A Serve config like cluster.yaml: the image model and a small encoder."""
+               model_replicas: int = 1, batch_wait_s: float = 0.002, embed: bool = False) -> dict[str, Any]:
+    """A Serve config like cluster.yaml: the image model and a small encoder; ``embed``:
+    the image model runs inside each ingress replica (``args.embed``), which then takes
+    its GPU share."""
     if gpu:
         image = {"name": "r50", "source": {"architecture": "resnet50", "seed": 0},
                  "input": {"min_batch": 1, "opt_batch": 8, "max_batch": batch_max, "image_size": 224},
@@ -76,6 +78,13 @@ def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int, ingres
     gpus = min(gpus, round(0.9 / (2 * model_replicas), 3))
     model_opts = {"num_replicas": model_replicas, "max_ongoing_requests": 128,
                   "ray_actor_options": {"num_gpus": gpus, "num_cpus": 0.25}}
+    ingress = {"name": "EbbIngress", "num_replicas": ingress_replicas or (2 if gpu and not embed else 1),
+               "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.5}}
+    deployments = [{"name": "r50", **model_opts}, {"name": "bert", **model_opts}, ingress]
+    if embed:
+        args["embed"] = "r50"
+        ingress["ray_actor_options"]["num_gpus"] = gpus
+        deployments.pop(0)
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "127.0.0.1", "port": http_port},
@@ -84,10 +93,7 @@ def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int, ingres
                              "deployments.grpc_service.add_GRPCInferenceServiceServicer_to_server"]},
         "applications": [{
             "name": "ebb", "route_prefix": "/", "import_path": "deployments.app:build_app", "args": args,
-            "deployments": [{"name": "r50", **model_opts}, {"name": "bert", **model_opts},
-                            {"name": "EbbIngress",
-                             "num_replicas": ingress_replicas or (2 if gpu else 1),
-                             "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.5}}],
+            "deployments": deployments,
         }],
     }
 
@@ -481,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--direct-ingress", action="store_true",
                         help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS): clients skip the proxy; "
                              "one ingress replica listening on ports of its own, which the script finds")
+    parser.add_argument("--embed", action="store_true",
+                        help="the image model inside the ingress replica (args.embed): no hop between them")
     parser.add_argument("--no-small", action="store_true", help="skip the small-behind-large measurement")
     parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for the cluster this script starts (Ray Serve's RAY_SERVE_* "
@@ -530,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--model-replicas and --ingress-replicas must be at least 1")
         start_app(app_config(gpu, http_port, grpc_port, batch_max=max(32, args.batch),
                              ingress_replicas=args.ingress_replicas, model_replicas=args.model_replicas,
-                             batch_wait_s=args.batch_wait_s),
+                             batch_wait_s=args.batch_wait_s, embed=args.embed),
                   wait_ready=direct is None)
         if direct is not None:
             http_port, grpc_port = serving_path.direct_ports(*direct)
@@ -543,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     path = None
     if args.url is None:
         print("the call path, one caller straight to the model deployment ...", flush=True)
-        path = serving_path.probe(args.model, _image(args.batch, gpu), calls=50 if args.quick else 300)
+        path = (serving_path.probe(args.model, _image(args.batch, gpu), calls=50 if args.quick else 300)
+                if not args.embed else None)  # no deployment of its own to call
     protocols: dict[str, dict[str, Any]] = {}
     for protocol in protocols_asked:
         protocols[protocol] = {}
@@ -556,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_tritonclient(protocol, http_url, grpc_url, args.model, _image(args.batch, gpu), c,
                                      duration_s=2.0 if args.quick else 10.0)
             if args.url is None:
-                r["replica_path"] = serving_path.replica_timings(args.model)
+                r["replica_path"] = serving_path.replica_timings(args.model, embedded=args.embed)
             protocols[protocol][str(c)] = r
     small = None
     if not args.no_small:
@@ -568,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
                "gpu": gpu, "model": args.model, "batch": args.batch, "ceiling": ceiling,
                "protocols": protocols, "small_behind_large": small, "perf_analyzer": binary,
                "serve_env": serve_env, "call_path": path, "direct_ingress": direct is not None,
-               "replicas": {"ingress": args.ingress_replicas or (2 if gpu else 1), "model": args.model_replicas},
+               "replicas": {"ingress": args.ingress_replicas or (2 if gpu and not args.embed else 1),
+                            "model": args.model_replicas}, "embed": args.embed,
                "batch_wait_s": args.batch_wait_s}
     results["targets"] = target_rows(results)
     out_dir = Path(args.out_dir)

@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 
-
-
 #: Ports tried above each direct-ingress base (Serve allocates the replica's from there).
 DIRECT_PORT_SPAN = 16
 
@@ -71,12 +69,14 @@ def _timed(fn, calls: int, warmup: int = 20) -> dict[str, float]:
     return {"p50_ms": t.p50_s * 1e3, "p99_ms": t.p99_s * 1e3, "calls": calls}
 
 
-def replica_timings(model: str, app: str = "ebb", reset: bool = True) -> dict[str, Any]:
-    """The model replica's call-path summary since the last reset (then reset)."""
+def replica_timings(model: str, app: str = "ebb", reset: bool = True, embedded: bool = False) -> dict[str, Any]:
+    """The model replica's call-path summary since the last reset (then reset); ``embedded``:
+    the model runs inside the ingress replica (``args.embed``), which answers for it."""
     from ray import serve
 
     try:
-        return serve.get_deployment_handle(model, app_name=app).timings.remote(reset).result(timeout_s=30)
+        return serve.get_deployment_handle("EbbIngress" if embedded else model,
+                                           app_name=app).timings.remote(reset).result(timeout_s=30)
     except Exception as exc:  # noqa: BLE001 - a figure missing, said so
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
