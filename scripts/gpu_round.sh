@@ -15,6 +15,8 @@
 #   serving   bench_serving: perf_analyzer HTTP/gRPC vs the in-process ceiling (issue 14)
 #   paths     bench_serving's call path (replica stages, handle transport), Serve's defaults
 #             and Serve's replica gRPC transport (issue 14: where the per-call time goes)
+#   embed     serving's full table with the image model inside the ingress (args.embed), past the proxy
+#   embedproxy    the same through Serve's proxy (HTTP binary and gRPC, concurrency 1 and 16)
 #   path1     paths' first run alone, for a short window
 #   pathsd    paths-default, then paths-direct (Serve's defaults; past the proxy)
 #   paths2    the same with Serve's direct ingress (past the proxy), then 4 ingress and 2 model
@@ -86,6 +88,15 @@ for s in "$@"; do
     serving)
         step serving 330 python3 scripts/bench_serving.py --concurrency 1,16,64 --measurement-ms 1500 \
             --small-calls 150 --out-dir "$OUT/serving" ;;
+    embed)
+        # The image model inside the ingress replica (args.embed), reached past the proxy
+        # (direct ingress): no hop between client, protocol and engine. The full table.
+        step embed 330 python3 scripts/bench_serving.py --embed --direct-ingress --concurrency 1,16,64 \
+            --measurement-ms 1500 --small-calls 150 --out-dir "$OUT/embed" ;;
+    embedproxy)
+        # The same through Serve's proxy (one hop: proxy to the embedding ingress).
+        step embedproxy 240 python3 scripts/bench_serving.py --embed --protocols http-binary,grpc \
+            --concurrency 1,16 --measurement-ms 1500 --no-small --out-dir "$OUT/embedproxy" ;;
     path1)
         # paths' first half alone, for a short window.
         step paths-default 200 python3 scripts/bench_serving.py --protocols grpc,http-binary --concurrency 1,16 \
