@@ -46,10 +46,13 @@ PROTOCOLS = ("http-json", "http-binary", "grpc")
 
 
 def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int, ingress_replicas: int | None = None,
-               model_replicas: int = 1, batch_wait_s: float = 0.002, embed: bool = False) -> dict[str, Any]:
+               model_replicas: int = 1, batch_wait_s: float = 0.002, embed: bool = False,
+               access_log: bool = False) -> dict[str, Any]:
     """A Serve config like cluster.yaml: the image model and a small encoder; ``embed``:
     the image model runs inside each ingress replica (``args.embed``), which then takes
-    its GPU share."""
+    its GPU share. ``access_log``: Serve's line per request in each replica's log, off by
+    default here as in Triton (a CPU profile of the ingress put a fifth of its own,
+    non-engine time into writing those lines and checking the log file's rollover)."""
     if gpu:
         image = {"name": "r50", "source": {"architecture": "resnet50", "seed": 0},
                  "input": {"min_batch": 1, "opt_batch": 8, "max_batch": batch_max, "image_size": 224},
@@ -93,6 +96,7 @@ def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int, ingres
                              "deployments.grpc_service.add_GRPCInferenceServiceServicer_to_server"]},
         "applications": [{
             "name": "ebb", "route_prefix": "/", "import_path": "deployments.app:build_app", "args": args,
+            "logging_config": {"enable_access_log": access_log},
             "deployments": deployments,
         }],
     }
@@ -489,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                              "one ingress replica listening on ports of its own, which the script finds")
     parser.add_argument("--embed", action="store_true",
                         help="the image model inside the ingress replica (args.embed): no hop between them")
+    parser.add_argument("--access-log", action="store_true", help="Serve's access log on (a line per request)")
     parser.add_argument("--no-small", action="store_true", help="skip the small-behind-large measurement")
     parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for the cluster this script starts (Ray Serve's RAY_SERVE_* "
@@ -538,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--model-replicas and --ingress-replicas must be at least 1")
         start_app(app_config(gpu, http_port, grpc_port, batch_max=max(32, args.batch),
                              ingress_replicas=args.ingress_replicas, model_replicas=args.model_replicas,
-                             batch_wait_s=args.batch_wait_s, embed=args.embed),
+                             batch_wait_s=args.batch_wait_s, embed=args.embed,
+                             access_log=args.access_log),
                   wait_ready=direct is None)
         if direct is not None:
             http_port, grpc_port = serving_path.direct_ports(*direct)
@@ -579,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                "serve_env": serve_env, "call_path": path, "direct_ingress": direct is not None,
                "replicas": {"ingress": args.ingress_replicas or (2 if gpu and not args.embed else 1),
                             "model": args.model_replicas}, "embed": args.embed,
+               "access_log": args.access_log,
                "batch_wait_s": args.batch_wait_s}
     results["targets"] = target_rows(results)
     out_dir = Path(args.out_dir)
