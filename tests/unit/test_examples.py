@@ -36,3 +36,18 @@ def test_rayservice_example_embeds_cluster_yaml():
     assert embedded == _cluster()
     workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert sum(w["replicas"] for w in workers) >= 2, "the example is about several nodes"
+
+
+def test_embedded_example_is_valid_and_gives_the_group_s_options_to_the_ingress():
+    from ray.serve.schema import ServeDeploySchema
+
+    from deployments.app import bind
+
+    doc = yaml.safe_load((ROOT / "docs" / "examples" / "embedded.yaml").read_text())
+    ServeDeploySchema.model_validate(doc)
+    (app,) = doc["applications"]
+    cfg = parse_app_config(app["args"])
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
+    assert cfg.embed == "resnets" and "resnets" not in options
+    assert options["EbbIngress"]["ray_actor_options"]["num_gpus"] > 0  # the group's GPU share
+    bind(cfg, options)  # Serve's options name no deployment the app lacks
