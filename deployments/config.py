@@ -148,6 +148,11 @@ class HttpConfig(_Strict):
     parse_in_thread_bytes: int = Field(64 * 2**10, ge=0, description="Bodies and answers at least this large are "
                                                                      "parsed and encoded on a worker thread, never "
                                                                      "on the ingress's event loop.")
+    parse_binary_in_thread_bytes: int = Field(
+        8 * 2**20, ge=0, description="Binary tensors (the binary extension, gRPC's raw_input_contents) are taken "
+                                     "as views of the body, so their parse does not grow with their size: it is "
+                                     "run on the event loop below this many bytes (a 4.6 MiB ResNet batch: 0.15 ms "
+                                     "inline, 0.41 ms through a worker thread on the CPU machine).")
     parse_in_process_bytes: int = Field(1 * 2**20, ge=0, description="JSON bodies at least this large are parsed in "
                                                                      "a worker process: a JSON parser holds the GIL "
                                                                      "for the whole parse, which a thread cannot "

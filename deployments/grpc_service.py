@@ -31,6 +31,7 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from deployments.protocol.request import parse_infer_object
 from deployments.protocol.response import checked_outputs, little_endian_bytes
 from deployments.protocol.status import ProtocolError
 
@@ -106,6 +107,14 @@ def infer_request_object(request: Any) -> tuple[dict[str, Any], list[bytes] | No
     # Typed contents take at least one byte an element on the wire: twice the message's
     # size bounds the elements as the JSON check's (bytes + 1) // 2 does.
     return obj, raw, 2 * request.ByteSize() + 2
+
+
+def parse_model_infer(request: Any, desc: Any) -> Any:
+    """A ``ModelInferRequest`` parsed and checked against ``desc`` (``protocol.InferRequest``),
+    as the HTTP side parses a body. NaN and infinity are the model's rule, applied by its
+    replica."""
+    obj, raw, json_bytes = infer_request_object(request)
+    return parse_infer_object(obj, desc, json_bytes=json_bytes, raw_inputs=raw, reject_non_finite=False)
 
 
 def infer_response(model_name: str, model_version: str, request_id: str | None,

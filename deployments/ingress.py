@@ -199,9 +199,12 @@ class EbbIngress:
             self._descs[name] = await self.handles[name].describe.remote()
         return self._descs[name]
 
-    async def _off_loop(self, nbytes: int, fn, *args, **kwargs) -> Any:
-        """``fn(*args, **kwargs)``; on a worker thread when ``nbytes`` is large enough to matter."""
-        if nbytes < self.http.parse_in_thread_bytes:
+    async def _off_loop(self, nbytes: int, fn, *args, binary: bool = False, **kwargs) -> Any:
+        """``fn(*args, **kwargs)``; on a worker thread when ``nbytes`` is large enough to matter:
+        ``http.parse_in_thread_bytes``, or for ``binary`` tensors (views of the body, whose
+        parse does not grow with their size) ``http.parse_binary_in_thread_bytes``."""
+        limit = self.http.parse_binary_in_thread_bytes if binary else self.http.parse_in_thread_bytes
+        if nbytes < limit:
             return fn(*args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._parser, functools.partial(fn, *args, **kwargs))
 
@@ -407,7 +410,7 @@ class EbbIngress:
             if header_length is None and self._in_process(size):
                 parsed = await self._in_worker_process(parse, body)
             else:
-                parsed = await self._off_loop(size, parse, body)
+                parsed = await self._off_loop(size, parse, body, binary=header_length is not None)
             del body  # binary tensors are views of it: it lives on in ``parsed``
             outputs = await self._call(name, desc, parsed)
             out_bytes = sum(getattr(v, "nbytes", 0) for v in outputs.values())
@@ -529,9 +532,10 @@ class EbbIngress:
             if size > self.http.max_body_bytes:
                 raise protocol.ProtocolError(413, f"request is {size} bytes, over the limit of "
                                                   f"{self.http.max_body_bytes} bytes")
-            obj, raw, json_bytes = grpc_service.infer_request_object(request)
-            parsed = await self._off_loop(size, protocol.parse_infer_object, obj, desc, json_bytes=json_bytes,
-                                          raw_inputs=raw, reject_non_finite=False)
+            # Typed contents are converted element by element (off the loop when large);
+            # raw_input_contents become views, parsed on the loop up to its own limit.
+            parsed = await self._off_loop(size, grpc_service.parse_model_infer, request, desc,
+                                          binary=len(request.raw_input_contents) > 0)
             outputs = await self._call(name, desc, parsed)
             names = [o.name for o in parsed.outputs] if parsed.outputs else list(outputs)
             return grpc_service.infer_response(name, MODEL_VERSION, parsed.id, outputs, names)
