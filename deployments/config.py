@@ -70,10 +70,13 @@ class InputProfile(_Strict):
 
 
 class BatchingConfig(_Strict):
-    """Serve's dynamic batching (``@serve.batch``), capped by the profile's max batch."""
+    """Dynamic batching (``deployments.batcher``: Triton's rule, the next batch forms when
+    the engine is free), capped by the profile's max batch."""
 
     max_batch_size: int = Field(8, ge=1, description="Requests merged into one engine call, at most.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="How long a batch waits to fill.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="How long the oldest request waits for "
+                                                                        "more to fill a batch (Triton's "
+                                                                        "max_queue_delay); 0: never waits.")
 
 
 class ModelConfig(_Strict):

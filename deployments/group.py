@@ -60,6 +60,8 @@ class GroupDeployment(ReplicaBase):
     """One ``EngineGroup`` per replica. Call ``infer`` through a handle with
     ``.options(multiplexed_model_id=<model>)``, or over HTTP (the ingress)."""
 
+    #: A batch holds one model's requests: the queued item's first field is its model.
+    _batch_key = staticmethod(lambda queued: queued[0])
     #: The thread that brings a called model's weights back from host memory before its
     #: request joins the batch queue (``_page_in_first``); None: asyncio's default executor.
     _paging = None
@@ -186,11 +188,10 @@ class GroupDeployment(ReplicaBase):
         await asyncio.get_running_loop().run_in_executor(
             self._paging, functools.partial(self.engines.ensure_resident, name, deadline_s=max(0.0, deadline_s)))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batched(self, queued: list[tuple[str, dict[str, np.ndarray], float, bool]]
+    async def _run_batch(self, queued: list[tuple[str, dict[str, np.ndarray], float, bool]]
                        ) -> list[dict[str, np.ndarray] | Exception]:
-        """Requests of one model per engine call: grouped by model (Serve splits batches
-        by multiplexed id too), then by shape, each group's failure its own."""
+        """Requests of one model per engine call: grouped by model (the batcher's key makes
+        each batch one model's already), then by shape, each group's failure its own."""
         results: list[Any] = [None] * len(queued)
         by_model: dict[str, list[int]] = {}
         for i, (name, _, _, _) in enumerate(queued):

@@ -96,8 +96,7 @@ class ModelDeployment(ReplicaBase):
             raise result  # this request's group failed; the batch's other groups did not
         return result
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batched(self, queued: list[tuple[dict[str, np.ndarray], float, bool]]
+    async def _run_batch(self, queued: list[tuple[dict[str, np.ndarray], float, bool]]
                        ) -> list[dict[str, np.ndarray] | Exception]:
         """One engine call per group of compatible requests. A group's failure is handed
         to its own requests only (as the item, raised by ``infer``): raised from here,

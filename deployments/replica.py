@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from deployments.batcher import DynamicBatcher
 from deployments.call_path import CallPath
 from deployments.config import AppConfig, CudaConfig, ModelConfig
 from deployments.engine_factory import plan_replica_context
@@ -121,7 +122,7 @@ def gpu_thread(name: str) -> ThreadPoolExecutor:
     thread. Calls on asyncio's default executor land on whichever of its threads is
     free (up to 32), and every thread that ran an eager warm-up (a model loaded on its
     first call) kept a set of its own. On one thread there is one set. Nothing runs less
-    concurrently: a replica's ``@serve.batch`` handler runs one batch at a time, and an
+    concurrently: a replica's batcher (``deployments.batcher``) runs one batch at a time, and an
     engine runs one call at a time.
     """
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ebb-gpu-{name}")
@@ -132,7 +133,7 @@ async def run_batch(queued: list[Queued], *, call: EngineCall, desc: Any, admiss
                     path: CallPath | None = None) -> list[dict[str, np.ndarray] | Exception]:
     """One engine call per group of compatible requests (all of one model). A group's
     failure is handed to its own requests only (as the item, for the caller to raise):
-    raised from a ``@serve.batch`` handler, Serve would fail every request of the batch.
+    raised from the batch handler, every request of the batch would fail.
     ``validate`` is ``spec.validate_inputs`` (passed in so that callers and their tests
     choose it). Calls run on ``executor`` (the replica's :func:`gpu_thread`; default:
     asyncio's), with the caller's context variables, as ``asyncio.to_thread`` runs them.
@@ -340,6 +341,29 @@ class ReplicaBase:
     def shutdown(self) -> None:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
+    #: What items of one batch share (``deployments.batcher``); None: any two may share one.
+    _batch_key: Callable[[Any], Any] | None = None
+
+    @property
+    def _batched(self) -> DynamicBatcher:
+        """This replica's batch queue (``deployments.batcher``), made on first use, with
+        ``_run_batch`` as its handler; ``_configure_batching`` sets its size and wait."""
+        batcher = self.__dict__.get("_batcher")
+        if batcher is None:
+            batcher = self.__dict__["_batcher"] = DynamicBatcher(
+                self._run_batch, max_batch_size=8, max_queue_delay_s=0.005, key=self._batch_key,
+                name=f"batcher of {type(self).__name__}")
+        return batcher
+
+    async def _run_batch(self, queued: list[Any]) -> list[Any]:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def _close_batcher(self) -> None:
+        """Requests still queued fail; the worker stops (before the engines close)."""
+        batcher = self.__dict__.get("_batcher")
+        if batcher is not None:
+            batcher.close()
+
     def timings(self, reset: bool = False) -> dict[str, dict[str, float | int]]:
         """Where this replica's calls spent their time (``deployments.call_path``), over
         the samples since the last reset; ``reset`` starts a new window after reading."""
@@ -368,7 +392,8 @@ class ReplicaBase:
         return plan
 
     def _release(self, close_engines: Callable[[], None] | None, *threads: Executor | None) -> None:
-        """Give back every byte the replica holds, in order: the coordinator client, the
+        """Give back every byte the replica holds, in order: the batch queue (its waiting
+        requests fail), the coordinator client, the
         engines (their arenas unmap and return every lease), the pool, the admission
         budget (the last replica on the GPU removes the budget's file), then the GPU
         thread and ``threads``, on which nothing runs any more. Idempotent; each step runs
@@ -377,7 +402,7 @@ class ReplicaBase:
             return  # shut down already, or __init__ never got as far as _open
         self._shut_down = True
         executors = [self._gpu, *threads]
-        release_in_order([None if self.client is None else self.client.stop,
+        release_in_order([self._close_batcher, None if self.client is None else self.client.stop,
                           close_engines,
                           None if self.pool is None else self.pool.close,
                           None if self.admission is None else self.admission.close,

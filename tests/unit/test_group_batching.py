@@ -1,5 +1,5 @@
 """The group replica's request path without Ray running: ``GroupDeployment.infer`` and its
-``@serve.batch`` handler on a stand-in ``EngineGroup`` (Serve's batching runs in plain
+batch handler on a stand-in ``EngineGroup`` (``deployments.batcher``, in plain
 asyncio; the request's multiplexed model id is set per task).
 
 What must hold: one engine call never mixes models, even when Serve's own split by model
@@ -10,7 +10,6 @@ the group does not hold is refused before Serve's loader runs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import threading
 from types import SimpleNamespace
@@ -76,28 +75,22 @@ def replica(group: StandInGroup):
 @pytest.fixture(autouse=True)
 def _outside_a_replica(monkeypatch):
     from ray import serve
-    from ray.serve import batching
 
     monkeypatch.setattr("deployments.group.validate_inputs", lambda desc, inputs, *, reject_non_finite=True: {})
     monkeypatch.setattr(serve, "get_multiplexed_model_id", MODEL_ID.get)
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
-    monkeypatch.setattr(batching.serve, "get_replica_context", lambda: context)
 
 
 LOOP = asyncio.new_event_loop()
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _forget_the_batch_queue():
-    """Leave ``_batched`` as it was: its queue (and task on LOOP) would travel with the class."""
+def _stop_the_batch_workers():
+    """Each replica object's batcher has a worker task on LOOP: stop them before it closes."""
     yield
-    lazy = GroupDeployment.func_or_class._batched._get_curr_iteration_start_times.__self__
-    queue, lazy._queue = lazy._queue, None
-    task = getattr(queue, "_handle_batch_task", None)
-    if task is not None:
+    tasks = asyncio.all_tasks(LOOP)
+    for task in tasks:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            LOOP.run_until_complete(task)
+    LOOP.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
     LOOP.close()
 
 

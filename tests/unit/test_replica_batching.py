@@ -1,5 +1,5 @@
 """The replica's batching, without Ray running: ``ModelDeployment.infer`` and its
-``@serve.batch`` handler on a stand-in engine (Serve's batching runs in plain asyncio).
+batch handler on a stand-in engine (``deployments.batcher``, plain asyncio).
 
 What must hold: requests that cannot share an engine call are split into groups; a
 group that fails (no context memory, a bug) fails its own requests only; and the
@@ -10,7 +10,6 @@ behind a slow or refused call does not wait a second full deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from types import SimpleNamespace
@@ -75,20 +74,14 @@ def replica(engine: StandInEngine, max_batch: int = 4):
 def _outside_a_replica(monkeypatch):
     # Validation against a real description is covered elsewhere; here only batching.
     monkeypatch.setattr("deployments.model.validate_inputs", validate_finite_only)
-    # Serve's batch queue reads the replica's max_ongoing_requests (for a warning) from
-    # the replica context, which exists only inside a running replica.
-    from ray.serve import batching
-
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
-    monkeypatch.setattr(batching.serve, "get_replica_context", lambda: context)
 
 
 def rows(value: float, n: int = 1, width: int = 3) -> dict[str, np.ndarray]:
     return {"x": np.full((n, width), value, dtype=np.float32)}
 
 
-# Serve keeps one batch queue per decorated method (one replica per process), bound to
-# the event loop it first ran on: every test runs on this one loop.
+# A replica's batcher runs its worker on the event loop of its first call: every test
+# runs on this one loop.
 LOOP = asyncio.new_event_loop()
 
 
@@ -100,17 +93,13 @@ def validate_finite_only(desc, inputs, *, reject_non_finite=True):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _forget_the_batch_queue():
-    """After these tests, leave ``_batched`` as it was: the queue they made (and its task
-    on LOOP) would otherwise travel with the class when a later test serialises it."""
+def _stop_the_batch_workers():
+    """Each replica object's batcher has a worker task on LOOP: stop them before it closes."""
     yield
-    lazy = ModelDeployment.func_or_class._batched._get_curr_iteration_start_times.__self__
-    queue, lazy._queue = lazy._queue, None
-    task = getattr(queue, "_handle_batch_task", None)
-    if task is not None:
+    tasks = asyncio.all_tasks(LOOP)
+    for task in tasks:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            LOOP.run_until_complete(task)
+    LOOP.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
     LOOP.close()
 
 
