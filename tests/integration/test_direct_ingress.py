@@ -6,7 +6,9 @@ which still runs on the head node.
 Why it is tested: docs/serving.md offers it for latency (the proxy hop was the largest
 piece of a call on the CPU machine, docs/benchmarks.md §12), and Ebb's gRPC service must
 then be served by the ingress replica itself. One ingress replica (Serve's load balancer
-for several is HAProxy). Same cluster handling as test_serve_cli.py: ``ray start`` and
+for several is HAProxy). ``resnet18`` is embedded in it (``args.embed``, the zero-hop
+path docs/serving.md recommends with direct ingress); ``encoder`` keeps its deployment,
+reached through a handle: both paths answer on the replica's own ports. Same cluster handling as test_serve_cli.py: ``ray start`` and
 ``serve run`` in subprocesses, cleaned up by process id.
 """
 
@@ -47,10 +49,16 @@ def direct() -> dict[str, str]:
     for model in app["args"]["models"]:
         if "image_size" in model["input"]:
             model["input"]["image_size"] = 32
+    app["args"]["embed"] = "resnet18"
+    resnet = next(d for d in app["deployments"] if d["name"] == "resnet18")
+    app["deployments"].remove(resnet)
     for d in app["deployments"]:
         if d["name"] == "EbbIngress":
             d.pop("autoscaling_config", None)
             d["num_replicas"] = 1
+            # The embedded model's share of the GPU and its user_config are the ingress's now.
+            d["ray_actor_options"] = resnet["ray_actor_options"]
+            d["user_config"] = resnet["user_config"]
     config_path = temp_dir / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     process = None
@@ -95,14 +103,8 @@ def direct() -> dict[str, str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_http_and_grpc_answer_alike_from_the_ingress_replica_itself(direct):
+def _grpc_client(direct):
     import tritonclient.grpc as grpcclient
-
-    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
-    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-    resp = requests.post(f"{direct['url']}/v2/models/resnet18/infer", json=body, timeout=60)
-    assert resp.status_code == 200, resp.text
-    http_out = np.asarray(resp.json()["outputs"][0]["data"], dtype=np.float32)
 
     def grpc_client():
         for p in direct["grpc_ports"]:
@@ -114,11 +116,35 @@ def test_http_and_grpc_answer_alike_from_the_ingress_replica_itself(direct):
                 pass
         return None
 
-    client = wait_for(grpc_client, 60, "the ingress replica's own gRPC port")
-    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    return wait_for(grpc_client, 60, "the ingress replica's own gRPC port")
+
+
+def _http_and_grpc(direct, model: str, name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import tritonclient.grpc as grpcclient
+
+    datatype = "FP32" if x.dtype == np.float32 else "INT64"
+    body = {"inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}]}
+    resp = requests.post(f"{direct['url']}/v2/models/{model}/infer", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    http_out = np.asarray(resp.json()["outputs"][0]["data"], dtype=np.float32)
+    inp = grpcclient.InferInput(name, list(x.shape), datatype)
     inp.set_data_from_numpy(x)
-    grpc_out = client.infer("resnet18", [inp]).as_numpy("output")
-    np.testing.assert_allclose(grpc_out.ravel(), http_out, rtol=1e-6, atol=1e-6)
+    return http_out, _grpc_client(direct).infer(model, [inp]).as_numpy("output").ravel()
+
+
+def test_http_and_grpc_answer_alike_from_the_ingress_replica_itself(direct):
+    """The embedded model: no process boundary between the replica's port and its engine."""
+    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    http_out, grpc_out = _http_and_grpc(direct, "resnet18", "input", x)
+    np.testing.assert_allclose(grpc_out, http_out, rtol=1e-6, atol=1e-6)
     # A mistake is still the client's, with the same mapping as behind the proxy.
     bad = requests.post(f"{direct['url']}/v2/models/resnet18/infer", json={"inputs": []}, timeout=30)
     assert bad.status_code == 400, bad.text
+
+
+def test_a_model_with_its_own_deployment_answers_there_too(direct):
+    """``encoder`` is not embedded: the ingress replica reaches it through its handle."""
+    ids = np.random.default_rng(1).integers(0, 1000, (2, 128), dtype=np.int64)
+    http_out, grpc_out = _http_and_grpc(direct, "encoder", "input_ids", ids)
+    np.testing.assert_allclose(grpc_out, http_out, rtol=1e-6, atol=1e-6)
+    assert requests.get(f"{direct['url']}/v2/models/encoder/ready", timeout=30).status_code == 200
