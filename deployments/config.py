@@ -33,7 +33,9 @@ class _Strict(BaseModel):
 class ArchitectureSource(_Strict):
     """A built-in (or torchvision) architecture with fixed random weights."""
 
-    architecture: str = Field(description="resnet18/34/50/101/152, bert-base, bert-tiny, or a torchvision name")
+    architecture: str = Field(description="resnet18/34/50/101/152, bert-base, bert-tiny, pool-linear (ResNet's "
+                                          "input and output, almost no compute: for measuring the serving path), "
+                                          "or a torchvision name")
     seed: int = Field(0, description="Seed for the random weights, so every replica answers the same.")
 
 

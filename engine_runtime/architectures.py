@@ -19,6 +19,7 @@ __all__ = [
     "ARCHITECTURES",
     "BuiltinModel",
     "Encoder",
+    "PoolLinear",
     "ResNet",
     "build",
 ]
@@ -99,6 +100,19 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class PoolLinear(nn.Module):
+    """ResNet's input and output, almost none of its work: a global average pool and one
+    linear layer. For measuring the serving path itself (a ResNet-50-sized request, 600 KB
+    at 224 px, answered in microseconds), as Triton's own tests use identity models."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 class Encoder(nn.Module):
     """A BERT-shaped encoder: token + position embeddings, post-norm layers, pooled output."""
 
@@ -140,8 +154,9 @@ _RESNETS = {
     "resnet152": (_Bottleneck, [3, 8, 36, 3]),
 }
 _ENCODERS = {"bert-base": dict(), "bert-tiny": dict(hidden=128, layers=2, heads=2, ffn=512)}
+_PROBES = {"pool-linear": PoolLinear}
 
-ARCHITECTURES = tuple(_RESNETS) + tuple(_ENCODERS)
+ARCHITECTURES = tuple(_RESNETS) + tuple(_ENCODERS) + tuple(_PROBES)
 
 
 def build(arch: str, *, seed: int = 0, image_size: int = 224, seq_len: int = 128) -> BuiltinModel:
@@ -150,6 +165,9 @@ def build(arch: str, *, seed: int = 0, image_size: int = 224, seq_len: int = 128
     if arch in _RESNETS:
         block, layers = _RESNETS[arch]
         module: nn.Module = ResNet(block, layers)
+        spec = ("input", "float32", (3, image_size, image_size), "output", (1000,))
+    elif arch in _PROBES:
+        module = _PROBES[arch]()
         spec = ("input", "float32", (3, image_size, image_size), "output", (1000,))
     elif arch in _ENCODERS:
         module = Encoder(**_ENCODERS[arch])

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,32 @@ from serving_report import plot, tables, target_rows
 PROTOCOLS = ("http-json", "http-binary", "grpc")
 
 
+@dataclass(frozen=True)
+class ImageModel:
+    """The image model under test ("r50" in the app): ResNet-50 at 224 px on a GPU,
+    ResNet-18 at 32 px on the CPU, or what ``--image-arch``/``--image-size`` choose
+    (``pool-linear``: ResNet's input and output with almost no compute, so that what is
+    timed is the serving path itself)."""
+
+    arch: str
+    size: int
+    max_batch: int
+    opt_batch: int
+
+    @staticmethod
+    def choose(gpu: bool, arch: str | None = None, size: int | None = None, batch: int = 1) -> ImageModel:
+        if gpu:
+            return ImageModel(arch or "resnet50", size or 224, max(32, batch), 8)
+        return ImageModel(arch or "resnet18", size or 32, max(4, batch), 2)
+
+    def sample(self, batch: int) -> np.ndarray:
+        return np.random.default_rng(0).random((batch, 3, self.size, self.size), dtype=np.float32)
+
+
 # -- the application --------------------------------------------------------------------
 
 
-def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int, ingress_replicas: int | None = None,
+def app_config(gpu: bool, http_port: int, grpc_port: int, image: ImageModel, ingress_replicas: int | None = None,
                model_replicas: int = 1, batch_wait_s: float = 0.002, embed: bool = False,
                access_log: bool = False) -> dict[str, Any]:
     """A Serve config like cluster.yaml: the image model and a small encoder; ``embed``:
@@ -54,20 +77,22 @@ def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int, ingres
     default here as in Triton (a CPU profile of the ingress put a fifth of its own,
     non-engine time into writing those lines and checking the log file's rollover)."""
     if gpu:
-        image = {"name": "r50", "source": {"architecture": "resnet50", "seed": 0},
-                 "input": {"min_batch": 1, "opt_batch": 8, "max_batch": batch_max, "image_size": 224},
+        model = {"name": "r50", "source": {"architecture": image.arch, "seed": 0},
+                 "input": {"min_batch": 1, "opt_batch": image.opt_batch, "max_batch": image.max_batch,
+                           "image_size": image.size},
                  "precision": "fp32", "backend": "pytorch", "mode": "static", "pin": "static", "lazy": False,
-                 "batching": {"max_batch_size": batch_max, "batch_wait_timeout_s": batch_wait_s}}
+                 "batching": {"max_batch_size": image.max_batch, "batch_wait_timeout_s": batch_wait_s}}
         encoder = {"name": "bert", "source": {"architecture": "bert-base", "seed": 0},
                    "input": {"min_batch": 1, "opt_batch": 2, "max_batch": 6, "seq_len": 96},
                    "backend": "pytorch", "mode": "static", "pin": "static", "lazy": False,
                    "batching": {"max_batch_size": 6, "batch_wait_timeout_s": batch_wait_s}}
         gpus = 0.4
     else:
-        image = {"name": "r50", "source": {"architecture": "resnet18", "seed": 0},
-                 "input": {"min_batch": 1, "opt_batch": 2, "max_batch": 4, "image_size": 32},
+        model = {"name": "r50", "source": {"architecture": image.arch, "seed": 0},
+                 "input": {"min_batch": 1, "opt_batch": image.opt_batch, "max_batch": image.max_batch,
+                           "image_size": image.size},
                  "backend": "pytorch", "mode": "static", "pin": "auto", "lazy": False,
-                 "batching": {"max_batch_size": 4, "batch_wait_timeout_s": batch_wait_s}}
+                 "batching": {"max_batch_size": image.max_batch, "batch_wait_timeout_s": batch_wait_s}}
         encoder = {"name": "bert", "source": {"architecture": "bert-tiny", "seed": 0},
                    "input": {"min_batch": 1, "opt_batch": 2, "max_batch": 4, "seq_len": 16},
                    "backend": "pytorch", "mode": "static", "pin": "auto", "lazy": False,
@@ -76,7 +101,7 @@ def app_config(gpu: bool, http_port: int, grpc_port: int, batch_max: int, ingres
     args = {"model_dirs": ["."], "http": {"max_body_bytes": 256 << 20, "retry_after_s": 1},
             "coordinator": {"poll_interval_s": 0.5, "admission_deadline_s": 5.0,
                             "virtual_gpu_memory_bytes": 4 << 30},
-            "models": [image, encoder]}
+            "models": [model, encoder]}
     # Replicas of one model share the card (num_gpus each, at most 1 in all).
     gpus = min(gpus, round(0.9 / (2 * model_replicas), 3))
     model_opts = {"num_replicas": model_replicas, "max_ongoing_requests": 128,
@@ -143,19 +168,13 @@ def start_app(config: dict[str, Any], timeout_s: float = 600.0, wait_ready: bool
 # -- the ceiling: the engine in this process ------------------------------------------------
 
 
-def engine_ceiling(gpu: bool, batch: int, calls: int) -> dict[str, float]:
+def engine_ceiling(gpu: bool, image: ImageModel, batch: int, calls: int) -> dict[str, float]:
     """Requests/s of the same model and batch run back to back in this process (numpy in and out)."""
     from engine_runtime.backends.pytorch import PyTorchEngine
 
-    if gpu:
-        engine = PyTorchEngine.from_architecture("r50", "resnet50", max_batch=max(batch, 32), opt_batch=8,
-                                                 image_size=224, mode="static", device="cuda")
-        shape = (batch, 3, 224, 224)
-    else:
-        engine = PyTorchEngine.from_architecture("r50", "resnet18", max_batch=4, opt_batch=2, image_size=32,
-                                                 mode="static", device="cpu")
-        shape = (batch, 3, 32, 32)
-    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    engine = PyTorchEngine.from_architecture("r50", image.arch, max_batch=image.max_batch, opt_batch=image.opt_batch,
+                                             image_size=image.size, mode="static", device="cuda" if gpu else "cpu")
+    x = image.sample(batch)
     try:
         engine.warm()
         for _ in range(10):
@@ -245,11 +264,6 @@ def check_endpoints(http_url: str, grpc_url: str, model: str) -> dict[str, str]:
 # -- tritonclient (the CPU smoke, and the small-request scenario) ---------------------------
 
 
-def _image(batch: int, gpu: bool) -> np.ndarray:
-    size = 224 if gpu else 32
-    return np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
-
-
 def _client_call(protocol: str, http_url: str, grpc_url: str, model: str, x: np.ndarray, name: str = "input"):
     """A function making one infer call with its own client (one client per thread)."""
     if protocol == "grpc":
@@ -316,7 +330,7 @@ def _large_body(name: str, x: np.ndarray) -> bytes:
     return json.dumps(request, separators=(",", ":")).encode()
 
 
-def _large_sender(index: int, http_url: str, model: str, name: str, batch: int, gpu: bool, stop: Any,
+def _large_sender(index: int, http_url: str, model: str, name: str, batch: int, image: ImageModel, stop: Any,
                   answered: Any, reports: Any) -> None:
     """One large-body client in a process of its own (``small_behind_large``): encodes its
     JSON body once, then POSTs the same bytes over one keep-alive connection until ``stop``.
@@ -329,7 +343,7 @@ def _large_sender(index: int, http_url: str, model: str, name: str, batch: int, 
     error = None
     conn = None
     try:
-        body = _large_body(name, _image(batch, gpu))
+        body = _large_body(name, image.sample(batch))
         host, port = http_url.rsplit(":", 1)
         headers = {"Content-Type": "application/json"}
         while not stop.is_set():
@@ -394,7 +408,7 @@ def _stop_senders(senders: dict[int, Any], reports: Any, stop: Any, timeout_s: f
     return got
 
 
-def small_behind_large(http_url: str, gpu: bool, small_calls: int, large_senders: int,
+def small_behind_large(http_url: str, gpu: bool, image: ImageModel, small_calls: int, large_senders: int,
                        large_batch: int, start_timeout_s: float = 300.0) -> dict[str, Any]:
     """p50/p99 of a small encoder request (JSON) alone, then while clients keep large
     ResNet JSON bodies in flight.
@@ -431,7 +445,7 @@ def small_behind_large(http_url: str, gpu: bool, small_calls: int, large_senders
     try:
         for i in range(large_senders):
             p = ctx.Process(target=_large_sender, name=f"large-sender-{i}", daemon=True,
-                            args=(i, http_url, "r50", "input", large_batch, gpu, stop, answered, reports))
+                            args=(i, http_url, "r50", "input", large_batch, image, stop, answered, reports))
             try:
                 p.start()
             except Exception as exc:  # noqa: BLE001 - reported in the result
@@ -493,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                              "one ingress replica listening on ports of its own, which the script finds")
     parser.add_argument("--embed", action="store_true",
                         help="the image model inside the ingress replica (args.embed): no hop between them")
+    parser.add_argument("--image-arch", help="the image model's architecture (pool-linear: the serving path alone)")
+    parser.add_argument("--image-size", type=int, help="the image model's side in pixels")
     parser.add_argument("--access-log", action="store_true", help="Serve's access log on (a line per request)")
     parser.add_argument("--no-small", action="store_true", help="skip the small-behind-large measurement")
     parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
@@ -535,13 +551,14 @@ def main(argv: list[str] | None = None) -> int:
         args.ceiling_calls, args.small_calls, args.large_senders, args.large_batch = 30, 20, 2, 4
 
     print(f"in-process engine ({'GPU' if gpu else 'CPU'}), batch {args.batch} ...", flush=True)
-    ceiling = engine_ceiling(gpu, args.batch, args.ceiling_calls)
+    image = ImageModel.choose(gpu, args.image_arch, args.image_size, args.batch)
+    ceiling = engine_ceiling(gpu, image, args.batch, args.ceiling_calls)
     http_url, grpc_url = args.url, args.grpc_url
     if http_url is None:
         http_port, grpc_port = _free_port(), _free_port()
         if args.model_replicas < 1 or (args.ingress_replicas is not None and args.ingress_replicas < 1):
             parser.error("--model-replicas and --ingress-replicas must be at least 1")
-        start_app(app_config(gpu, http_port, grpc_port, batch_max=max(32, args.batch),
+        start_app(app_config(gpu, http_port, grpc_port, image,
                              ingress_replicas=args.ingress_replicas, model_replicas=args.model_replicas,
                              batch_wait_s=args.batch_wait_s, embed=args.embed,
                              access_log=args.access_log),
@@ -557,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     path = None
     if args.url is None:
         print("the call path, one caller straight to the model deployment ...", flush=True)
-        path = (serving_path.probe(args.model, _image(args.batch, gpu), calls=50 if args.quick else 300)
+        path = (serving_path.probe(args.model, image.sample(args.batch), calls=50 if args.quick else 300)
                 if not args.embed else None)  # no deployment of its own to call
     protocols: dict[str, dict[str, Any]] = {}
     for protocol in protocols_asked:
@@ -568,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_perf_analyzer(binary, protocol, grpc_url if protocol == "grpc" else http_url, args.model,
                                       args.batch, c, args.measurement_ms)
             else:
-                r = run_tritonclient(protocol, http_url, grpc_url, args.model, _image(args.batch, gpu), c,
+                r = run_tritonclient(protocol, http_url, grpc_url, args.model, image.sample(args.batch), c,
                                      duration_s=2.0 if args.quick else 10.0)
             if args.url is None:
                 r["replica_path"] = serving_path.replica_timings(args.model, embedded=args.embed)
@@ -576,11 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     small = None
     if not args.no_small:
         print("small requests alone, then behind large JSON bodies ...", flush=True)
-        small = small_behind_large(http_url, gpu, args.small_calls, args.large_senders, args.large_batch)
+        small = small_behind_large(http_url, gpu, image, args.small_calls, args.large_senders, args.large_batch)
 
     results = {"driver": "perf_analyzer" if claims else "tritonclient (smoke)", "claims": claims,
                "preflight": preflight,
-               "gpu": gpu, "model": args.model, "batch": args.batch, "ceiling": ceiling,
+               "gpu": gpu, "model": args.model, "image_model": vars(image), "batch": args.batch, "ceiling": ceiling,
                "protocols": protocols, "small_behind_large": small, "perf_analyzer": binary,
                "serve_env": serve_env, "call_path": path, "direct_ingress": direct is not None,
                "replicas": {"ingress": args.ingress_replicas or (2 if gpu and not args.embed else 1),
