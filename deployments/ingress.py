@@ -222,6 +222,17 @@ class EbbIngress:
         return await asyncio.get_running_loop().run_in_executor(self._processes, parse_worker.parse_and_trim,
                                                                 parse, body)
 
+    # -- Python callers (deployment handles) --------------------------------------------
+
+    async def infer_model(self, model: str, inputs: dict[str, Any], version: str | None = None) -> dict[str, Any]:
+        """Named arrays in, named numpy arrays out, as a model deployment's ``infer``, for
+        any model this app serves: the way a handle reaches a model embedded in the
+        ingress (``args.embed``), which has no deployment of its own. Raises what the
+        model's ``infer`` raises; ``ModelNotFound`` for a model the app does not serve."""
+        if model not in self.handles or (version is not None and version != MODEL_VERSION):
+            raise protocol.ModelNotFound(model, list(self.handles), version)
+        return await self.handles[model].infer.remote(inputs)
+
     # -- Serve's replica hooks, for the embedded replica (args.embed) ---------------
 
     def reconfigure(self, user_config: dict) -> None:

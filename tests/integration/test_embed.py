@@ -113,6 +113,22 @@ def test_the_ungrouped_model_keeps_its_own_deployment_and_the_group_has_none(emb
                                next(iter(handle_out.values())).ravel(), rtol=RTOL, atol=ATOL)
 
 
+def test_a_python_caller_reaches_embedded_and_own_deployment_models_through_the_ingress_handle(
+        embedded: ServeApp):
+    from ray import serve
+
+    from deployments.protocol import ModelNotFound
+
+    ingress = serve.get_deployment_handle("EbbIngress", app_name=APP_NAME)
+    x = image(7)
+    out = ingress.infer_model.remote("resnet-b", {"input": x}).result(timeout_s=60)
+    np.testing.assert_allclose(out["output"], reference("resnet-b", x), rtol=RTOL, atol=ATOL)
+    ids = np.random.default_rng(2).integers(0, 100, size=(1, 16), dtype=np.int64)
+    assert ingress.infer_model.remote("solo", {"input_ids": ids}).result(timeout_s=60)["output"].shape[0] == 1
+    with pytest.raises(ModelNotFound, match="unknown model 'resnet-z'; served models are"):
+        ingress.infer_model.remote("resnet-z", {"input": x}).result(timeout_s=60)
+
+
 def test_mistakes_keep_their_statuses(embedded: ServeApp):
     unknown = http_infer(embedded, "resnet-z", image(0))
     assert unknown.status_code == 404 and "resnet-a" in unknown.text
