@@ -7,12 +7,11 @@ encoding are in ``deployments.protocol`` (pure) and ``deployments.grpc_service``
 4xx, no GPU memory in time 503 with ``Retry-After``, a replica that died mid-call
 503, and anything else 500 (a bug). gRPC methods carry the same answers as codes.
 
-The event loop never waits on a body: a body is received under a deadline (408),
-only ``http.max_concurrent_body_reads`` bodies that need more than their first piece
-are received at once (more get 503), and large bodies are parsed (large answers
-encoded) off the loop, large JSON in worker processes. Small requests therefore never
-queue behind a large one, and stalled uploads cannot take every one of the replica's
-request slots.
+The event loop never waits on a body (``deployments.body_intake``: deadlines, limits,
+parsing off the loop, large JSON in worker processes): small requests never queue
+behind a large one, and stalled uploads cannot take every one of the replica's request
+slots. A model or group named by ``args.embed`` runs in this process
+(``deployments.local_handle``).
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads route signatures at
@@ -20,11 +19,8 @@ request slots.
 # do not resolve, turning the request into a required query parameter (HTTP 422).
 import asyncio
 import functools
-import gc
 import logging
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +29,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 
-from deployments import parse_worker, protocol
+from deployments import protocol
+from deployments.body_intake import BodyIntake, is_cancelled
 
 try:
     # tritonclient's protobuf messages; without tritonclient[grpc] the HTTP side still
@@ -54,9 +50,6 @@ SERVER_VERSION = "0.1.0"
 SERVER_EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 #: Every model is served as version "1"; the URL may name it or leave it out.
 MODEL_VERSION = "1"
-#: A heap trim (parse_worker.malloc_trim) this long after a large body, at most one pending.
-_TRIM_DELAY_S = 0.5
-_PARSE_THREADS = 4
 
 api = FastAPI(title="Ebb", description="Open Inference Protocol (KServe v2) for Ebb's models")
 
@@ -85,17 +78,9 @@ def _is_replica_gone(exc: BaseException) -> bool:
     return isinstance(exc, gone) or (backpressure is not None and isinstance(exc, backpressure))
 
 
-def _is_cancelled(exc: BaseException) -> bool:
-    """Serve cancels a request whose client went away; its body's ``receive`` (or a call
-    the ingress made for it) then raises Ray's ``TaskCancelledError``."""
-    import ray.exceptions as rex
-
-    return isinstance(exc, (ClientDisconnect, rex.TaskCancelledError))
-
-
 def _status_of(exc: BaseException, retry_after_s: int) -> tuple[int, str, dict[str, str]]:
     exc = _unwrap(exc)
-    if _is_cancelled(exc):
+    if is_cancelled(exc):
         exc = protocol.ClientDisconnected(0)
     if isinstance(exc, protocol.ClientDisconnected):
         # The client's own choice; nobody reads this answer. Not an internal error.
@@ -186,11 +171,8 @@ class EbbIngress:
         self._by_value = _by_value_handles(self.handles) if self.http.by_value_max_bytes else {}
         self.coordinator_namespace = coordinator_namespace
         self._descs: dict[str, EngineDescription] = {}
-        self._bodies_receiving = 0
-        self._parser = ThreadPoolExecutor(max_workers=_PARSE_THREADS, thread_name_prefix="ebb-parse")
+        self.intake = BodyIntake(self.http)
         self._counters = {name: _ModelCounters() for name in self.handles}
-        self._trim_pending = False
-        self._processes: ProcessPoolExecutor | None = None
 
     async def _desc(self, name: str, version: str | None) -> EngineDescription:
         if name not in self.handles or (version is not None and version != MODEL_VERSION):
@@ -198,29 +180,6 @@ class EbbIngress:
         if name not in self._descs:
             self._descs[name] = await self.handles[name].describe.remote()
         return self._descs[name]
-
-    async def _off_loop(self, nbytes: int, fn, *args, binary: bool = False, **kwargs) -> Any:
-        """``fn(*args, **kwargs)``; on a worker thread when ``nbytes`` is large enough to matter:
-        ``http.parse_in_thread_bytes``, or for ``binary`` tensors (views of the body, whose
-        parse does not grow with their size) ``http.parse_binary_in_thread_bytes``."""
-        limit = self.http.parse_binary_in_thread_bytes if binary else self.http.parse_in_thread_bytes
-        if nbytes < limit:
-            return fn(*args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._parser, functools.partial(fn, *args, **kwargs))
-
-    def _in_process(self, nbytes: int) -> bool:
-        return self.http.parse_processes > 0 and nbytes >= self.http.parse_in_process_bytes
-
-    async def _in_worker_process(self, parse, body: bytearray) -> protocol.InferRequest:
-        """``parse(body)`` in a worker process: JSON parsers (json, orjson) hold the GIL
-        for the whole parse, so on a thread a 24 MiB body still stops the event loop for
-        its full parse; in a process it costs the loop one copy each way."""
-        if self._processes is None:
-            # spawn, not fork: this is a Ray worker with threads of its own.
-            self._processes = ProcessPoolExecutor(max_workers=self.http.parse_processes,
-                                                  mp_context=multiprocessing.get_context("spawn"))
-        return await asyncio.get_running_loop().run_in_executor(self._processes, parse_worker.parse_and_trim,
-                                                                parse, body)
 
     # -- Python callers (deployment handles) --------------------------------------------
 
@@ -266,32 +225,11 @@ class EbbIngress:
         if embedded is not None:
             # Its engines, pool lease and admission budget go back before the process does.
             embedded.target.shutdown()
-        # Serve's graceful shutdown calls __del__, then kills the process. The worker
-        # pool's queues hold named POSIX semaphores (/dev/shm/sem.mp-*, five per pool),
-        # unlinked only when those objects are collected: the pool is shut down, dropped
-        # and collected here, while the process lives (a killed one left all five behind).
-        processes, self._processes = getattr(self, "_processes", None), None
-        if processes is not None:
-            processes.shutdown(wait=True, cancel_futures=True)
-            del processes
-            gc.collect()
-        parser = getattr(self, "_parser", None)
-        if parser is not None:
-            parser.shutdown(wait=False, cancel_futures=True)
-
-    def _trim_after(self, nbytes: int) -> None:
-        """After a large body: trim the heap once the request is gone (its body, Serve's
-        copies of its pieces and the response are freed after this handler returns)."""
-        if nbytes < parse_worker.TRIM_AFTER_BYTES or self._trim_pending:
-            return
-        self._trim_pending = True
-        loop = asyncio.get_running_loop()
-
-        def trim() -> None:
-            self._trim_pending = False
-            loop.run_in_executor(self._parser, parse_worker.malloc_trim)
-
-        loop.call_later(_TRIM_DELAY_S, trim)
+        # Serve's graceful shutdown calls __del__, then kills the process: the body
+        # intake's worker pools go while the process lives (body_intake.BodyIntake.close).
+        intake = getattr(self, "intake", None)
+        if intake is not None:
+            intake.close()
 
     async def _call(self, name: str, desc: EngineDescription, parsed: protocol.InferRequest) -> dict:
         counters = self._counters[name]
@@ -410,7 +348,7 @@ class EbbIngress:
         size = 0
         try:
             desc = await self._desc(name, version)
-            body = await self._read_body(request)
+            body = await self.intake.read(request)
             size = len(body)
             header_length = request.headers.get(protocol.HEADER_LENGTH_HEADER)
             parse = functools.partial(
@@ -418,67 +356,21 @@ class EbbIngress:
                 header_length=header_length, desc=desc, max_body_bytes=self.http.max_body_bytes,
                 # NaN and infinity are the model's rule (reject_non_finite), applied by its replica.
                 reject_non_finite=False)
-            if header_length is None and self._in_process(size):
-                parsed = await self._in_worker_process(parse, body)
+            if header_length is None and self.intake.in_process(size):
+                parsed = await self.intake.in_worker_process(parse, body)
             else:
-                parsed = await self._off_loop(size, parse, body, binary=header_length is not None)
+                parsed = await self.intake.off_loop(size, parse, body, binary=header_length is not None)
             del body  # binary tensors are views of it: it lives on in ``parsed``
             outputs = await self._call(name, desc, parsed)
             out_bytes = sum(getattr(v, "nbytes", 0) for v in outputs.values())
-            payload, headers = await self._off_loop(out_bytes, protocol.encode_infer_response, name, outputs,
+            payload, headers = await self.intake.off_loop(out_bytes, protocol.encode_infer_response, name, outputs,
                                                     parsed, model_version=MODEL_VERSION)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status; 500 only for bugs
             return _error(exc, self.http.retry_after_s)
         finally:
-            self._trim_after(size)
+            self.intake.trim_after(size)
         return Response(payload, status_code=200, headers=headers,
                         media_type=headers.pop("Content-Type", "application/json"))
-
-    async def _read_body(self, request: Request) -> bytearray:
-        """The body, into one growing ``bytearray`` (binary tensors become views of it).
-
-        Refused by its declared length before a byte is read (413), cut at the limit
-        whatever Content-Length claimed (413), and within ``http.body_timeout_s`` of the
-        headers (408). A body whose first piece is not all of it takes one of
-        ``http.max_concurrent_body_reads`` slots, or gets 503 when none is left.
-        """
-        limit = self.http.max_body_bytes
-        declared = protocol.check_content_length(request.headers.get("content-length"), max_body_bytes=limit)
-        body = bytearray()
-        holds_slot = False
-        try:
-            async with asyncio.timeout(self.http.body_timeout_s):
-                while True:
-                    try:
-                        message = await request.receive()
-                    except Exception as err:
-                        if _is_cancelled(err):
-                            raise protocol.ClientDisconnected(len(body)) from None
-                        raise
-                    if message["type"] == "http.disconnect":
-                        raise protocol.ClientDisconnected(len(body))
-                    body += message.get("body", b"")
-                    if len(body) > limit:
-                        raise protocol.ProtocolError(413, f"request body is over the limit of {limit} bytes")
-                    if not message.get("more_body", False):
-                        return body
-                    if not holds_slot:
-                        if self._bodies_receiving >= self.http.max_concurrent_body_reads:
-                            raise protocol.ProtocolError(
-                                503, f"{self._bodies_receiving} request bodies are being received already, the "
-                                     f"most this ingress replica takes at once "
-                                     f"(http.max_concurrent_body_reads); retry",
-                                headers={"Retry-After": str(self.http.retry_after_s)})
-                        self._bodies_receiving += 1
-                        holds_slot = True
-        except TimeoutError:
-            expected = f"of {declared} " if declared is not None else ""
-            raise protocol.ProtocolError(
-                408, f"request body not received within {self.http.body_timeout_s:g} s "
-                     f"({len(body)} bytes {expected}arrived)", headers={"Connection": "close"}) from None
-        finally:
-            if holds_slot:
-                self._bodies_receiving -= 1
 
     # -- KServe v2 gRPC (inference.GRPCInferenceService; deployments.grpc_service) --
 
@@ -545,7 +437,7 @@ class EbbIngress:
                                                   f"{self.http.max_body_bytes} bytes")
             # Typed contents are converted element by element (off the loop when large);
             # raw_input_contents become views, parsed on the loop up to its own limit.
-            parsed = await self._off_loop(size, grpc_service.parse_model_infer, request, desc,
+            parsed = await self.intake.off_loop(size, grpc_service.parse_model_infer, request, desc,
                                           binary=len(request.raw_input_contents) > 0)
             outputs = await self._call(name, desc, parsed)
             names = [o.name for o in parsed.outputs] if parsed.outputs else list(outputs)
@@ -553,7 +445,7 @@ class EbbIngress:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a code; INTERNAL only for bugs
             return _grpc_error(grpc_context, exc, self.http.retry_after_s, grpc_service.pb.ModelInferResponse())
         finally:
-            self._trim_after(size)
+            self.intake.trim_after(size)
 
     # -- Ebb's own views ----------------------------------------------------------
 

@@ -48,28 +48,18 @@ def app_config(gpu: bool, http_port: int, grpc_port: int, image: ImageModel, ing
     its GPU share. ``access_log``: Serve's line per request in each replica's log, off by
     default here as in Triton (a CPU profile of the ingress put a fifth of its own,
     non-engine time into writing those lines and checking the log file's rollover)."""
-    if gpu:
-        model = {"name": "r50", "source": {"architecture": image.arch, "seed": 0},
-                 "input": {"min_batch": 1, "opt_batch": image.opt_batch, "max_batch": image.max_batch,
-                           "image_size": image.size},
-                 "precision": "fp32", "backend": "pytorch", "mode": "static", "pin": "static", "lazy": False,
-                 "batching": {"max_batch_size": image.max_batch, "batch_wait_timeout_s": batch_wait_s}}
-        encoder = {"name": "bert", "source": {"architecture": "bert-base", "seed": 0},
-                   "input": {"min_batch": 1, "opt_batch": 2, "max_batch": 6, "seq_len": 96},
-                   "backend": "pytorch", "mode": "static", "pin": "static", "lazy": False,
-                   "batching": {"max_batch_size": 6, "batch_wait_timeout_s": batch_wait_s}}
-        gpus = 0.4
-    else:
-        model = {"name": "r50", "source": {"architecture": image.arch, "seed": 0},
-                 "input": {"min_batch": 1, "opt_batch": image.opt_batch, "max_batch": image.max_batch,
-                           "image_size": image.size},
-                 "backend": "pytorch", "mode": "static", "pin": "auto", "lazy": False,
-                 "batching": {"max_batch_size": image.max_batch, "batch_wait_timeout_s": batch_wait_s}}
-        encoder = {"name": "bert", "source": {"architecture": "bert-tiny", "seed": 0},
-                   "input": {"min_batch": 1, "opt_batch": 2, "max_batch": 4, "seq_len": 16},
-                   "backend": "pytorch", "mode": "static", "pin": "auto", "lazy": False,
-                   "batching": {"max_batch_size": 4, "batch_wait_timeout_s": batch_wait_s}}
-        gpus = 0.25
+    # On a GPU both stay static (the coordinator would not move them); on the CPU as cluster.yaml.
+    common = {"backend": "pytorch", "mode": "static", "pin": "static" if gpu else "auto", "lazy": False}
+    model = {"name": "r50", "source": {"architecture": image.arch, "seed": 0},
+             "input": {"min_batch": 1, "opt_batch": image.opt_batch, "max_batch": image.max_batch,
+                       "image_size": image.size},
+             "precision": "fp32", **common,
+             "batching": {"max_batch_size": image.max_batch, "batch_wait_timeout_s": batch_wait_s}}
+    arch, max_batch, seq_len = ("bert-base", 6, 96) if gpu else ("bert-tiny", 4, 16)
+    encoder = {"name": "bert", "source": {"architecture": arch, "seed": 0},
+               "input": {"min_batch": 1, "opt_batch": 2, "max_batch": max_batch, "seq_len": seq_len}, **common,
+               "batching": {"max_batch_size": max_batch, "batch_wait_timeout_s": batch_wait_s}}
+    gpus = 0.4 if gpu else 0.25
     args = {"model_dirs": ["."], "http": {"max_body_bytes": 256 << 20, "retry_after_s": 1},
             "coordinator": {"poll_interval_s": 0.5, "admission_deadline_s": 5.0,
                             "virtual_gpu_memory_bytes": 4 << 30},

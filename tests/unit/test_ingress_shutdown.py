@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 
+from deployments.body_intake import BodyIntake
 from deployments.config import HttpConfig
 from deployments.ingress import EbbIngress
 
@@ -28,12 +28,11 @@ def test_shutdown_unlinks_the_worker_pool_s_semaphores():
     # Made from the class itself: the wrapper's own __del__ is a coroutine only Serve awaits.
     ingress = object.__new__(ebb_ingress)
     ingress.http = HttpConfig(parse_processes=1)
-    ingress._parser = ThreadPoolExecutor(max_workers=1)
-    ingress._processes = None
+    ingress.intake = BodyIntake(ingress.http)
     before = _semaphores()
-    parsed = asyncio.run(ingress._in_worker_process(json.loads, bytearray(b'{"inputs": []}')))
+    parsed = asyncio.run(ingress.intake.in_worker_process(json.loads, bytearray(b'{"inputs": []}')))
     assert parsed == {"inputs": []}
     assert _semaphores() - before, "the worker pool made no named semaphores: nothing to check"
     ebb_ingress.__del__(ingress)  # what Serve's graceful shutdown calls
     assert not (_semaphores() - before), "the worker pool's semaphores outlived the ingress's shutdown"
-    assert ingress._processes is None
+    assert ingress.intake._processes is None

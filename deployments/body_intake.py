@@ -1,0 +1,142 @@
+"""How the ingress takes a request's body without its event loop ever waiting on one.
+
+A body is received under a deadline (408) and a size limit (413); only
+``http.max_concurrent_body_reads`` bodies that need more than their first piece are
+received at once (more get 503), so stalled uploads cannot take every request slot.
+Large bodies are parsed, and large answers encoded, off the loop: on worker threads, and
+large JSON in worker processes, since a JSON parser holds the GIL for its whole parse.
+Binary tensors are views of the body and are parsed on the loop up to their own limit.
+After a large body the heap is trimmed, so the ingress's memory returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+
+from deployments import parse_worker, protocol
+from deployments.config import HttpConfig
+
+#: A heap trim (parse_worker.malloc_trim) this long after a large body, at most one pending.
+TRIM_DELAY_S = 0.5
+PARSE_THREADS = 4
+
+
+def is_cancelled(exc: BaseException) -> bool:
+    """Serve cancels a request whose client went away; its body's ``receive`` (or a call
+    the ingress made for it) then raises Ray's ``TaskCancelledError``."""
+    import ray.exceptions as rex
+
+    return isinstance(exc, (ClientDisconnect, rex.TaskCancelledError))
+
+
+class BodyIntake:
+    """One ingress replica's body reading, parsing off the loop and heap trimming."""
+
+    def __init__(self, http: HttpConfig) -> None:
+        self.http = http
+        self._bodies_receiving = 0
+        self._parser = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="ebb-parse")
+        self._trim_pending = False
+        self._processes: ProcessPoolExecutor | None = None
+
+    async def off_loop(self, nbytes: int, fn, *args, binary: bool = False, **kwargs) -> Any:
+        """``fn(*args, **kwargs)``; on a worker thread when ``nbytes`` is large enough to matter:
+        ``http.parse_in_thread_bytes``, or for ``binary`` tensors (views of the body, whose
+        parse does not grow with their size) ``http.parse_binary_in_thread_bytes``."""
+        limit = self.http.parse_binary_in_thread_bytes if binary else self.http.parse_in_thread_bytes
+        if nbytes < limit:
+            return fn(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._parser, functools.partial(fn, *args, **kwargs))
+
+    def in_process(self, nbytes: int) -> bool:
+        return self.http.parse_processes > 0 and nbytes >= self.http.parse_in_process_bytes
+
+    async def in_worker_process(self, parse, body: bytearray) -> protocol.InferRequest:
+        """``parse(body)`` in a worker process: JSON parsers (json, orjson) hold the GIL
+        for the whole parse, so on a thread a 24 MiB body still stops the event loop for
+        its full parse; in a process it costs the loop one copy each way."""
+        if self._processes is None:
+            # spawn, not fork: this is a Ray worker with threads of its own.
+            self._processes = ProcessPoolExecutor(max_workers=self.http.parse_processes,
+                                                  mp_context=multiprocessing.get_context("spawn"))
+        return await asyncio.get_running_loop().run_in_executor(self._processes, parse_worker.parse_and_trim,
+                                                                parse, body)
+
+    def trim_after(self, nbytes: int) -> None:
+        """After a large body: trim the heap once the request is gone (its body, Serve's
+        copies of its pieces and the response are freed after this handler returns)."""
+        if nbytes < parse_worker.TRIM_AFTER_BYTES or self._trim_pending:
+            return
+        self._trim_pending = True
+        loop = asyncio.get_running_loop()
+
+        def trim() -> None:
+            self._trim_pending = False
+            loop.run_in_executor(self._parser, parse_worker.malloc_trim)
+
+        loop.call_later(TRIM_DELAY_S, trim)
+
+    async def read(self, request: Request) -> bytearray:
+        """The body, into one growing ``bytearray`` (binary tensors become views of it).
+
+        Refused by its declared length before a byte is read (413), cut at the limit
+        whatever Content-Length claimed (413), and within ``http.body_timeout_s`` of the
+        headers (408). A body whose first piece is not all of it takes one of
+        ``http.max_concurrent_body_reads`` slots, or gets 503 when none is left.
+        """
+        limit = self.http.max_body_bytes
+        declared = protocol.check_content_length(request.headers.get("content-length"), max_body_bytes=limit)
+        body = bytearray()
+        holds_slot = False
+        try:
+            async with asyncio.timeout(self.http.body_timeout_s):
+                while True:
+                    try:
+                        message = await request.receive()
+                    except Exception as err:
+                        if is_cancelled(err):
+                            raise protocol.ClientDisconnected(len(body)) from None
+                        raise
+                    if message["type"] == "http.disconnect":
+                        raise protocol.ClientDisconnected(len(body))
+                    body += message.get("body", b"")
+                    if len(body) > limit:
+                        raise protocol.ProtocolError(413, f"request body is over the limit of {limit} bytes")
+                    if not message.get("more_body", False):
+                        return body
+                    if not holds_slot:
+                        if self._bodies_receiving >= self.http.max_concurrent_body_reads:
+                            raise protocol.ProtocolError(
+                                503, f"{self._bodies_receiving} request bodies are being received already, the "
+                                     f"most this ingress replica takes at once "
+                                     f"(http.max_concurrent_body_reads); retry",
+                                headers={"Retry-After": str(self.http.retry_after_s)})
+                        self._bodies_receiving += 1
+                        holds_slot = True
+        except TimeoutError:
+            expected = f"of {declared} " if declared is not None else ""
+            raise protocol.ProtocolError(
+                408, f"request body not received within {self.http.body_timeout_s:g} s "
+                     f"({len(body)} bytes {expected}arrived)", headers={"Connection": "close"}) from None
+        finally:
+            if holds_slot:
+                self._bodies_receiving -= 1
+
+    def close(self) -> None:
+        """Stop the worker pools. The process pool's queues hold named POSIX semaphores
+        (/dev/shm/sem.mp-*, five per pool), unlinked only when those objects are
+        collected: the pool is shut down, dropped and collected here, while the process
+        lives (a killed one left all five behind)."""
+        processes, self._processes = self._processes, None
+        if processes is not None:
+            processes.shutdown(wait=True, cancel_futures=True)
+            del processes
+            gc.collect()
+        self._parser.shutdown(wait=False, cancel_futures=True)
