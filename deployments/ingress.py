@@ -20,6 +20,7 @@ slots. A model or group named by ``args.embed`` runs in this process
 import asyncio
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -146,7 +147,18 @@ class _ModelCounters:
     last_inference_ms: int = 0
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+#: Serve runs a replica's code on a second event loop, in a thread of its own, by default,
+#: so every request crosses threads on its way in and again on its way out (a wake-up of
+#: the other loop each time). The ingress never blocks its loop (bodies are parsed off it,
+#: engines run on the batcher's thread), so it can run on Serve's own loop (measured in
+#: docs/benchmarks.md §14).
+#: Serve reads this when the replica starts, so it travels in the replica's runtime_env
+#: (cluster.yaml's EbbIngress entry; a config's ray_actor_options replace these).
+SAME_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": SAME_LOOP_ENV}},
+                  max_ongoing_requests=256)
 @serve.ingress(api)
 class EbbIngress:
     def __init__(self, handles: dict[str, Any], http: dict, coordinator_namespace: str = "ebb",
@@ -154,6 +166,10 @@ class EbbIngress:
         from deployments.replica import log_to_replica_file
 
         log_to_replica_file()
+        if os.environ.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1") != "0":
+            logger.info("EbbIngress runs on Serve's second event loop (Serve's default): a thread hop per "
+                        "request each way. Its ray_actor_options.runtime_env.env_vars can take %s to run it on "
+                        "Serve's own loop (cluster.yaml does; docs/serving.md)", SAME_LOOP_ENV)
         #: ``args.embed``'s replica, built in this process (deployments.local_handle); None without.
         self._embedded = None
         if embedded is not None:

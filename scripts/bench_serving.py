@@ -388,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-arch", help="the image model's architecture (pool-linear: the serving path alone)")
     parser.add_argument("--image-size", type=int, help="the image model's side in pixels")
     parser.add_argument("--access-log", action="store_true", help="Serve's access log on (a line per request)")
+    parser.add_argument("--separate-loop", action="store_true",
+                        help="the ingress's code on Serve's second event loop (Serve's default; cluster.yaml "
+                             "runs it on Serve's own loop)")
     parser.add_argument("--no-small", action="store_true", help="skip the small-behind-large measurement")
     parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for the cluster this script starts (Ray Serve's RAY_SERVE_* "
@@ -439,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         start_app(app_config(gpu, http_port, grpc_port, image,
                              ingress_replicas=args.ingress_replicas, model_replicas=args.model_replicas,
                              batch_wait_s=args.batch_wait_s, embed=args.embed,
-                             access_log=args.access_log),
+                             access_log=args.access_log, same_loop=not args.separate_loop),
                   wait_ready=direct is None)
         if direct is not None:
             http_port, grpc_port = serving_path.direct_ports(*direct)
@@ -480,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                "serve_env": serve_env, "call_path": path, "direct_ingress": direct is not None,
                "replicas": {"ingress": args.ingress_replicas or (2 if gpu and not args.embed else 1),
                             "model": args.model_replicas}, "embed": args.embed,
-               "access_log": args.access_log,
+               "access_log": args.access_log, "ingress_same_loop": not args.separate_loop,
                "batch_wait_s": args.batch_wait_s}
     results["targets"] = target_rows(results)
     out_dir = Path(args.out_dir)

@@ -42,12 +42,14 @@ class ImageModel:
 
 def app_config(gpu: bool, http_port: int, grpc_port: int, image: ImageModel, ingress_replicas: int | None = None,
                model_replicas: int = 1, batch_wait_s: float = 0.002, embed: bool = False,
-               access_log: bool = False) -> dict[str, Any]:
+               access_log: bool = False, same_loop: bool = True) -> dict[str, Any]:
     """A Serve config like cluster.yaml: the image model and a small encoder; ``embed``:
     the image model runs inside each ingress replica (``args.embed``), which then takes
     its GPU share. ``access_log``: Serve's line per request in each replica's log, off by
     default here as in Triton (a CPU profile of the ingress put a fifth of its own,
-    non-engine time into writing those lines and checking the log file's rollover)."""
+    non-engine time into writing those lines and checking the log file's rollover).
+    ``same_loop``: the ingress on Serve's own event loop, as cluster.yaml has it; False:
+    Serve's default, its code on a second loop in a thread of its own."""
     # On a GPU both stay static (the coordinator would not move them); on the CPU as cluster.yaml.
     common = {"backend": "pytorch", "mode": "static", "pin": "static" if gpu else "auto", "lazy": False}
     model = {"name": "r50", "source": {"architecture": image.arch, "seed": 0},
@@ -70,6 +72,10 @@ def app_config(gpu: bool, http_port: int, grpc_port: int, image: ImageModel, ing
                   "ray_actor_options": {"num_gpus": gpus, "num_cpus": 0.25}}
     ingress = {"name": "EbbIngress", "num_replicas": ingress_replicas or (2 if gpu and not embed else 1),
                "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.5}}
+    if same_loop:
+        from deployments.ingress import SAME_LOOP_ENV
+
+        ingress["ray_actor_options"]["runtime_env"] = {"env_vars": dict(SAME_LOOP_ENV)}
     deployments = [{"name": "r50", **model_opts}, {"name": "bert", **model_opts}, ingress]
     if embed:
         args["embed"] = "r50"

@@ -176,6 +176,40 @@ def test_serve_run_cluster_yaml_serves_a_request(serve_run: ServeRun):
     assert np.isfinite(np.asarray(out["data"], dtype=np.float32)).all()
 
 
+def _children_named(parents: list[int], name: str) -> list[int]:
+    """Ids of the processes whose parent is one of ``parents`` and whose command line
+    (a Ray worker's is its title, ``ray::ServeReplica:<app>:<deployment>``) names ``name``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        if ppid in parents and name in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_the_ingress_runs_on_serve_s_own_loop_as_cluster_yaml_says(serve_run: ServeRun, cli_cluster: CliCluster):
+    """cluster.yaml's runtime_env for EbbIngress reaches its replica's process, where Serve
+    reads it at start: without it the ingress pays a thread hop per request each way."""
+    from deployments.ingress import SAME_LOOP_ENV
+
+    (key, value), = SAME_LOOP_ENV.items()
+    replicas = _children_named(_processes_under(str(cli_cluster.temp_dir)), "ServeReplica:ebb:EbbIngress")
+    assert replicas, "no EbbIngress replica process found under this cluster's raylet"
+    for pid in replicas:
+        environ = dict(item.split("=", 1) for item in
+                       (Path("/proc") / str(pid) / "environ").read_bytes().decode(errors="replace").split("\0")
+                       if "=" in item)
+        assert environ.get(key) == value, f"EbbIngress replica {pid}: {key}={environ.get(key)!r}"
+    test_serve_run_cluster_yaml_serves_a_request(serve_run)  # and it answers on that loop
+
+
 def test_grpc_metadata_and_config_through_tritonclient(serve_run: ServeRun):
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient

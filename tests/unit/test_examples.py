@@ -51,3 +51,17 @@ def test_embedded_example_is_valid_and_gives_the_group_s_options_to_the_ingress(
     assert cfg.embed == "resnets" and "resnets" not in options
     assert options["EbbIngress"]["ray_actor_options"]["num_gpus"] > 0  # the group's GPU share
     bind(cfg, options)  # Serve's options name no deployment the app lacks
+
+
+def test_shipped_configs_run_the_ingress_on_serve_s_own_loop():
+    """A config's ray_actor_options replace the deployment's own, so each shipped config
+    says it itself (deployments.ingress.SAME_LOOP_ENV: one thread hop less per request)."""
+    from deployments.ingress import SAME_LOOP_ENV, EbbIngress
+
+    assert EbbIngress.ray_actor_options["runtime_env"]["env_vars"] == SAME_LOOP_ENV  # bound without a config
+    for path in ("cluster.yaml", "docs/examples/groups.yaml", "docs/examples/embedded.yaml"):
+        doc = yaml.safe_load((ROOT / path).read_text())
+        for app in doc["applications"]:
+            (ingress,) = [d for d in app["deployments"] if d["name"] == "EbbIngress"]
+            env = ingress["ray_actor_options"]["runtime_env"]["env_vars"]
+            assert env == SAME_LOOP_ENV, f"{path}: EbbIngress runs on Serve's second event loop"
