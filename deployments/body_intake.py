@@ -14,14 +14,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
-from deployments import parse_worker, protocol
+from deployments import parse_worker, protocol, shared_body
 from deployments.config import HttpConfig
+from deployments.shared_body import SharedBody
+
+logger = logging.getLogger(__name__)
 
 #: A heap trim (parse_worker.malloc_trim) this long after a large body, at most one pending.
 TRIM_DELAY_S = 0.5
@@ -58,16 +63,46 @@ class BodyIntake:
     def in_process(self, nbytes: int) -> bool:
         return self.http.parse_processes > 0 and nbytes >= self.http.parse_in_process_bytes
 
-    async def in_worker_process(self, parse, body: bytearray) -> protocol.InferRequest:
-        """``parse(body)`` in a worker process: JSON parsers (json, orjson) hold the GIL
-        for the whole parse, so on a thread a 24 MiB body still stops the event loop for
-        its full parse; in a process it costs the loop one copy each way."""
-        if self._processes is None:
-            # spawn, not fork: this is a Ray worker with threads of its own.
-            self._processes = ProcessPoolExecutor(max_workers=self.http.parse_processes,
-                                                  mp_context=multiprocessing.get_context("spawn"))
-        return await asyncio.get_running_loop().run_in_executor(self._processes, parse_worker.parse_and_trim,
-                                                                parse, body)
+    async def parse(self, parse, body: bytearray | SharedBody, *, binary: bool) -> protocol.InferRequest:
+        """``parse(body)`` where it costs the event loop least: a large JSON body in a
+        worker process (JSON parsers, json and orjson, hold the GIL for the whole parse,
+        so on a thread a 24 MiB body still stops the loop for its full parse); others
+        through :meth:`off_loop`. A body in shared memory is the worker's to read in
+        place, and is closed here once no worker can still be reading it."""
+        if isinstance(body, SharedBody):
+            return await self._in_worker(parse_worker.parse_shared_and_trim, parse, body.source(), shared=body)
+        if not binary and self.in_process(len(body)):
+            # Not in shared memory (no Content-Length, say): the body goes to the worker
+            # pickled, a copy each way.
+            return await self._in_worker(parse_worker.parse_and_trim, parse, body)
+        return await self.off_loop(len(body), parse, body, binary=binary)
+
+    async def _in_worker(self, fn, *args, shared: SharedBody | None = None) -> Any:
+        future = None
+        try:
+            if self._processes is None:
+                # spawn, not fork: this is a Ray worker with threads of its own.
+                self._processes = ProcessPoolExecutor(max_workers=self.http.parse_processes,
+                                                      mp_context=multiprocessing.get_context("spawn"))
+            future = self._processes.submit(fn, *args)
+            return await asyncio.wrap_future(future)
+        except BrokenProcessPool as err:
+            # A worker died (killed for memory, say): every later submit would fail the
+            # same way, so the pool is replaced on the next body; this one is retryable.
+            broken, self._processes = self._processes, None
+            if broken is not None:
+                broken.shutdown(wait=False, cancel_futures=True)
+            raise protocol.ProtocolError(
+                503, f"the JSON parse worker process of this ingress replica died ({err}); retry",
+                headers={"Retry-After": str(self.http.retry_after_s)}) from None
+        finally:
+            if shared is not None:
+                # A cancelled request (its client went away) can leave a worker mapping the
+                # body right now: then it is closed when that worker is done.
+                if future is None or future.done() or future.cancel():
+                    shared.close()
+                else:
+                    future.add_done_callback(lambda _: shared.close())
 
     def trim_after(self, nbytes: int) -> None:
         """After a large body: trim the heap once the request is gone (its body, Serve's
@@ -83,8 +118,11 @@ class BodyIntake:
 
         loop.call_later(TRIM_DELAY_S, trim)
 
-    async def read(self, request: Request) -> bytearray:
-        """The body, into one growing ``bytearray`` (binary tensors become views of it).
+    async def read(self, request: Request, *, json: bool = False) -> bytearray | SharedBody:
+        """The body, into one growing ``bytearray`` (binary tensors become views of it), or,
+        for a ``json`` body whose Content-Length sends it to a worker process (see
+        :meth:`parse`), into shared memory the worker reads in place (the caller hands it
+        to :meth:`parse`, which closes it, or closes it itself).
 
         Refused by its declared length before a byte is read (413), cut at the limit
         whatever Content-Length claimed (413), and within ``http.body_timeout_s`` of the
@@ -93,7 +131,14 @@ class BodyIntake:
         """
         limit = self.http.max_body_bytes
         declared = protocol.check_content_length(request.headers.get("content-length"), max_body_bytes=limit)
-        body = bytearray()
+        body: bytearray | SharedBody = bytearray()
+        if json and declared and self.in_process(declared) and shared_body.supported():
+            try:
+                body = SharedBody(declared)
+            except OSError as err:  # out of descriptors or maps: the pickle path, slower but whole
+                logger.warning("a %d-byte body could not go to shared memory (%s); it goes to the parse "
+                               "worker by pickle", declared, err)
+        append = body.write if isinstance(body, SharedBody) else body.extend
         holds_slot = False
         try:
             async with asyncio.timeout(self.http.body_timeout_s):
@@ -106,7 +151,10 @@ class BodyIntake:
                         raise
                     if message["type"] == "http.disconnect":
                         raise protocol.ClientDisconnected(len(body))
-                    body += message.get("body", b"")
+                    try:
+                        append(message.get("body", b""))
+                    except ValueError as err:  # past its Content-Length: HTTP framing should not allow it
+                        raise protocol.ProtocolError(400, str(err)) from None
                     if len(body) > limit:
                         raise protocol.ProtocolError(413, f"request body is over the limit of {limit} bytes")
                     if not message.get("more_body", False):
@@ -120,7 +168,11 @@ class BodyIntake:
                                 headers={"Retry-After": str(self.http.retry_after_s)})
                         self._bodies_receiving += 1
                         holds_slot = True
-        except TimeoutError:
+        except BaseException as err:
+            if isinstance(body, SharedBody):
+                body.close()
+            if not isinstance(err, TimeoutError):
+                raise
             expected = f"of {declared} " if declared is not None else ""
             raise protocol.ProtocolError(
                 408, f"request body not received within {self.http.body_timeout_s:g} s "

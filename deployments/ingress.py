@@ -364,18 +364,15 @@ class EbbIngress:
         size = 0
         try:
             desc = await self._desc(name, version)
-            body = await self.intake.read(request)
-            size = len(body)
             header_length = request.headers.get(protocol.HEADER_LENGTH_HEADER)
+            body = await self.intake.read(request, json=header_length is None)
+            size = len(body)
             parse = functools.partial(
                 protocol.parse_infer_request, content_type=request.headers.get("content-type"),
                 header_length=header_length, desc=desc, max_body_bytes=self.http.max_body_bytes,
                 # NaN and infinity are the model's rule (reject_non_finite), applied by its replica.
                 reject_non_finite=False)
-            if header_length is None and self.intake.in_process(size):
-                parsed = await self.intake.in_worker_process(parse, body)
-            else:
-                parsed = await self.intake.off_loop(size, parse, body, binary=header_length is not None)
+            parsed = await self.intake.parse(parse, body, binary=header_length is not None)
             del body  # binary tensors are views of it: it lives on in ``parsed``
             outputs = await self._call(name, desc, parsed)
             out_bytes = sum(getattr(v, "nbytes", 0) for v in outputs.values())

@@ -13,7 +13,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["malloc_trim", "parse_and_trim"]
+from deployments import shared_body
+
+__all__ = ["malloc_trim", "parse_and_trim", "parse_shared_and_trim"]
 
 #: Bodies at least this large hand their memory back to the OS once parsed.
 TRIM_AFTER_BYTES = 8 * 2**20
@@ -43,4 +45,16 @@ def parse_and_trim(parse: Callable[[bytes | bytearray], Any], body: bytes | byte
     finally:
         del body
         if size >= TRIM_AFTER_BYTES:
+            malloc_trim()
+
+
+def parse_shared_and_trim(parse: Callable[[Any], Any], source: shared_body.BodySource) -> Any:
+    """``parse`` of a body the ingress received into shared memory (deployments.shared_body),
+    read in place: nothing of it was pickled or copied on its way here."""
+    mapped = shared_body.map_body(source)
+    try:
+        return parse(mapped)
+    finally:
+        shared_body.close_quietly(mapped)
+        if source.size >= TRIM_AFTER_BYTES:
             malloc_trim()

@@ -27,10 +27,10 @@ def test_shutdown_unlinks_the_worker_pool_s_semaphores():
                        and not asyncio.iscoroutinefunction(vars(c)["__del__"]))
     # Made from the class itself: the wrapper's own __del__ is a coroutine only Serve awaits.
     ingress = object.__new__(ebb_ingress)
-    ingress.http = HttpConfig(parse_processes=1)
+    ingress.http = HttpConfig(parse_processes=1, parse_in_process_bytes=1)
     ingress.intake = BodyIntake(ingress.http)
     before = _semaphores()
-    parsed = asyncio.run(ingress.intake.in_worker_process(json.loads, bytearray(b'{"inputs": []}')))
+    parsed = asyncio.run(ingress.intake.parse(json.loads, bytearray(b'{"inputs": []}'), binary=False))
     assert parsed == {"inputs": []}
     assert _semaphores() - before, "the worker pool made no named semaphores: nothing to check"
     ebb_ingress.__del__(ingress)  # what Serve's graceful shutdown calls

@@ -119,7 +119,8 @@ def test_model_names_cannot_be_paths(name):
 REQUEST_PATH = [
     "deployments/ingress.py", "deployments/protocol/request.py", "deployments/protocol/response.py",
     "deployments/protocol/status.py", "deployments/protocol/_json.py", "deployments/grpc_service.py",
-    "deployments/parse_worker.py", "deployments/model.py", "deployments/group.py", "deployments/replica.py",
+    "deployments/parse_worker.py", "deployments/body_intake.py", "deployments/shared_body.py",
+    "deployments/model.py", "deployments/group.py", "deployments/replica.py",
     "engine_runtime/spec.py",
     "engine_runtime/engine.py", "engine_runtime/memory/admission.py", "engine_runtime/memory/budget.py",
     "engine_runtime/memory/_shm.py", "engine_runtime/backends/pytorch.py",
