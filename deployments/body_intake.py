@@ -22,13 +22,13 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
-from deployments import parse_worker, protocol, shared_body
+from deployments import heap, parse_worker, protocol, shared_body
 from deployments.config import HttpConfig
 from deployments.shared_body import SharedBody
 
 logger = logging.getLogger(__name__)
 
-#: A heap trim (parse_worker.malloc_trim) this long after a large body, at most one pending.
+#: A heap trim (heap.malloc_trim) this long after a large body, at most one pending.
 TRIM_DELAY_S = 0.5
 PARSE_THREADS = 4
 
@@ -114,7 +114,7 @@ class BodyIntake:
 
         def trim() -> None:
             self._trim_pending = False
-            loop.run_in_executor(self._parser, parse_worker.malloc_trim)
+            loop.run_in_executor(self._parser, heap.malloc_trim)
 
         loop.call_later(TRIM_DELAY_S, trim)
 

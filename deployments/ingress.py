@@ -163,9 +163,11 @@ SAME_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 class EbbIngress:
     def __init__(self, handles: dict[str, Any], http: dict, coordinator_namespace: str = "ebb",
                  model_groups: dict[str, str] | None = None, embedded: dict | None = None) -> None:
+        from deployments.heap import keep_heap_for_requests
         from deployments.replica import log_to_replica_file
 
         log_to_replica_file()
+        keep_heap_for_requests()
         if os.environ.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1") != "0":
             logger.info("EbbIngress runs on Serve's second event loop (Serve's default): a thread hop per "
                         "request each way. Its ray_actor_options.runtime_env.env_vars can take %s to run it on "

@@ -7,35 +7,16 @@ orjson), not Ray or the web framework.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 from collections.abc import Callable
 from typing import Any
 
 from deployments import shared_body
+from deployments.heap import malloc_trim
 
 __all__ = ["malloc_trim", "parse_and_trim", "parse_shared_and_trim"]
 
 #: Bodies at least this large hand their memory back to the OS once parsed.
 TRIM_AFTER_BYTES = 8 * 2**20
-
-
-@functools.cache
-def _libc_trim() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
-
-
-def malloc_trim() -> None:
-    """glibc's ``malloc_trim(0)`` where there is one: freed large bodies otherwise stay in
-    the process's heap arenas (issue 14 measured an ingress at 596 MB after four 60 MB bodies)."""
-    trim = _libc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def parse_and_trim(parse: Callable[[bytes | bytearray], Any], body: bytes | bytearray) -> Any:

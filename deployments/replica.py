@@ -380,7 +380,9 @@ class ReplicaBase:
         from ray import serve
 
         from deployments.coordinator_client import admission_for
+        from deployments.heap import keep_heap_for_requests
 
+        keep_heap_for_requests()  # requests' buffers reuse the heap's pages (deployments.heap)
         self.gpu = current_replica_gpu()
         # Before any engine exists: the stack limit cannot change under captured graphs.
         self.process = setup_cuda_process(app.cuda, self.gpu.cuda_index)
