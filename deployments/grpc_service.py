@@ -38,6 +38,8 @@ from deployments.protocol.status import ProtocolError
 __all__ = [
     "add_GRPCInferenceServiceServicer_to_server",
     "infer_request_object",
+    "raw_contents",
+    "request_bytes",
     "infer_response",
     "model_config_response",
     "model_metadata_response",
@@ -69,15 +71,32 @@ def _parameter(value: Any) -> Any:
     return None if kind is None else getattr(value, kind)
 
 
-def infer_request_object(request: Any) -> tuple[dict[str, Any], list[bytes] | None, int]:
+def raw_contents(request: Any) -> list[bytes] | None:
+    """``raw_input_contents`` copied out once (upb makes a new bytes object at each access),
+    or None where the request has none."""
+    return list(request.raw_input_contents) if len(request.raw_input_contents) else None
+
+
+def request_bytes(request: Any, raw: list[bytes] | None) -> int:
+    """The request's size for the body limit. With raw tensors, their bytes: upb's
+    ``ByteSize`` serializes the whole message to count it (28 µs for one ResNet image on
+    the CPU machine), and typed contents beside raw ones are refused anyway
+    (:func:`infer_request_object`); with typed contents, the message's size."""
+    return sum(map(len, raw)) if raw is not None else request.ByteSize()
+
+
+def infer_request_object(request: Any, raw: list[bytes] | None = None) -> tuple[dict[str, Any], list[bytes] | None,
+                                                                             int]:
     """A ``ModelInferRequest`` as the JSON protocol's request object, for ``parse_infer_object``.
 
     Returns ``(request object, raw buffers or None, bound on JSON elements)``: with
-    ``raw_input_contents`` every input is a buffer (``binary_data_size`` set to its
-    length, so a wrong length is refused by the same check as HTTP's); otherwise the
-    typed ``contents`` become flat ``data``.
+    ``raw_input_contents`` (``raw``, from :func:`raw_contents`, when the caller has it)
+    every input is a buffer (``binary_data_size`` set to its length, so a wrong length is
+    refused by the same check as HTTP's); otherwise the typed ``contents`` become flat
+    ``data``.
     """
-    raw = list(request.raw_input_contents) if len(request.raw_input_contents) else None
+    if raw is None:
+        raw = raw_contents(request)
     inputs = []
     for tensor in request.inputs:
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
@@ -88,6 +107,9 @@ def infer_request_object(request: Any) -> tuple[dict[str, Any], list[bytes] | No
                 raise ProtocolError(400, f"input {tensor.name!r}: datatype {tensor.datatype!r} must be sent in "
                                          f"raw_input_contents")
             entry["data"] = list(getattr(tensor.contents, field))
+        elif tensor.HasField("contents"):
+            raise ProtocolError(400, f"input {tensor.name!r} has typed contents and the request has "
+                                     f"raw_input_contents; send every input one way (Triton's rule)")
         inputs.append(entry)
     if raw is not None:
         if len(raw) != len(inputs):
@@ -105,15 +127,16 @@ def infer_request_object(request: Any) -> tuple[dict[str, Any], list[bytes] | No
         obj["outputs"] = [{"name": o.name, **({"parameters": {k: _parameter(v) for k, v in o.parameters.items()}}
                                               if len(o.parameters) else {})} for o in request.outputs]
     # Typed contents take at least one byte an element on the wire: twice the message's
-    # size bounds the elements as the JSON check's (bytes + 1) // 2 does.
-    return obj, raw, 2 * request.ByteSize() + 2
+    # size bounds the elements as the JSON check's (bytes + 1) // 2 does. Raw tensors
+    # carry no JSON elements, so nothing to bound (and no ByteSize to pay).
+    return obj, raw, (2 * request.ByteSize() + 2 if raw is None else 0)
 
 
-def parse_model_infer(request: Any, desc: Any) -> Any:
+def parse_model_infer(request: Any, desc: Any, raw: list[bytes] | None = None) -> Any:
     """A ``ModelInferRequest`` parsed and checked against ``desc`` (``protocol.InferRequest``),
     as the HTTP side parses a body. NaN and infinity are the model's rule, applied by its
-    replica."""
-    obj, raw, json_bytes = infer_request_object(request)
+    replica. ``raw``: its :func:`raw_contents`, where the caller has them already."""
+    obj, raw, json_bytes = infer_request_object(request, raw)
     return parse_infer_object(obj, desc, json_bytes=json_bytes, raw_inputs=raw, reject_non_finite=False)
 
 

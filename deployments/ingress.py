@@ -446,14 +446,15 @@ class EbbIngress:
         name, size = request.model_name, 0
         try:
             desc = await self._desc(name, request.model_version or None)
-            size = request.ByteSize()
+            raw = grpc_service.raw_contents(request)
+            size = grpc_service.request_bytes(request, raw)
             if size > self.http.max_body_bytes:
                 raise protocol.ProtocolError(413, f"request is {size} bytes, over the limit of "
                                                   f"{self.http.max_body_bytes} bytes")
             # Typed contents are converted element by element (off the loop when large);
             # raw_input_contents become views, parsed on the loop up to its own limit.
-            parsed = await self.intake.off_loop(size, grpc_service.parse_model_infer, request, desc,
-                                          binary=len(request.raw_input_contents) > 0)
+            parsed = await self.intake.off_loop(size, grpc_service.parse_model_infer, request, desc, raw,
+                                                binary=raw is not None)
             outputs = await self._call(name, desc, parsed)
             names = [o.name for o in parsed.outputs] if parsed.outputs else list(outputs)
             return grpc_service.infer_response(name, MODEL_VERSION, parsed.id, outputs, names)
