@@ -16,6 +16,7 @@
 #   paths     bench_serving's call path (replica stages, handle transport), Serve's defaults
 #             and Serve's replica gRPC transport (issue 14: where the per-call time goes)
 #   embed     serving's full table with the image model inside the ingress (args.embed), past the proxy
+#   embedsep  embed's binary rows with the ingress on Serve's second loop (Serve's default)
 #   embedproxy    the same through Serve's proxy (HTTP binary and gRPC, concurrency 1 and 16)
 #   path1     paths' first run alone, for a short window
 #   pathsd    paths-default, then paths-direct (Serve's defaults; past the proxy)
@@ -93,6 +94,12 @@ for s in "$@"; do
         # (direct ingress): no hop between client, protocol and engine. The full table.
         step embed 330 python3 scripts/bench_serving.py --embed --direct-ingress --concurrency 1,16,64 \
             --measurement-ms 1500 --small-calls 150 --out-dir "$OUT/embed" ;;
+    embedsep)
+        # embed's HTTP binary and gRPC rows with the ingress on Serve's second event loop
+        # (Serve's default): what running it on Serve's own loop buys on the card.
+        step embedsep 240 python3 scripts/bench_serving.py --embed --direct-ingress --separate-loop \
+            --protocols http-binary,grpc --concurrency 1,16 --measurement-ms 1500 --no-small \
+            --out-dir "$OUT/embedsep" ;;
     embedproxy)
         # The same through Serve's proxy (one hop: proxy to the embedding ingress).
         step embedproxy 240 python3 scripts/bench_serving.py --embed --protocols http-binary,grpc \
