@@ -50,6 +50,8 @@ class BodyIntake:
         self._parser = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="ebb-parse")
         self._trim_pending = False
         self._processes: ProcessPoolExecutor | None = None
+        #: Whether the workers can map shared bodies: None until the first one is tried.
+        self._shared_ok: bool | None = None
 
     async def off_loop(self, nbytes: int, fn, *args, binary: bool = False, **kwargs) -> Any:
         """``fn(*args, **kwargs)``; on a worker thread when ``nbytes`` is large enough to matter:
@@ -70,12 +72,42 @@ class BodyIntake:
         through :meth:`off_loop`. A body in shared memory is the worker's to read in
         place, and is closed here once no worker can still be reading it."""
         if isinstance(body, SharedBody):
-            return await self._in_worker(parse_worker.parse_shared_and_trim, parse, body.source(), shared=body)
+            try:
+                shared_ok = await self._shared_works()
+                if not shared_ok:
+                    data = body.read_all()
+            except BaseException:
+                body.close()
+                raise
+            if shared_ok:
+                return await self._in_worker(parse_worker.parse_shared_and_trim, parse, body.source(), shared=body)
+            body.close()
+            return await self._in_worker(parse_worker.parse_and_trim, parse, data)
         if not binary and self.in_process(len(body)):
             # Not in shared memory (no Content-Length, say): the body goes to the worker
             # pickled, a copy each way.
             return await self._in_worker(parse_worker.parse_and_trim, parse, body)
         return await self.off_loop(len(body), parse, body, binary=binary)
+
+    async def _shared_works(self) -> bool:
+        """Whether a worker can map the ingress's shared bodies, tried once with a body of
+        two bytes; where it cannot, large bodies go by pickle from then on."""
+        if self._shared_ok is None:
+            try:
+                probe = SharedBody(2)
+            except OSError as err:  # out of descriptors: try again with the next body
+                logger.warning("no shared body for the probe (%s); this body goes by pickle", err)
+                return False
+            try:
+                probe.write(b"{}")
+                why_not = await self._in_worker(parse_worker.can_map, probe.source())
+            finally:
+                probe.close()
+            if why_not is not None:
+                logger.warning("the JSON parse workers cannot map shared bodies (%s); large bodies go to them by "
+                               "pickle, with the GIL held while it is written", why_not)
+            self._shared_ok = why_not is None
+        return self._shared_ok
 
     async def _in_worker(self, fn, *args, shared: SharedBody | None = None) -> Any:
         future = None
@@ -132,7 +164,8 @@ class BodyIntake:
         limit = self.http.max_body_bytes
         declared = protocol.check_content_length(request.headers.get("content-length"), max_body_bytes=limit)
         body: bytearray | SharedBody = bytearray()
-        if json and declared and self.in_process(declared) and shared_body.supported():
+        shareable = self._shared_ok is not False and shared_body.supported()
+        if json and declared and self.in_process(declared) and shareable:
             try:
                 body = SharedBody(declared)
             except OSError as err:  # out of descriptors or maps: the pickle path, slower but whole

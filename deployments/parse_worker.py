@@ -13,7 +13,7 @@ from typing import Any
 from deployments import shared_body
 from deployments.heap import malloc_trim
 
-__all__ = ["malloc_trim", "parse_and_trim", "parse_shared_and_trim"]
+__all__ = ["can_map", "malloc_trim", "parse_and_trim", "parse_shared_and_trim"]
 
 #: Bodies at least this large hand their memory back to the OS once parsed.
 TRIM_AFTER_BYTES = 8 * 2**20
@@ -39,3 +39,13 @@ def parse_shared_and_trim(parse: Callable[[Any], Any], source: shared_body.BodyS
         shared_body.close_quietly(mapped)
         if source.size >= TRIM_AFTER_BYTES:
             malloc_trim()
+
+
+def can_map(source: shared_body.BodySource) -> str | None:
+    """None where this worker can map the ingress's shared bodies; else why not (a host
+    whose /proc hides other processes' descriptors, say)."""
+    try:
+        shared_body.close_quietly(shared_body.map_body(source))
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return None

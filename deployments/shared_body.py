@@ -83,6 +83,16 @@ class SharedBody:
             self.size += written
             view = view[written:]
 
+    def read_all(self) -> bytes:
+        """The body's bytes, copied out (for a worker that cannot map it)."""
+        out = bytearray()
+        while len(out) < self.size:
+            piece = os.pread(self._fd, self.size - len(out), len(out))
+            if not piece:
+                raise EOFError(f"shared body {self.name}: {len(out)} of {self.size} bytes readable")
+            out += piece
+        return bytes(out)
+
     def source(self) -> BodySource:
         return BodySource(f"/proc/{os.getpid()}/fd/{self._fd}", self.name, self.size)
 

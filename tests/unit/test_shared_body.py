@@ -196,3 +196,26 @@ def test_a_dead_parse_worker_is_a_503_and_the_next_body_gets_a_new_one(intake):
     assert err.value.status_code == 503 and "died" in str(err.value)
     assert _memfds() == before
     np.testing.assert_array_equal(asyncio.run(once()).inputs["x"], x)
+
+
+def test_where_workers_cannot_map_shared_bodies_they_go_by_pickle(intake, monkeypatch, caplog):
+    """A host whose /proc hides the ingress's descriptors from its workers (say): one probe
+    finds it, says so once, and every large body goes by pickle, answered as before."""
+    raw, x = _body()
+    before = _memfds()
+    monkeypatch.setattr(SharedBody, "source", lambda self: shared_body.BodySource(
+        "/proc/self/fd/999999", self.name, self.size))
+
+    async def once():
+        body = await intake.read(_Request(raw), json=True)
+        return body, await intake.parse(_parse(), body, binary=False)
+
+    with caplog.at_level("WARNING", logger="deployments.body_intake"):
+        first, parsed = asyncio.run(once())
+    assert isinstance(first, SharedBody)  # not known yet when it arrived
+    np.testing.assert_array_equal(parsed.inputs["x"], x)
+    assert "cannot map shared bodies" in caplog.text and "FileNotFoundError" in caplog.text
+    second, parsed = asyncio.run(once())
+    assert isinstance(second, bytearray)  # known now: no shared body made
+    np.testing.assert_array_equal(parsed.inputs["x"], x)
+    assert _memfds() == before
