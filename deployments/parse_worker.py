@@ -13,7 +13,7 @@ from typing import Any
 from deployments import shared_body
 from deployments.heap import malloc_trim
 
-__all__ = ["can_map", "malloc_trim", "parse_and_trim", "parse_shared_and_trim"]
+__all__ = ["can_map", "parse_and_trim", "parse_shared_and_trim"]
 
 #: Bodies at least this large hand their memory back to the OS once parsed.
 TRIM_AFTER_BYTES = 8 * 2**20

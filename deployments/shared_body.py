@@ -22,6 +22,7 @@ unique name there, so it can never read another file that reused the descriptor'
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import uuid
@@ -33,6 +34,7 @@ __all__ = ["BodySource", "SharedBody", "map_body", "supported"]
 _PREFIX = "ebb-body-"
 
 
+@functools.cache
 def supported() -> bool:
     """memfd_create and /proc (Linux); elsewhere bodies go to the worker by pickle."""
     return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
