@@ -256,7 +256,7 @@ def test_metrics_per_model_give_the_tier_and_page_ins(zoo: Zoo):
         # replica set in batches: a scrape between two exports can see the old tier and
         # the new one both at 1 (CI saw {'gpu': 1.0, 'host': 1.0} once). A state that
         # stays so still fails, at the deadline.
-        one_tier = sorted(tier.values()) == [0.0, 0.0, 1.0]
+        one_tier = None not in tier.values() and sorted(tier.values()) == [0.0, 0.0, 1.0]
         return (ins, seconds, tier) if ins and seconds and one_tier else None
 
     ins, seconds, tier = wait_for(published, 60, f"per-model metrics of {paged}, one tier at 1", interval_s=0.5)
